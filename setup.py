@@ -1,0 +1,39 @@
+"""adadpo-megatron: AdaDPO and the DPO family for megatron-core models."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (HERE / "adadpo_megatron" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="adadpo-megatron",
+    version=VERSION,
+    description="AdaDPO (arXiv 2605.28440) and the DPO family for megatron-core: "
+                "tensor-, pipeline- and context-parallel preference training",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["adadpo_megatron", "adadpo_megatron.*"]),
+    python_requires=">=3.12",
+    install_requires=[
+        "torch>=2.6",
+        # Tested with 0.19.2 (see README); 0.17 and later need Python >= 3.12.
+        "megatron-core>=0.19,<0.20",
+        "pyyaml>=6",
+        "datasets>=3",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "psutil>=5"],
+        # GPU machines only. NVIDIA Apex is used where already installed (NGC containers);
+        # the PyPI package named "apex" is unrelated and must never be added here.
+        "te": ["transformer-engine[pytorch]>=2.6"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
