@@ -7,8 +7,8 @@ naming the config key, the value and what is allowed, before anything is built.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional, Type
 
 LOSS_TYPES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo")
 REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo"})
@@ -21,7 +21,8 @@ COEFFICIENT_REDUCTIONS = ("mean", "sum")
 
 def _require_choice(key: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+        allowed = ", ".join(map(repr, choices))
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of {allowed}")
 
 
 def _require_number(key: str, value, *, low=None, high=None, low_open=False, high_open=False,
@@ -29,9 +30,9 @@ def _require_number(key: str, value, *, low=None, high=None, low_open=False, hig
     """Checks that ``value`` is a real number in the stated interval (bools are refused)."""
     low_bracket = "(" if low_open else "["
     high_bracket = ")" if high_open else "]"
-    allowed = (
-        f"{low_bracket}{'-inf' if low is None else low}, {'inf' if high is None else high}{high_bracket}"
-    )
+    low_text = "-inf" if low is None else low
+    high_text = "inf" if high is None else high
+    allowed = f"{low_bracket}{low_text}, {high_text}{high_bracket}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{key}={value!r} must be a number in {allowed}")
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
@@ -40,6 +41,22 @@ def _require_number(key: str, value, *, low=None, high=None, low_open=False, hig
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         raise ValueError(f"{key}={value!r} is out of range; allowed: {allowed}")
+
+
+def from_mapping[T](cls: Type[T], mapping: Optional[Mapping[str, Any]], section: str) -> T:
+    """Builds dataclass ``cls`` from a YAML section, refusing keys it does not know.
+
+    Raises:
+        ValueError: naming ``section.key`` for an unknown key, with the known ones.
+    """
+    mapping = dict(mapping or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(f'{section}.{k}' for k in unknown)}; "
+                         f"known keys of {section}: {', '.join(sorted(known))}")
+    return cls(**mapping)
 
 
 @dataclass
@@ -107,7 +124,8 @@ class LossConfig:
         if self.label_smoothing and self.loss_type not in SIGMOID_LOSS_TYPES:
             raise ValueError(
                 f"{prefix}label_smoothing={self.label_smoothing!r} applies only to the sigmoid "
-                f"losses {sorted(SIGMOID_LOSS_TYPES)}, not loss_type={self.loss_type!r}; set it to 0"
+                f"losses {sorted(SIGMOID_LOSS_TYPES)}, not loss_type={self.loss_type!r}; "
+                "set it to 0"
             )
         if self.coefficient_space == "ratio" and not self.needs_reference:
             raise ValueError(

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from adadpo_megatron.config import MEAN_SCORED_LOSS_TYPES, LossConfig
+from adadpo_megatron.config import LossConfig
 
 Tensor = torch.Tensor
 

@@ -31,7 +31,8 @@ def test_defaults_follow_the_paper():
     ("coefficient_reduction", "max", r"loss\.coefficient_reduction='max' is not allowed"),
     ("gradient_ratio", 0.0, r"loss\.gradient_ratio=0\.0 is out of range"),
     ("gradient_ratio", math.inf, r"loss\.gradient_ratio=inf must be a finite number"),
-    ("label_smoothing", 0.5, r"loss\.label_smoothing=0\.5 is out of range; allowed: \[0\.0, 0\.5\)"),
+    ("label_smoothing", 0.5,
+     r"loss\.label_smoothing=0\.5 is out of range; allowed: \[0\.0, 0\.5\)"),
     ("simpo_gamma", math.inf, r"loss\.simpo_gamma=inf must be a finite number"),
     ("rdpo_alpha", -0.1, r"loss\.rdpo_alpha=-0\.1 is out of range"),
     ("nll_weight", -1.0, r"loss\.nll_weight=-1\.0 is out of range"),
@@ -50,3 +51,25 @@ def test_invalid_values(field, value, message):
 def test_invalid_combinations(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LossConfig(**kwargs)
+
+
+def test_shipped_loss_presets_load():
+    import pathlib
+
+    import yaml
+
+    from adadpo_megatron.config import from_mapping
+
+    presets = sorted((pathlib.Path(__file__).parents[1] / "configs" / "loss").glob("*.yaml"))
+    assert presets, "configs/loss/*.yaml missing"
+    for path in presets:
+        cfg = from_mapping(LossConfig, yaml.safe_load(path.read_text()), "loss")
+        assert isinstance(cfg, LossConfig), path
+
+
+def test_unknown_key_is_named():
+    from adadpo_megatron.config import from_mapping
+
+    with pytest.raises(ValueError, match=r"unknown key loss\.betta; known keys of loss: "
+                                         r"adaptive, beta"):
+        from_mapping(LossConfig, {"betta": 0.1}, "loss")

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from adadpo_megatron.logprobs import vocab_parallel_logprobs
+
 from dist_utils import run_distributed
 from reference import reference_logprobs
 
@@ -49,12 +50,12 @@ def check_against_reference(rank, world, dtype, tp_group):
         out = vocab_parallel_logprobs(local, labels, tp_group=tp_group, chunk_size=chunk)
         assert out.dtype == torch.float32 and out.shape == (B, S)
         torch.testing.assert_close(out.double(), expected, rtol=f_rtol, atol=f_atol,
-                                   msg=lambda m: f"forward, chunk_size={chunk}: {m}")
+                                   msg=lambda m, c=chunk: f"forward, chunk_size={c}: {m}")
         assert (out[labels == -100] == 0).all()
         out.backward(grad_out)
         assert local.grad.dtype == dtype
         torch.testing.assert_close(local.grad.double(), expected_grad, rtol=g_rtol, atol=g_atol,
-                                   msg=lambda m: f"gradient, chunk_size={chunk}: {m}")
+                                   msg=lambda m, c=chunk: f"gradient, chunk_size={c}: {m}")
         assert (local.grad[labels == -100] == 0).all()
 
 

@@ -10,6 +10,7 @@ import torch
 
 from adadpo_megatron.config import LOSS_TYPES, MEAN_SCORED_LOSS_TYPES, LossConfig
 from adadpo_megatron.loss import adadpo_coefficient, preference_loss
+
 from reference import reference_coefficient, reference_losses
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from adadpo_megatron.logprobs import sequence_logprobs
+
 from dist_utils import run_distributed
 
 B, S = 3, 16
