@@ -32,6 +32,12 @@ setup(
         # the PyPI package named "apex" is unrelated and must never be added here.
         "te": ["transformer-engine[pytorch]>=2.6"],
     },
+    entry_points={
+        "console_scripts": [
+            "adadpo-train=adadpo_megatron.cli:train_main",
+            "adadpo-precompute-reference=adadpo_megatron.cli:precompute_main",
+        ],
+    },
     classifiers=[
         "Programming Language :: Python :: 3.12",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

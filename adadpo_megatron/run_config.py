@@ -1,0 +1,424 @@
+"""The run configuration: one YAML file with dotted command-line overrides.
+
+Sections: model, parallel, loss, data, reference, optimizer, train. Every section is a
+dataclass validated in ``__post_init__``; ``RunConfig.check_world`` checks the layout
+against the world size. Both run before any model is built, and every error names the full
+config key and the numbers involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from adadpo_megatron.config import LossConfig, from_mapping
+
+# Model presets: megatron-core TransformerConfig fields plus GPTModel arguments.
+MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                 ffn_hidden_size=128, normalization="RMSNorm", gated_linear_unit=True,
+                 activation="swiglu", add_bias_linear=False, position_embedding_type="rope",
+                 init_method_std=0.02),
+    "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                      num_query_groups=8, ffn_hidden_size=14336, normalization="RMSNorm",
+                      gated_linear_unit=True, activation="swiglu", add_bias_linear=False,
+                      position_embedding_type="rope", rotary_base=500000,
+                      layernorm_epsilon=1e-5),
+    "llama3-70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64,
+                       num_query_groups=8, ffn_hidden_size=28672, normalization="RMSNorm",
+                       gated_linear_unit=True, activation="swiglu", add_bias_linear=False,
+                       position_embedding_type="rope", rotary_base=500000,
+                       layernorm_epsilon=1e-5),
+}
+
+# Keys of the model section that are GPTModel arguments or ours, not TransformerConfig fields.
+MODEL_EXTRA_KEYS = ("preset", "position_embedding_type", "rotary_base",
+                    "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+                    "activation")
+ACTIVATIONS = ("gelu", "swiglu", "relu")
+
+
+@dataclass
+class ModelConfig:
+    """The policy (and reference) architecture.
+
+    Fields:
+        preset: a name from MODEL_PRESETS, whose values the other keys override.
+        transformer: megatron-core TransformerConfig fields (num_layers, hidden_size, ...).
+        position_embedding_type: "rope" or "learned_absolute".
+        rotary_base: RoPE base.
+        share_embeddings_and_output_weights: tie input and output embeddings.
+        make_vocab_size_divisible_by: the vocabulary is padded to a multiple of this times
+            the tensor-parallel size, as Megatron-LM does.
+        activation: "gelu", "swiglu" (with gated_linear_unit) or "relu".
+    """
+
+    preset: Optional[str] = None
+    transformer: Dict[str, Any] = field(default_factory=dict)
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    share_embeddings_and_output_weights: bool = False
+    make_vocab_size_divisible_by: int = 128
+    activation: str = "gelu"
+
+    @classmethod
+    def from_section(cls, section: Optional[Dict[str, Any]]) -> "ModelConfig":
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        section = dict(section or {})
+        preset = section.get("preset")
+        if preset is not None and preset not in MODEL_PRESETS:
+            raise ValueError(f"model.preset={preset!r} is not a preset; choose one of "
+                             f"{', '.join(MODEL_PRESETS)}")
+        merged = {**MODEL_PRESETS.get(preset, {}), **section}
+        known = {f.name for f in dataclasses.fields(TransformerConfig)}
+        extra = {k: merged.pop(k) for k in list(merged) if k in MODEL_EXTRA_KEYS}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join('model.' + k for k in unknown)}: "
+                             "neither a megatron-core TransformerConfig field nor one of "
+                             f"{', '.join('model.' + k for k in MODEL_EXTRA_KEYS)}")
+        return cls(transformer=merged, **extra)
+
+    def __post_init__(self):
+        if self.position_embedding_type not in ("rope", "learned_absolute"):
+            raise ValueError(f"model.position_embedding_type={self.position_embedding_type!r}"
+                             " is not allowed; choose 'rope' or 'learned_absolute'")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation={self.activation!r} is not allowed; choose one "
+                             f"of {', '.join(ACTIVATIONS)}")
+        for key in ("num_layers", "hidden_size", "num_attention_heads"):
+            if key not in self.transformer:
+                raise ValueError(f"model.{key} is required (or pick a model.preset)")
+
+
+@dataclass
+class ParallelConfig:
+    """The parallel layout; data parallelism is what is left of the world size.
+
+    Fields:
+        tensor_model_parallel_size: TP, >= 1; divides the attention heads.
+        pipeline_model_parallel_size: PP, >= 1; with VPP, divides the layers into PP * VPP.
+        virtual_pipeline_model_parallel_size: VPP (interleaved 1F1B), None or >= 2 with PP > 1.
+        context_parallel_size: CP, >= 1; CP > 1 needs Transformer Engine attention (GPU).
+        sequence_parallel: Megatron sequence parallelism, needs TP > 1.
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                    "context_parallel_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"parallel.{key}={value!r} must be an integer >= 1")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            if isinstance(vpp, bool) or not isinstance(vpp, int) or vpp < 2:
+                raise ValueError(f"parallel.virtual_pipeline_model_parallel_size={vpp!r} must "
+                                 "be null or an integer >= 2")
+            if self.pipeline_model_parallel_size < 2:
+                raise ValueError("parallel.virtual_pipeline_model_parallel_size needs "
+                                 "parallel.pipeline_model_parallel_size >= 2, got "
+                                 f"{self.pipeline_model_parallel_size}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("parallel.sequence_parallel=true needs "
+                             "parallel.tensor_model_parallel_size > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
+
+
+@dataclass
+class DataConfig:
+    """The preference data.
+
+    Fields:
+        path: a JSON Lines file, one object per line with string fields prompt, chosen,
+            rejected (relative paths are relative to the config file).
+        format: "jsonl".
+        tokenizer: "byte" (the built-in byte-level tokenizer).
+        seq_length: every sequence (prompt + response) is padded or truncated to this.
+        max_prompt_length: prompts are cut to their last this many tokens; None means
+            seq_length // 2. Responses are cut to fit seq_length.
+    """
+
+    path: str = ""
+    format: str = "jsonl"
+    tokenizer: str = "byte"
+    seq_length: int = 128
+    max_prompt_length: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("data.path is required: a JSON Lines file of prompt/chosen/"
+                             "rejected strings")
+        if self.format != "jsonl":
+            raise ValueError(f"data.format={self.format!r} is not allowed; choose 'jsonl'")
+        if self.tokenizer != "byte":
+            raise ValueError(f"data.tokenizer={self.tokenizer!r} is not allowed; choose 'byte'")
+        if isinstance(self.seq_length, bool) or not isinstance(self.seq_length, int) \
+                or self.seq_length < 4:
+            raise ValueError(f"data.seq_length={self.seq_length!r} must be an integer >= 4")
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.seq_length // 2
+        if not 1 <= self.max_prompt_length < self.seq_length:
+            raise ValueError(f"data.max_prompt_length={self.max_prompt_length!r} must be in "
+                             f"[1, data.seq_length={self.seq_length})")
+
+
+REFERENCE_MODES = ("precompute", "resident", "none")
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the reference log-probs come from.
+
+    Fields:
+        mode: "precompute" (read a cache written by adadpo-precompute-reference), "resident"
+            (a frozen copy of the initial policy runs forward-only in each step) or "none"
+            (reference-free losses: simpo, cpo, orpo).
+        cache_path: the precompute cache; None means next to the data file, as
+            ``<data>.reference.pt``.
+    """
+
+    mode: str = "resident"
+    cache_path: Optional[str] = None
+
+    def __post_init__(self):
+        if self.mode not in REFERENCE_MODES:
+            raise ValueError(f"reference.mode={self.mode!r} is not allowed; choose one of "
+                             f"{', '.join(REFERENCE_MODES)}")
+
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class OptimizerSection:
+    """megatron-core's optimizer and learning-rate schedule.
+
+    Fields:
+        megatron: megatron-core OptimizerConfig fields (optimizer, lr, min_lr, weight_decay,
+            adam_beta1, adam_beta2, adam_eps, clip_grad, use_distributed_optimizer, ...).
+            use_distributed_optimizer defaults to true on GPU; it is refused on CPU.
+        lr_warmup_fraction: share of train.max_steps spent in linear warm-up, in [0, 1).
+        lr_decay_style: "constant", "linear" or "cosine", from the end of warm-up to
+            train.max_steps, down to min_lr.
+    """
+
+    megatron: Dict[str, Any] = field(default_factory=dict)
+    lr_warmup_fraction: float = 0.0
+    lr_decay_style: str = "constant"
+
+    @classmethod
+    def from_section(cls, section: Optional[Dict[str, Any]]) -> "OptimizerSection":
+        from megatron.core.optimizer import OptimizerConfig
+
+        section = dict(section or {})
+        ours = {k: section.pop(k) for k in ("lr_warmup_fraction", "lr_decay_style")
+                if k in section}
+        known = {f.name for f in dataclasses.fields(OptimizerConfig)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join('optimizer.' + k for k in unknown)}: "
+                             "neither a megatron-core OptimizerConfig field nor "
+                             "optimizer.lr_warmup_fraction / optimizer.lr_decay_style")
+        return cls(megatron=section, **ours)
+
+    def __post_init__(self):
+        if not 0.0 <= self.lr_warmup_fraction < 1.0:
+            raise ValueError(f"optimizer.lr_warmup_fraction={self.lr_warmup_fraction!r} must "
+                             "be in [0, 1)")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"optimizer.lr_decay_style={self.lr_decay_style!r} is not "
+                             f"allowed; choose one of {', '.join(LR_DECAY_STYLES)}")
+        lr = self.megatron.get("lr", 1e-5)
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 \
+                or not math.isfinite(lr):
+            raise ValueError(f"optimizer.lr={lr!r} must be a finite number > 0")
+
+
+@dataclass
+class TrainConfig:
+    """The loop.
+
+    Fields:
+        global_batch_size: preference pairs per optimizer step, over all data-parallel ranks.
+        micro_batch_size: pairs per micro-batch (each holds 2x this many sequences).
+        max_steps: optimizer steps.
+        seed: seeds model initialisation and data order.
+        output_dir: where metrics.jsonl goes.
+        dtype: "float32" or "bfloat16" parameters and compute.
+    """
+
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    max_steps: int = 10
+    seed: int = 1234
+    output_dir: str = "runs/adadpo"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for key in ("global_batch_size", "micro_batch_size", "max_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{key}={value!r} must be an integer >= 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"train.dtype={self.dtype!r} is not allowed; choose 'float32' or "
+                             "'bfloat16'")
+
+
+SECTIONS = ("model", "parallel", "loss", "data", "reference", "optimizer", "train")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    loss: LossConfig
+    data: DataConfig
+    reference: ReferenceConfig
+    optimizer: OptimizerSection
+    train: TrainConfig
+    source: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], source: Optional[str] = None) -> "RunConfig":
+        raw = dict(raw or {})
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown section(s) {', '.join(unknown)}; the sections are "
+                             f"{', '.join(SECTIONS)}")
+        for name in SECTIONS:
+            if raw.get(name) is not None and not isinstance(raw[name], dict):
+                raise ValueError(f"section {name} must be a mapping, got {raw[name]!r}")
+        config = cls(
+            model=ModelConfig.from_section(raw.get("model")),
+            parallel=from_mapping(ParallelConfig, raw.get("parallel"), "parallel"),
+            loss=from_mapping(LossConfig, raw.get("loss"), "loss"),
+            data=from_mapping(DataConfig, raw.get("data"), "data"),
+            reference=from_mapping(ReferenceConfig, raw.get("reference"), "reference"),
+            optimizer=OptimizerSection.from_section(raw.get("optimizer")),
+            train=from_mapping(TrainConfig, raw.get("train"), "train"),
+            source=source,
+        )
+        config._check_consistency()
+        return config
+
+    def _check_consistency(self) -> None:
+        if self.loss.needs_reference and self.reference.mode == "none":
+            raise ValueError(f"loss.loss_type={self.loss.loss_type!r} needs a reference; set "
+                             "reference.mode to precompute or resident")
+        if not self.loss.needs_reference and self.reference.mode != "none":
+            raise ValueError(f"loss.loss_type={self.loss.loss_type!r} is reference-free; set "
+                             f"reference.mode=none (got {self.reference.mode!r})")
+        t, p = self.model.transformer, self.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if t["num_attention_heads"] % tp:
+            raise ValueError(f"model.num_attention_heads({t['num_attention_heads']}) is not "
+                             f"divisible by parallel.tensor_model_parallel_size({tp})")
+        groups = t.get("num_query_groups") or t["num_attention_heads"]
+        if groups % tp:
+            raise ValueError(f"model.num_query_groups({groups}) is not divisible by "
+                             f"parallel.tensor_model_parallel_size({tp})")
+        stages = pp * (p.virtual_pipeline_model_parallel_size or 1)
+        if t["num_layers"] % stages:
+            raise ValueError(f"model.num_layers({t['num_layers']}) is not divisible by "
+                             f"parallel.pipeline_model_parallel_size({pp}) * "
+                             "parallel.virtual_pipeline_model_parallel_size"
+                             f"({p.virtual_pipeline_model_parallel_size or 1})")
+        cp = p.context_parallel_size
+        if cp > 1 and self.data.seq_length % (2 * cp):
+            raise ValueError(f"data.seq_length({self.data.seq_length}) is not divisible by "
+                             f"2 * parallel.context_parallel_size({cp})")
+
+    def check_world(self, world_size: int, *, gpu: bool) -> int:
+        """Checks the layout against the world; returns the data-parallel size."""
+        p, t = self.parallel, self.train
+        tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                      p.context_parallel_size)
+        if world_size % (tp * pp * cp):
+            raise ValueError(f"WORLD_SIZE({world_size}) is not divisible by "
+                             f"parallel.tensor_model_parallel_size({tp}) * "
+                             f"parallel.pipeline_model_parallel_size({pp}) * "
+                             f"parallel.context_parallel_size({cp}) = {tp * pp * cp}")
+        dp = world_size // (tp * pp * cp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(f"train.global_batch_size({t.global_batch_size}) is not divisible "
+                             f"by train.micro_batch_size({t.micro_batch_size}) * "
+                             f"data-parallel size({dp}) = {t.micro_batch_size * dp}")
+        if not gpu:
+            if cp > 1:
+                raise ValueError(f"parallel.context_parallel_size={cp} needs Transformer "
+                                 "Engine's context-parallel attention, which needs a GPU")
+            if self.optimizer.megatron.get("use_distributed_optimizer"):
+                raise ValueError("optimizer.use_distributed_optimizer=true needs a GPU; on CPU "
+                                 "megatron-core's plain optimizer is used")
+            if self.train.dtype != "float32":
+                raise ValueError(f"train.dtype={self.train.dtype!r}: CPU runs use float32")
+        return dp
+
+    def data_path(self) -> Path:
+        path = Path(self.data.path)
+        if not path.is_absolute() and self.source is not None:
+            path = Path(self.source).parent / path
+        return path
+
+
+def _parse_override(item: str):
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    key, value = item.split("=", 1)
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"override {item!r}: the key must be section.key (e.g. train.seed=1)")
+    return parts, yaml.safe_load(value)
+
+
+def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads ``path`` (YAML), applies ``section.key=value`` overrides, validates."""
+    path_obj = Path(path)
+    if not path_obj.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path_obj) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node: Dict[str, Any] = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    try:
+        return RunConfig.from_dict(raw, source=str(path_obj))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def to_dict(config: RunConfig) -> Dict[str, Any]:
+    """A plain-data view of the config (for logs and fingerprints)."""
+    out: Dict[str, Any] = {}
+    for name in SECTIONS:
+        out[name] = dataclasses.asdict(getattr(config, name))
+    return out
+
+
+__all__: List[str] = ["RunConfig", "load_run_config", "to_dict", "MODEL_PRESETS"]

@@ -1,0 +1,198 @@
+"""The Megatron hook-in: forward_step and loss_func for megatron-core's pipeline schedules.
+
+``PreferenceForwardStep(loss_config)`` is a ``forward_step_func`` that
+``megatron.core.pipeline_parallel.get_forward_backward_func()`` (and Megatron-LM's
+``pretrain()``) accept. Each micro-batch holds whole pairs, chosen rows first (see
+``adadpo_megatron.data``). On the last pipeline stage its loss function turns the
+vocab-parallel logits into per-token log-probs, reduces them to whole sequences over context
+parallelism, and forms the preference loss, returned in megatron-core's
+``(loss sum, pair count, report)`` form. With ``calculate_per_token_loss=True`` megatron
+divides the gradient by the pair count summed over micro-batches and data- and
+context-parallel ranks, so the gradient is that of the mean loss over all pairs of the
+global batch for any micro-batch size, micro-batch count or parallel layout.
+
+``ReferenceForwardStep()`` runs the same model call and the same log-prob code on the frozen
+reference (forward-only) and reports per-sequence sums: policy and reference share one path.
+
+Reports are ``{name: tensor([sum over pairs, pairs])}``, the form Megatron-LM's training loop
+sums over micro-batches and data-parallel ranks and divides; ``adadpo/coef_max`` is
+``[max, 1]`` and ``reduce_reports`` takes its maximum instead.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from adadpo_megatron.config import LossConfig
+from adadpo_megatron.logprobs import sequence_logprobs, vocab_parallel_logprobs
+from adadpo_megatron.loss import preference_loss
+
+Batch = Dict[str, torch.Tensor]
+MAX_REDUCED = ("adadpo/coef_max",)
+COUNTS = ("pairs", "tokens")
+_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def _groups(tp_group, cp_group):
+    from megatron.core import parallel_state
+
+    if tp_group is None and parallel_state.model_parallel_is_initialized():
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    if cp_group is None and parallel_state.model_parallel_is_initialized():
+        cp_group = parallel_state.get_context_parallel_group()
+    return tp_group, cp_group
+
+
+def _this_cp_rank(batch: Batch, cp_group) -> Batch:
+    """The batch with its sequence dimension cut to this CP rank's load-balanced chunks."""
+    if cp_group is None or dist.get_world_size(cp_group) == 1:
+        return batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    sharded = get_batch_on_this_cp_rank({k: batch[k] for k in _SEQUENCE_KEYS},
+                                        is_hybrid_cp=False, cp_group=cp_group)
+    return {**batch, **sharded}
+
+
+def _model_forward(model, batch: Optional[Batch]):
+    """The policy's and the reference's forward: logits [2m, s, V/TP] on the last stage."""
+    tokens = batch["tokens"] if batch is not None else None
+    positions = batch["position_ids"] if batch is not None else None
+    # attention_mask None: the causal mask of the layer spec
+    return model(tokens, positions, None)
+
+
+def _sequence_sums(output_tensor, batch: Batch, tp_group, cp_group):
+    token_logps = vocab_parallel_logprobs(output_tensor, batch["labels"], tp_group=tp_group)
+    return sequence_logprobs(token_logps, batch["loss_mask"], cp_group=cp_group)
+
+
+def _next_batch(data_iterator) -> Optional[Batch]:
+    # Megatron-LM passes None on pipeline stages that read no data.
+    return next(data_iterator) if data_iterator is not None else None
+
+
+def _to_device(batch: Optional[Batch], device: torch.device) -> Optional[Batch]:
+    if batch is None:
+        return None
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class PreferenceForwardStep:
+    """forward_step(data_iterator, model) for the policy.
+
+    Args:
+        loss_config: the preference loss.
+        tp_group, cp_group: process groups; None falls back to megatron-core's parallel_state.
+    The batch's ``ref_logps`` [2m] (precomputed or filled in by the resident reference) is
+    required by losses that need a reference.
+    """
+
+    def __init__(self, loss_config: LossConfig, *, tp_group=None, cp_group=None):
+        self.loss_config = loss_config
+        self.tp_group, self.cp_group = tp_group, cp_group
+
+    def __call__(self, data_iterator, model):
+        tp_group, cp_group = _groups(self.tp_group, self.cp_group)
+        batch = _to_device(_next_batch(data_iterator), _device_of(model))
+        if batch is not None:
+            batch = _this_cp_rank(batch, cp_group)
+        output = _model_forward(model, batch)
+        return output, partial(self.loss_func, batch, tp_group, cp_group)
+
+    def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
+        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group)
+        pairs = sums.shape[0] // 2
+        reference = ()
+        if self.loss_config.needs_reference:
+            if "ref_logps" not in batch:
+                raise ValueError(f"loss_type={self.loss_config.loss_type!r} needs reference "
+                                 "log-probs, but the micro-batch has no 'ref_logps'")
+            ref = batch["ref_logps"].to(sums.dtype)
+            reference = (ref[:pairs], ref[pairs:])
+        losses, metrics = preference_loss(sums[:pairs], sums[pairs:], counts[:pairs],
+                                          counts[pairs:], *reference, config=self.loss_config)
+        count = torch.tensor(pairs, dtype=torch.int, device=sums.device)
+        return losses.sum(), count, _report(metrics, pairs)
+
+
+class ReferenceForwardStep:
+    """forward_step(data_iterator, model) for the frozen reference, run forward-only.
+
+    Its report holds ``ref_logps`` [2m], the per-sequence sums, and ``ref_counts``.
+    """
+
+    def __init__(self, *, tp_group=None, cp_group=None):
+        self.tp_group, self.cp_group = tp_group, cp_group
+
+    def __call__(self, data_iterator, model):
+        tp_group, cp_group = _groups(self.tp_group, self.cp_group)
+        batch = _to_device(_next_batch(data_iterator), _device_of(model))
+        if batch is not None:
+            batch = _this_cp_rank(batch, cp_group)
+        output = _model_forward(model, batch)
+        return output, partial(self.loss_func, batch, tp_group, cp_group)
+
+    @staticmethod
+    def loss_func(batch, tp_group, cp_group, output_tensor):
+        with torch.no_grad():
+            sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group)
+        zero = output_tensor.new_zeros(())
+        count = torch.tensor(sums.shape[0] // 2, dtype=torch.int, device=sums.device)
+        return zero, count, {"ref_logps": sums, "ref_counts": counts}
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _report(metrics: Dict[str, torch.Tensor], pairs: int) -> Dict[str, torch.Tensor]:
+    report = {}
+    for name, value in metrics.items():
+        value = value.detach().float()
+        if name in MAX_REDUCED:
+            report[name] = torch.stack([value, torch.ones_like(value)])
+        elif name in COUNTS:
+            report[name] = torch.stack([value, torch.ones_like(value)])
+        else:
+            report[name] = torch.stack([value * pairs, torch.full_like(value, pairs)])
+    return report
+
+
+def reduce_reports(reports: Iterable[Dict[str, torch.Tensor]], group=None,
+                   context_parallel_size: int = 1) -> Dict[str, float]:
+    """Metrics of one step: micro-batch reports reduced over micro-batches and ``group``.
+
+    Means are weighted by pairs; ``adadpo/coef_max`` is a maximum; ``pairs`` and ``tokens``
+    are totals (summed over data-parallel ranks, counted once over the
+    ``context_parallel_size`` ranks that each report the same pairs). Call on the last
+    pipeline stage with the data-and-context-parallel group.
+    """
+    reports = list(reports)
+    if not reports:
+        return {}
+    names = sorted(reports[0])
+    summed = torch.stack([torch.stack([r[n] for n in names]) for r in reports]).sum(0)
+    maxed = torch.stack([torch.stack([r[n][0] for n in names]) for r in reports]).amax(0)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(summed, group=group)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
+    out = {}
+    for i, name in enumerate(names):
+        if name in MAX_REDUCED:
+            out[name] = maxed[i].item()
+        elif name in COUNTS:
+            out[name] = summed[i, 0].item() / context_parallel_size
+        else:
+            out[name] = (summed[i, 0] / summed[i, 1]).item()
+    return out
+
+
+def collect_reference(reports: List[Dict[str, torch.Tensor]], batches: List[Batch]) -> None:
+    """Attaches the resident reference's per-micro-batch sums to the policy's batches."""
+    for report, batch in zip(reports, batches, strict=True):
+        batch["ref_logps"] = report["ref_logps"].detach()

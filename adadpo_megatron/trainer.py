@@ -1,0 +1,266 @@
+"""The training loop: megatron-core's schedules, DDP, optimizer and LR schedule around the step.
+
+    trainer = Trainer(load_run_config("configs/tiny_cpu.yaml"))
+    trainer.setup()          # distributed, parallel_state, data, model(s), optimizer
+    trainer.train()          # max_steps steps, one JSON line per step in metrics.jsonl
+    trainer.close()
+
+Launch under torchrun for more than one process; see adadpo_megatron.cli.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from adadpo_megatron import cpu_compat
+from adadpo_megatron.data import ByteTokenizer, load_jsonl_pairs, step_micro_batches
+from adadpo_megatron.model import (
+    build_model_chunks,
+    canonical_init_,
+    padded_vocab_size,
+    transformer_config,
+)
+from adadpo_megatron.reference import (
+    attach_precomputed,
+    default_cache_path,
+    load_cache,
+    reference_fingerprint,
+)
+from adadpo_megatron.run_config import RunConfig
+from adadpo_megatron.step import (
+    PreferenceForwardStep,
+    ReferenceForwardStep,
+    collect_reference,
+    reduce_reports,
+)
+
+
+def init_distributed(gpu: bool) -> None:
+    """Joins torchrun's process group (or makes a one-process one)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT",
+                                                                              "29511"))
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(minutes=10))
+
+
+def _import_megatron_modules() -> None:
+    """Imports what the loop uses, so that cpu_compat.enable() covers all of it."""
+    import megatron.core.distributed  # noqa: F401
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.optimizer  # noqa: F401
+    import megatron.core.pipeline_parallel  # noqa: F401
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.gpu = torch.cuda.is_available()
+        self.model: List[torch.nn.Module] = []
+        self.reference_model: List[torch.nn.Module] = []
+        self.reference_logps: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> "Trainer":
+        """Everything for training: the common part, the models, the optimizer."""
+        c = self.config
+        self.setup_common()
+        if c.reference.mode == "precompute":  # before building anything: a stale cache fails
+            self.reference_logps = load_cache(
+                default_cache_path(c), reference_fingerprint(c, self.tokenizer, self.dataset),
+                self.dataset)
+        self.model = self._build(frozen=False)
+        if c.reference.mode == "resident":
+            self.reference_model = self._build(frozen=True)
+        self._build_optimizer()
+        if not self.gpu:
+            cpu_compat.enable()  # covers modules imported while building
+        self.forward_step = PreferenceForwardStep(c.loss)
+        return self
+
+    def setup_common(self) -> None:
+        """Distributed, megatron-core's parallel state, seeds and the tokenised data."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        c = self.config
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dp_size = c.check_world(world, gpu=self.gpu)
+        init_distributed(self.gpu)
+        _import_megatron_modules()
+        if not self.gpu:
+            cpu_compat.enable()
+        p = c.parallel
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size,
+        )
+        torch.manual_seed(c.train.seed)
+        if self.gpu:
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(c.train.seed)
+        self.tokenizer = ByteTokenizer()
+        self.dataset = load_jsonl_pairs(c.data_path(), self.tokenizer, c.data.seq_length,
+                                        c.data.max_prompt_length)
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, c.model,
+                                            p.tensor_model_parallel_size)
+        self.dtype = getattr(torch, c.train.dtype)
+        self.forward_backward = get_forward_backward_func()
+        self.reference_step = ReferenceForwardStep()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.metrics_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
+
+    def _build(self, frozen: bool) -> List[torch.nn.Module]:
+        """This rank's model chunks: DDP-wrapped for the policy, frozen for a reference."""
+        c = self.config
+        config = transformer_config(c.model, c.parallel, dtype=self.dtype, gpu=self.gpu)
+        chunks = build_model_chunks(c.model, config, self.vocab_size, c.data.seq_length,
+                                    gpu=self.gpu)
+        if self.gpu:
+            for chunk in chunks:
+                chunk.cuda(torch.cuda.current_device())
+        else:
+            canonical_init_(chunks, config, c.train.seed)
+        if frozen:
+            for chunk in chunks:
+                chunk.eval()
+                chunk.requires_grad_(False)
+            return chunks
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self._use_distributed_optimizer(),
+        )
+        return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                        disable_bucketing=i > 0)
+                for i, chunk in enumerate(chunks)]
+
+    def _use_distributed_optimizer(self) -> bool:
+        return bool(self.config.optimizer.megatron.get("use_distributed_optimizer", self.gpu))
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        c, o = self.config, self.config.optimizer
+        fields = {"optimizer": "adam", "lr": 1e-5, "weight_decay": 0.0, "clip_grad": 1.0,
+                  **o.megatron}
+        fields["use_distributed_optimizer"] = self._use_distributed_optimizer()
+        fields.setdefault("min_lr", 0.0)
+        fields["bf16"] = self.dtype == torch.bfloat16
+        fields["params_dtype"] = self.dtype
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(**fields), self.model)
+        warmup = int(o.lr_warmup_fraction * c.train.max_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warmup else fields["lr"], max_lr=fields["lr"],
+            min_lr=fields["min_lr"], lr_warmup_steps=warmup,
+            lr_decay_steps=max(c.train.max_steps, warmup + 1), lr_decay_style=o.lr_decay_style,
+            start_wd=fields["weight_decay"], end_wd=fields["weight_decay"],
+            wd_incr_steps=c.train.max_steps, wd_incr_style="constant")
+        model_config = self.model[0].config
+        model_config.finalize_model_grads_func = finalize_model_grads
+        model_config.grad_scale_func = self.optimizer.scale_loss
+
+    # ------------------------------------------------------------------ the step
+
+    def run_schedule(self, step_func, model, batches, forward_only: bool):
+        """megatron-core's forward-backward over ``batches``; the last stage's reports."""
+        c = self.config
+        chunks = model if len(model) > 1 else model[0]
+        iterators = ([iter(batches) for _ in model] if len(model) > 1 else iter(batches))
+        return self.forward_backward(
+            forward_step_func=step_func,
+            data_iterator=iterators,
+            model=chunks,
+            num_microbatches=len(batches),
+            seq_length=c.data.seq_length,
+            micro_batch_size=2 * c.train.micro_batch_size,  # sequences: chosen + rejected
+            forward_only=forward_only,
+        )
+
+    def micro_batches(self, step: int):
+        t = self.config.train
+        batches = step_micro_batches(self.dataset, step, global_batch_size=t.global_batch_size,
+                                     micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank,
+                                     dp_size=self.dp_size, seed=t.seed)
+        if self.reference_logps is not None:
+            attach_precomputed(batches, self.reference_logps)
+        return batches
+
+    def train_step(self, step: int) -> Dict[str, float]:
+        """One optimizer step; returns the step's metrics (complete on the logging rank)."""
+        start = time.perf_counter()
+        batches = self.micro_batches(step)
+        if self.reference_model:
+            with torch.no_grad():
+                reports = self.run_schedule(self.reference_step, self.reference_model,
+                                             batches, forward_only=True)
+            if self.is_last_stage:
+                collect_reference(reports, batches)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self.run_schedule(self.forward_step, self.model, batches, forward_only=False)
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics: Dict[str, float] = {"step": step}
+        if self.is_last_stage:
+            metrics.update(reduce_reports(reports, self.metrics_group,
+                                          self.config.parallel.context_parallel_size))
+        elapsed = time.perf_counter() - start
+        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       learning_rate=learning_rate, step_time=elapsed)
+        if "tokens" in metrics:
+            metrics["tokens_per_second"] = metrics["tokens"] / elapsed
+        return metrics
+
+    def train(self) -> List[Dict[str, float]]:
+        out_dir = Path(self.config.train.output_dir)
+        history = []
+        writer = None
+        if self.is_logging_rank:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            writer = open(out_dir / "metrics.jsonl", "w")
+        try:
+            for step in range(self.config.train.max_steps):
+                metrics = self.train_step(step)
+                history.append(metrics)
+                if writer is not None:
+                    writer.write(json.dumps(metrics) + "\n")
+                    writer.flush()
+                    print(f"step {step}: loss {metrics['loss']:.6f} "
+                          f"acc {metrics['rewards/accuracies']:.3f} "
+                          f"coef {metrics['adadpo/coef_mean']:.3f} "
+                          f"grad_norm {metrics['grad_norm']:.4f}", flush=True)
+        finally:
+            if writer is not None:
+                writer.close()
+        return history
+
+    def close(self) -> None:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
