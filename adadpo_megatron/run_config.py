@@ -67,7 +67,7 @@ class ModelConfig:
     activation: str = "gelu"
 
     @classmethod
-    def from_section(cls, section: Optional[Dict[str, Any]]) -> "ModelConfig":
+    def from_section(cls, section: Optional[Dict[str, Any]]) -> ModelConfig:
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         section = dict(section or {})
@@ -223,7 +223,7 @@ class OptimizerSection:
     lr_decay_style: str = "constant"
 
     @classmethod
-    def from_section(cls, section: Optional[Dict[str, Any]]) -> "OptimizerSection":
+    def from_section(cls, section: Optional[Dict[str, Any]]) -> OptimizerSection:
         from megatron.core.optimizer import OptimizerConfig
 
         section = dict(section or {})
@@ -295,7 +295,7 @@ class RunConfig:
     source: Optional[str] = None
 
     @classmethod
-    def from_dict(cls, raw: Dict[str, Any], source: Optional[str] = None) -> "RunConfig":
+    def from_dict(cls, raw: Dict[str, Any], source: Optional[str] = None) -> RunConfig:
         raw = dict(raw or {})
         unknown = sorted(set(raw) - set(SECTIONS))
         if unknown:

@@ -74,7 +74,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
 
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         """Everything for training: the common part, the models, the optimizer."""
         c = self.config
         self.setup_common()
@@ -97,7 +97,8 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         c = self.config
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = (dist.get_world_size() if dist.is_initialized()
+                 else int(os.environ.get("WORLD_SIZE", "1")))
         self.dp_size = c.check_world(world, gpu=self.gpu)
         init_distributed(self.gpu)
         _import_megatron_modules()
