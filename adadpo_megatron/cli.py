@@ -29,11 +29,14 @@ def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
 
     try:
         config = load_run_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"{prog}: error: {err}\n")
+    try:
         # the layout is checked against the world before any process group or model exists
         config.check_world(int(os.environ.get("WORLD_SIZE", "1")),
                            gpu=torch.cuda.is_available())
-    except (ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"{prog}: error: {err}\n")
+    except ValueError as err:
+        parser.exit(2, f"{prog}: error: {args.config}: {err}\n")
     return config
 
 

@@ -168,7 +168,10 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
 
 
 def enable() -> int:
-    """Applies the CPU redirects to every loaded megatron.core module; returns how many.
+    """Applies the CPU redirects to every loaded megatron.core module.
+
+    Returns:
+        how many modules it newly redirected (0 when called again with nothing new loaded).
 
     Raises:
         RuntimeError: when a GPU is visible; this layer is for CPU-only runs.

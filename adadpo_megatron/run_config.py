@@ -363,6 +363,9 @@ class RunConfig:
             if cp > 1:
                 raise ValueError(f"parallel.context_parallel_size={cp} needs Transformer "
                                  "Engine's context-parallel attention, which needs a GPU")
+            if p.sequence_parallel:
+                raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or "
+                                 "Apex norms (megatron-core's torch norm refuses it), so a GPU")
             if self.optimizer.megatron.get("use_distributed_optimizer"):
                 raise ValueError("optimizer.use_distributed_optimizer=true needs a GPU; on CPU "
                                  "megatron-core's plain optimizer is used")
