@@ -22,7 +22,7 @@ sums over micro-batches and data-parallel ranks and divides; ``adadpo/coef_max``
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -82,27 +82,43 @@ def _to_device(batch: Optional[Batch], device: torch.device) -> Optional[Batch]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-class PreferenceForwardStep:
-    """forward_step(data_iterator, model) for the policy.
+ModelForward = Callable[[torch.nn.Module, Optional[Batch]], torch.Tensor]
 
-    Args:
-        loss_config: the preference loss.
-        tp_group, cp_group: process groups; None falls back to megatron-core's parallel_state.
-    The batch's ``ref_logps`` [2m] (precomputed or filled in by the resident reference) is
-    required by losses that need a reference.
-    """
 
-    def __init__(self, loss_config: LossConfig, *, tp_group=None, cp_group=None):
-        self.loss_config = loss_config
+class _ForwardStep:
+    """What the policy's and the reference's forward steps share: one code path."""
+
+    def __init__(self, *, tp_group=None, cp_group=None,
+                 model_forward: ModelForward = _model_forward):
         self.tp_group, self.cp_group = tp_group, cp_group
+        self.model_forward = model_forward
 
     def __call__(self, data_iterator, model):
         tp_group, cp_group = _groups(self.tp_group, self.cp_group)
         batch = _to_device(_next_batch(data_iterator), _device_of(model))
         if batch is not None:
             batch = _this_cp_rank(batch, cp_group)
-        output = _model_forward(model, batch)
+        output = self.model_forward(model, batch)
         return output, partial(self.loss_func, batch, tp_group, cp_group)
+
+
+class PreferenceForwardStep(_ForwardStep):
+    """forward_step(data_iterator, model) for the policy.
+
+    Args:
+        loss_config: the preference loss.
+        tp_group, cp_group: process groups; None falls back to megatron-core's parallel_state.
+        model_forward: ``(model, batch) -> output``; the default calls
+            ``model(tokens, position_ids, None)`` as GPTModel takes it. Any model whose last
+            stage returns vocab-parallel logits [2m, s, V/TP] works.
+    The batch's ``ref_logps`` [2m] (precomputed or filled in by the resident reference) is
+    required by losses that need a reference.
+    """
+
+    def __init__(self, loss_config: LossConfig, *, tp_group=None, cp_group=None,
+                 model_forward: ModelForward = _model_forward):
+        super().__init__(tp_group=tp_group, cp_group=cp_group, model_forward=model_forward)
+        self.loss_config = loss_config
 
     def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
         sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group)
@@ -120,22 +136,12 @@ class PreferenceForwardStep:
         return losses.sum(), count, _report(metrics, pairs)
 
 
-class ReferenceForwardStep:
+class ReferenceForwardStep(_ForwardStep):
     """forward_step(data_iterator, model) for the frozen reference, run forward-only.
 
-    Its report holds ``ref_logps`` [2m], the per-sequence sums, and ``ref_counts``.
+    Same arguments as PreferenceForwardStep but the loss. Its report holds ``ref_logps``
+    [2m], the per-sequence sums, and ``ref_counts``.
     """
-
-    def __init__(self, *, tp_group=None, cp_group=None):
-        self.tp_group, self.cp_group = tp_group, cp_group
-
-    def __call__(self, data_iterator, model):
-        tp_group, cp_group = _groups(self.tp_group, self.cp_group)
-        batch = _to_device(_next_batch(data_iterator), _device_of(model))
-        if batch is not None:
-            batch = _this_cp_rank(batch, cp_group)
-        output = _model_forward(model, batch)
-        return output, partial(self.loss_func, batch, tp_group, cp_group)
 
     @staticmethod
     def loss_func(batch, tp_group, cp_group, output_tensor):
