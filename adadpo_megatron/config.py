@@ -19,13 +19,19 @@ COEFFICIENT_SPACES = ("policy", "ratio")
 COEFFICIENT_REDUCTIONS = ("mean", "sum")
 
 
-def _require_choice(key: str, value, choices) -> None:
+def require_choice(key: str, value, choices) -> None:
     if value not in choices:
         allowed = ", ".join(map(repr, choices))
         raise ValueError(f"{key}={value!r} is not allowed; choose one of {allowed}")
 
 
-def _require_number(key: str, value, *, low=None, high=None, low_open=False, high_open=False,
+def require_int(key: str, value, *, low: int = 1) -> None:
+    """Checks that ``value`` is an integer >= ``low`` (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key}={value!r} must be an integer >= {low}")
+
+
+def require_number(key: str, value, *, low=None, high=None, low_open=False, high_open=False,
                     allow_inf=False) -> None:
     """Checks that ``value`` is a real number in the stated interval (bools are refused)."""
     low_bracket = "(" if low_open else "["
@@ -103,23 +109,23 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         prefix = "loss."
-        _require_choice(prefix + "loss_type", self.loss_type, LOSS_TYPES)
-        _require_number(prefix + "beta", self.beta, low=0.0, low_open=True)
+        require_choice(prefix + "loss_type", self.loss_type, LOSS_TYPES)
+        require_number(prefix + "beta", self.beta, low=0.0, low_open=True)
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"{prefix}adaptive={self.adaptive!r} must be true or false")
-        _require_number(prefix + "clip", self.clip, low=0.0, low_open=True, allow_inf=True)
-        _require_choice(prefix + "coefficient_space", self.coefficient_space, COEFFICIENT_SPACES)
-        _require_choice(
+        require_number(prefix + "clip", self.clip, low=0.0, low_open=True, allow_inf=True)
+        require_choice(prefix + "coefficient_space", self.coefficient_space, COEFFICIENT_SPACES)
+        require_choice(
             prefix + "coefficient_reduction", self.coefficient_reduction, COEFFICIENT_REDUCTIONS
         )
-        _require_number(prefix + "gradient_ratio", self.gradient_ratio, low=0.0, low_open=True)
-        _require_number(prefix + "label_smoothing", self.label_smoothing, low=0.0, high=0.5,
+        require_number(prefix + "gradient_ratio", self.gradient_ratio, low=0.0, low_open=True)
+        require_number(prefix + "label_smoothing", self.label_smoothing, low=0.0, high=0.5,
                         high_open=True)
-        _require_number(prefix + "simpo_gamma", self.simpo_gamma)
-        _require_number(prefix + "rdpo_alpha", self.rdpo_alpha, low=0.0)
+        require_number(prefix + "simpo_gamma", self.simpo_gamma)
+        require_number(prefix + "rdpo_alpha", self.rdpo_alpha, low=0.0)
         if self.nll_weight is not None:
-            _require_number(prefix + "nll_weight", self.nll_weight, low=0.0)
-        _require_number(prefix + "orpo_lambda", self.orpo_lambda, low=0.0)
+            require_number(prefix + "nll_weight", self.nll_weight, low=0.0)
+        require_number(prefix + "orpo_lambda", self.orpo_lambda, low=0.0)
 
         if self.label_smoothing and self.loss_type not in SIGMOID_LOSS_TYPES:
             raise ValueError(

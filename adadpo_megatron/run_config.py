@@ -9,14 +9,19 @@ config key and the numbers involved.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from adadpo_megatron.config import LossConfig, from_mapping
+from adadpo_megatron.config import (
+    LossConfig,
+    from_mapping,
+    require_choice,
+    require_int,
+    require_number,
+)
 
 # Model presets: megatron-core TransformerConfig fields plus GPTModel arguments.
 MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
@@ -86,12 +91,9 @@ class ModelConfig:
         return cls(transformer=merged, **extra)
 
     def __post_init__(self):
-        if self.position_embedding_type not in ("rope", "learned_absolute"):
-            raise ValueError(f"model.position_embedding_type={self.position_embedding_type!r}"
-                             " is not allowed; choose 'rope' or 'learned_absolute'")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation={self.activation!r} is not allowed; choose one "
-                             f"of {', '.join(ACTIVATIONS)}")
+        require_choice("model.position_embedding_type", self.position_embedding_type,
+                       ("rope", "learned_absolute"))
+        require_choice("model.activation", self.activation, ACTIVATIONS)
         for key in ("num_layers", "hidden_size", "num_attention_heads"):
             if key not in self.transformer:
                 raise ValueError(f"model.{key} is required (or pick a model.preset)")
@@ -118,14 +120,10 @@ class ParallelConfig:
     def __post_init__(self):
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                     "context_parallel_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"parallel.{key}={value!r} must be an integer >= 1")
+            require_int(f"parallel.{key}", getattr(self, key))
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
-            if isinstance(vpp, bool) or not isinstance(vpp, int) or vpp < 2:
-                raise ValueError(f"parallel.virtual_pipeline_model_parallel_size={vpp!r} must "
-                                 "be null or an integer >= 2")
+            require_int("parallel.virtual_pipeline_model_parallel_size", vpp, low=2)
             if self.pipeline_model_parallel_size < 2:
                 raise ValueError("parallel.virtual_pipeline_model_parallel_size needs "
                                  "parallel.pipeline_model_parallel_size >= 2, got "
@@ -164,13 +162,9 @@ class DataConfig:
         if not self.path:
             raise ValueError("data.path is required: a JSON Lines file of prompt/chosen/"
                              "rejected strings")
-        if self.format != "jsonl":
-            raise ValueError(f"data.format={self.format!r} is not allowed; choose 'jsonl'")
-        if self.tokenizer != "byte":
-            raise ValueError(f"data.tokenizer={self.tokenizer!r} is not allowed; choose 'byte'")
-        if isinstance(self.seq_length, bool) or not isinstance(self.seq_length, int) \
-                or self.seq_length < 4:
-            raise ValueError(f"data.seq_length={self.seq_length!r} must be an integer >= 4")
+        require_choice("data.format", self.format, ("jsonl",))
+        require_choice("data.tokenizer", self.tokenizer, ("byte",))
+        require_int("data.seq_length", self.seq_length, low=4)
         if self.max_prompt_length is None:
             self.max_prompt_length = self.seq_length // 2
         if not 1 <= self.max_prompt_length < self.seq_length:
@@ -197,9 +191,7 @@ class ReferenceConfig:
     cache_path: Optional[str] = None
 
     def __post_init__(self):
-        if self.mode not in REFERENCE_MODES:
-            raise ValueError(f"reference.mode={self.mode!r} is not allowed; choose one of "
-                             f"{', '.join(REFERENCE_MODES)}")
+        require_choice("reference.mode", self.mode, REFERENCE_MODES)
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
@@ -241,13 +233,8 @@ class OptimizerSection:
         if not 0.0 <= self.lr_warmup_fraction < 1.0:
             raise ValueError(f"optimizer.lr_warmup_fraction={self.lr_warmup_fraction!r} must "
                              "be in [0, 1)")
-        if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ValueError(f"optimizer.lr_decay_style={self.lr_decay_style!r} is not "
-                             f"allowed; choose one of {', '.join(LR_DECAY_STYLES)}")
-        lr = self.megatron.get("lr", 1e-5)
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 \
-                or not math.isfinite(lr):
-            raise ValueError(f"optimizer.lr={lr!r} must be a finite number > 0")
+        require_choice("optimizer.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        require_number("optimizer.lr", self.megatron.get("lr", 1e-5), low=0.0, low_open=True)
 
 
 @dataclass
@@ -272,12 +259,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for key in ("global_batch_size", "micro_batch_size", "max_steps"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"train.{key}={value!r} must be an integer >= 1")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"train.dtype={self.dtype!r} is not allowed; choose 'float32' or "
-                             "'bfloat16'")
+            require_int(f"train.{key}", getattr(self, key))
+        require_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
 
 
 SECTIONS = ("model", "parallel", "loss", "data", "reference", "optimizer", "train")
