@@ -30,12 +30,16 @@ def _digest(obj) -> str:
 
 def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict[str, str]:
     """Per-part digests; a cache is valid only if every part matches."""
-    reference_model = {
-        "model": dataclasses.asdict(config.model),
-        "dtype": config.train.dtype,
-        # the reference is the policy's initial weights: canonical init from this seed
-        "init": {"kind": "canonical", "seed": config.train.seed},
-    }
+    weights = reference_weights_path(config)
+    if weights is None:  # the policy's initial weights: canonical init from this seed
+        init = {"kind": "canonical", "seed": config.train.seed}
+    else:
+        metadata = Path(weights) / "metadata.json"
+        init = {"kind": "checkpoint", "path": str(Path(weights).resolve()),
+                "metadata": hashlib.sha256(metadata.read_bytes()).hexdigest()
+                if metadata.is_file() else None}
+    architecture = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "load"}
+    reference_model = {"model": architecture, "dtype": config.train.dtype, "init": init}
     return {
         "reference_model": _digest(reference_model),
         "tokenizer": _digest(tokenizer.fingerprint()),
@@ -43,6 +47,11 @@ def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict
                                "max_prompt_length": config.data.max_prompt_length}),
         "data": dataset.content_hash[:16],
     }
+
+
+def reference_weights_path(config):
+    """The checkpoint the reference's weights come from, or None for the initialisation."""
+    return config.reference.load or config.model.load
 
 
 def default_cache_path(config) -> Path:

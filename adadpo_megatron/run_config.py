@@ -44,7 +44,7 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
 # Keys of the model section that are GPTModel arguments or ours, not TransformerConfig fields.
 MODEL_EXTRA_KEYS = ("preset", "position_embedding_type", "rotary_base",
                     "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-                    "activation")
+                    "activation", "load")
 ACTIVATIONS = ("gelu", "swiglu", "relu")
 
 
@@ -61,6 +61,9 @@ class ModelConfig:
         make_vocab_size_divisible_by: the vocabulary is padded to a multiple of this times
             the tensor-parallel size, as Megatron-LM does.
         activation: "gelu", "swiglu" (with gated_linear_unit) or "relu".
+        load: a megatron-core distributed checkpoint (torch_dist; this project's or
+            Megatron-LM's, any TP/PP layout) to start the policy from; None starts from
+            initialisation.
     """
 
     preset: Optional[str] = None
@@ -70,6 +73,7 @@ class ModelConfig:
     share_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128
     activation: str = "gelu"
+    load: Optional[str] = None
 
     @classmethod
     def from_section(cls, section: Optional[Dict[str, Any]]) -> ModelConfig:
@@ -185,10 +189,13 @@ class ReferenceConfig:
             (reference-free losses: simpo, cpo, orpo).
         cache_path: the precompute cache; None means next to the data file, as
             ``<data>.reference.pt``.
+        load: a megatron-core distributed checkpoint for the reference's weights; None
+            means the policy's initial weights (model.load, or the initialisation).
     """
 
     mode: str = "resident"
     cache_path: Optional[str] = None
+    load: Optional[str] = None
 
     def __post_init__(self):
         require_choice("reference.mode", self.mode, REFERENCE_MODES)
@@ -246,8 +253,13 @@ class TrainConfig:
         micro_batch_size: pairs per micro-batch (each holds 2x this many sequences).
         max_steps: optimizer steps.
         seed: seeds model initialisation and data order.
-        output_dir: where metrics.jsonl goes.
+        output_dir: where metrics.jsonl and checkpoints/ go.
         dtype: "float32" or "bfloat16" parameters and compute.
+        save_interval: save a checkpoint every this many steps (and always after the last);
+            0 saves only after the last step.
+        keep_checkpoints: how many checkpoints to keep, >= 1.
+        resume: "auto" (continue from output_dir/checkpoints/latest when it exists), "never",
+            or the path of a checkpoint directory to continue from.
     """
 
     global_batch_size: int = 8
@@ -256,11 +268,18 @@ class TrainConfig:
     seed: int = 1234
     output_dir: str = "runs/adadpo"
     dtype: str = "float32"
+    save_interval: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "auto"
 
     def __post_init__(self):
-        for key in ("global_batch_size", "micro_batch_size", "max_steps"):
+        for key in ("global_batch_size", "micro_batch_size", "max_steps", "keep_checkpoints"):
             require_int(f"train.{key}", getattr(self, key))
+        require_int("train.save_interval", self.save_interval, low=0)
         require_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ValueError(f"train.resume={self.resume!r} must be 'auto', 'never' or the "
+                             "path of a checkpoint directory")
 
 
 SECTIONS = ("model", "parallel", "loss", "data", "reference", "optimizer", "train")

@@ -21,6 +21,12 @@ import torch
 import torch.distributed as dist
 
 from adadpo_megatron import cpu_compat
+from adadpo_megatron.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from adadpo_megatron.data import ByteTokenizer, load_jsonl_pairs, step_micro_batches
 from adadpo_megatron.model import (
     build_model_chunks,
@@ -33,6 +39,7 @@ from adadpo_megatron.reference import (
     default_cache_path,
     load_cache,
     reference_fingerprint,
+    reference_weights_path,
 )
 from adadpo_megatron.run_config import RunConfig
 from adadpo_megatron.step import (
@@ -63,6 +70,10 @@ def _import_megatron_modules() -> None:
     import megatron.core.optimizer  # noqa: F401
     import megatron.core.pipeline_parallel  # noqa: F401
 
+    from adadpo_megatron.checkpoint import _import_checkpointing
+
+    _import_checkpointing()
+
 
 class Trainer:
     def __init__(self, config: RunConfig):
@@ -83,13 +94,34 @@ class Trainer:
                 default_cache_path(c), reference_fingerprint(c, self.tokenizer, self.dataset),
                 self.dataset)
         self.model = self._build(frozen=False)
+        if c.model.load:
+            load_model_weights(self.model, c.model.load)
         if c.reference.mode == "resident":
             self.reference_model = self._build(frozen=True)
+            if reference_weights_path(c):
+                load_model_weights(self.reference_model, reference_weights_path(c))
         self._build_optimizer()
         if not self.gpu:
             cpu_compat.enable()  # covers modules imported while building
         self.forward_step = PreferenceForwardStep(c.loss)
+        self.start_step = 0
+        resume = self._resume_path()
+        if resume is not None:
+            self.start_step = load_checkpoint(self, resume)
+            if self.is_logging_rank:
+                print(f"resumed from {resume} at step {self.start_step}", flush=True)
         return self
+
+    def _resume_path(self):
+        resume = self.config.train.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.config.train.output_dir)
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint directory")
+        return path
 
     def setup_common(self) -> None:
         """Distributed, megatron-core's parallel state, seeds and the tokenised data."""
@@ -237,15 +269,24 @@ class Trainer:
             metrics["tokens_per_second"] = metrics["tokens"] / elapsed
         return metrics
 
+    def _open_metrics(self):
+        """metrics.jsonl, keeping the lines of steps before the resumed one."""
+        path = Path(self.config.train.output_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.start_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < self.start_step]
+        writer = open(path, "w")
+        writer.writelines(line + "\n" for line in kept)
+        return writer
+
     def train(self) -> List[Dict[str, float]]:
-        out_dir = Path(self.config.train.output_dir)
+        t = self.config.train
         history = []
-        writer = None
-        if self.is_logging_rank:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            writer = open(out_dir / "metrics.jsonl", "w")
+        writer = self._open_metrics() if self.is_logging_rank else None
         try:
-            for step in range(self.config.train.max_steps):
+            for step in range(self.start_step, t.max_steps):
                 metrics = self.train_step(step)
                 history.append(metrics)
                 if writer is not None:
@@ -255,6 +296,9 @@ class Trainer:
                           f"acc {metrics['rewards/accuracies']:.3f} "
                           f"coef {metrics['adadpo/coef_mean']:.3f} "
                           f"grad_norm {metrics['grad_norm']:.4f}", flush=True)
+                last = step + 1 == t.max_steps
+                if last or (t.save_interval and (step + 1) % t.save_interval == 0):
+                    save_checkpoint(self, step + 1, keep=t.keep_checkpoints)
         finally:
             if writer is not None:
                 writer.close()
