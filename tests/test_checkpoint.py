@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from training_utils import tiny_config
 
 from dist_utils import run_distributed
-from training_utils import tiny_config
 
 ADAM = {"optimizer.optimizer": "adam", "optimizer.lr": 1e-3, "optimizer.adam_beta2": 0.95,
         "optimizer.lr_decay_style": "constant"}
@@ -143,8 +143,9 @@ def test_latest_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):
 
 
 def _start_from_checkpoint_worker(rank, world, tmp, result_path):
-    from adadpo_megatron.trainer import Trainer
     from training_utils import gather_full_parameters
+
+    from adadpo_megatron.trainer import Trainer
 
     trained = Trainer(tiny_config({**ADAM, "train.output_dir": f"{tmp}/a",
                                    "train.max_steps": 2})).setup()
