@@ -42,11 +42,15 @@ def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
 
 def train_main(argv: Optional[Sequence[str]] = None) -> None:
     config = _parse(argv, "adadpo-train", "Train a megatron-core model with AdaDPO.")
-    from adadpo_megatron.trainer import Trainer
+    from adadpo_megatron.trainer import NonFiniteError, Trainer
 
     trainer = Trainer(config).setup()
     try:
         trainer.train()
+    except NonFiniteError as err:
+        if trainer.is_logging_rank:
+            print(f"adadpo-train: stopped: {err}", file=sys.stderr, flush=True)
+        sys.exit(3)
     finally:
         trainer.close()
 

@@ -119,6 +119,19 @@ class PreferenceForwardStep(_ForwardStep):
                  model_forward: ModelForward = _model_forward):
         super().__init__(tp_group=tp_group, cp_group=cp_group, model_forward=model_forward)
         self.loss_config = loss_config
+        self.finite_checks: List[tuple] = []
+
+    def start_step(self) -> None:
+        """Forgets the previous step's finiteness checks (call before each step)."""
+        self.finite_checks = []
+
+    def nonfinite_micro_batches(self) -> List[tuple]:
+        """[(micro-batch index, example ids)] of this step whose loss was not finite.
+
+        The checks are recorded as tensors in the loss function and read here, after the
+        schedule, so that the hot path never waits for the device.
+        """
+        return [(i, ids) for i, (ok, ids) in enumerate(self.finite_checks) if not bool(ok)]
 
     def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
         sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group)
@@ -132,6 +145,9 @@ class PreferenceForwardStep(_ForwardStep):
             reference = (ref[:pairs], ref[pairs:])
         losses, metrics = preference_loss(sums[:pairs], sums[pairs:], counts[:pairs],
                                           counts[pairs:], *reference, config=self.loss_config)
+        self.finite_checks.append((torch.isfinite(losses).all(),
+                                   batch["example_ids"].tolist() if "example_ids" in batch
+                                   else []))
         count = torch.tensor(pairs, dtype=torch.int, device=sums.device)
         return losses.sum(), count, _report(metrics, pairs)
 

@@ -50,6 +50,10 @@ from adadpo_megatron.step import (
 )
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient; raised on every rank before the optimizer step."""
+
+
 def init_distributed(gpu: bool) -> None:
     """Joins torchrun's process group (or makes a one-process one)."""
     if dist.is_initialized():
@@ -254,7 +258,9 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self.forward_step.start_step()
         reports = self.run_schedule(self.forward_step, self.model, batches, forward_only=False)
+        self._stop_if_not_finite(step)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
@@ -280,6 +286,27 @@ class Trainer:
         writer = open(path, "w")
         writer.writelines(line + "\n" for line in kept)
         return writer
+
+    def _stop_if_not_finite(self, step: int) -> None:
+        """Raises NonFiniteError on every rank, before any weight changes, if a loss or a
+        gradient of this step is not finite, naming the step and the micro-batches."""
+        bad_losses = self.forward_step.nonfinite_micro_batches()
+        bad_grads = any(not bool(torch.isfinite(buffer.grad_data).all())
+                        for chunk in self.model for buffer in chunk.buffers)
+        flags = torch.tensor([float(bool(bad_losses)), float(bad_grads)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if not flags.any():
+            return
+        details = [None] * dist.get_world_size()
+        dist.all_gather_object(details, bad_losses)
+        losses = sorted({(i, tuple(ids)) for rank_details in details for i, ids in rank_details})
+        if losses:
+            where = "; ".join(f"micro-batch {i} (examples {list(ids)})" for i, ids in losses)
+            message = f"step {step}: non-finite loss in {where}"
+        else:
+            message = f"step {step}: the losses were finite but a gradient is not"
+        raise NonFiniteError(f"{message}. Stopped before the optimizer step: the weights are "
+                             "those of the previous step; the last checkpoint is intact.")
 
     def train(self) -> List[Dict[str, float]]:
         t = self.config.train

@@ -171,3 +171,46 @@ def test_policy_and_reference_start_from_a_megatron_checkpoint(tmp_path):
         torch.testing.assert_close(result["params"][name], value, rtol=0, atol=0)
     # the reference loaded the same weights: step 0 is ln 2 again
     assert result["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+def _non_finite_worker(rank, world, which, result_path):
+    from training_utils import gather_full_parameters
+
+    from adadpo_megatron.trainer import NonFiniteError, Trainer
+
+    trainer = Trainer(tiny_config({**ADAM, "parallel.pipeline_model_parallel_size": world,
+                                   "train.max_steps": 3, "train.output_dir": result_path + ".d"})
+                      ).setup()
+    trainer.train_step(0)
+    if which == "loss":  # an infinite embedding row for the byte 'a' (in most prompts)
+        for chunk in trainer.model:
+            for name, param in chunk.module.named_parameters():
+                if name == "embedding.word_embeddings.weight":
+                    with torch.no_grad():
+                        param[97] = float("inf")
+    else:
+        param = next(p for c in trainer.model for n, p in c.module.named_parameters()
+                     if n.endswith("layers.0.mlp.linear_fc2.weight"))
+        param.register_hook(lambda grad: grad * float("nan"))
+    before = gather_full_parameters(trainer)
+    with pytest.raises(NonFiniteError) as error:
+        trainer.train_step(1)
+    after = gather_full_parameters(trainer)
+    trainer.close()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), f"{name} changed after a non-finite step"
+    if rank == 0:
+        torch.save(str(error.value), result_path)
+
+
+@pytest.mark.parametrize("which", ["loss", "gradient"])
+def test_non_finite_step_stops_on_every_rank_before_the_weights_change(tmp_path, which):
+    out = tmp_path / "message.pt"
+    run_distributed(_non_finite_worker, 2, which, str(out))
+    message = torch.load(out)
+    if which == "loss":
+        assert message.startswith("step 1: non-finite loss in micro-batch ")
+        assert "(examples [" in message
+    else:
+        assert message.startswith("step 1: the losses were finite but a gradient is not")
+    assert "Stopped before the optimizer step" in message
