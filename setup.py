@@ -25,6 +25,9 @@ setup(
         "megatron-core>=0.19,<0.20",
         "pyyaml>=6",
         "datasets>=3",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "psutil>=5"],
@@ -36,6 +39,7 @@ setup(
         "console_scripts": [
             "adadpo-train=adadpo_megatron.cli:train_main",
             "adadpo-precompute-reference=adadpo_megatron.cli:precompute_main",
+            "adadpo-plot=adadpo_megatron.plots:main",
         ],
     },
     classifiers=[

@@ -59,6 +59,23 @@ class PreferenceDataset:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def subset(self, indices: torch.Tensor) -> PreferenceDataset:
+        """The pairs at ``indices``, keeping their example ids (rows of the data file)."""
+        return PreferenceDataset(self.tokens[indices], self.labels[indices],
+                                 self.example_ids[indices], self.source, self.content_hash)
+
+
+def split_held_out(dataset: PreferenceDataset, fraction: float, seed: int):
+    """(train, held-out) subsets: a seeded random ``fraction`` of the pairs is held out."""
+    if fraction <= 0:
+        return dataset, None
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(round(fraction * len(dataset))))
+    if held >= len(dataset):
+        raise ValueError(f"data.eval_fraction={fraction} leaves no training pairs out of "
+                         f"{len(dataset)}")
+    return dataset.subset(order[held:].sort().values), dataset.subset(order[:held].sort().values)
+
 
 def _read_jsonl(path: Path) -> Iterator[tuple]:
     with open(path, encoding="utf-8") as f:
@@ -166,6 +183,19 @@ def collate(dataset: PreferenceDataset, indices: torch.Tensor) -> Batch:
         "position_ids": torch.arange(seq_length).unsqueeze(0).expand_as(tokens).contiguous(),
         "example_ids": dataset.example_ids[indices],
     }
+
+
+def held_out_micro_batches(dataset: PreferenceDataset, *, micro_batch_size: int,
+                           dp_rank: int, dp_size: int) -> List[Batch]:
+    """This data-parallel rank's micro-batches covering every held-out pair exactly once.
+
+    Rank r takes the r-th of dp_size contiguous blocks (their sizes differ by at most one
+    pair); its last micro-batch may hold fewer than micro_batch_size pairs. So the held-out
+    metrics are the same on every layout.
+    """
+    mine = torch.tensor_split(torch.arange(len(dataset)), dp_size)[dp_rank]
+    return [collate(dataset, mine[i: i + micro_batch_size])
+            for i in range(0, len(mine), micro_batch_size)]
 
 
 def step_micro_batches(dataset: PreferenceDataset, step: int, *, global_batch_size: int,

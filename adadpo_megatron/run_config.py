@@ -154,6 +154,8 @@ class DataConfig:
         seq_length: every sequence (prompt + response) is padded or truncated to this.
         max_prompt_length: prompts are cut to their last this many tokens; None means
             seq_length // 2. Responses are cut to fit seq_length.
+        eval_fraction: share of the pairs held out for evaluation, in [0, 0.5]; the split
+            is a seeded random one (train.seed).
     """
 
     path: str = ""
@@ -161,6 +163,7 @@ class DataConfig:
     tokenizer: str = "byte"
     seq_length: int = 128
     max_prompt_length: Optional[int] = None
+    eval_fraction: float = 0.0
 
     def __post_init__(self):
         if not self.path:
@@ -171,6 +174,7 @@ class DataConfig:
         require_int("data.seq_length", self.seq_length, low=4)
         if self.max_prompt_length is None:
             self.max_prompt_length = self.seq_length // 2
+        require_number("data.eval_fraction", self.eval_fraction, low=0.0, high=0.5)
         if not 1 <= self.max_prompt_length < self.seq_length:
             raise ValueError(f"data.max_prompt_length={self.max_prompt_length!r} must be in "
                              f"[1, data.seq_length={self.seq_length})")
@@ -260,6 +264,11 @@ class TrainConfig:
         keep_checkpoints: how many checkpoints to keep, >= 1.
         resume: "auto" (continue from output_dir/checkpoints/latest when it exists), "never",
             or the path of a checkpoint directory to continue from.
+        eval_interval: evaluate on the held-out pairs every this many steps (and after the
+            last); 0 never evaluates. Needs data.eval_fraction > 0.
+        progress: show a progress bar (step, loss, accuracy, tokens/s, ETA) on the logging
+            rank.
+        tensorboard: write TensorBoard logs to output_dir/tensorboard.
     """
 
     global_batch_size: int = 8
@@ -271,11 +280,15 @@ class TrainConfig:
     save_interval: int = 0
     keep_checkpoints: int = 2
     resume: str = "auto"
+    eval_interval: int = 0
+    progress: bool = True
+    tensorboard: bool = True
 
     def __post_init__(self):
         for key in ("global_batch_size", "micro_batch_size", "max_steps", "keep_checkpoints"):
             require_int(f"train.{key}", getattr(self, key))
         require_int("train.save_interval", self.save_interval, low=0)
+        require_int("train.eval_interval", self.eval_interval, low=0)
         require_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"train.resume={self.resume!r} must be 'auto', 'never' or the "
@@ -320,6 +333,9 @@ class RunConfig:
         return config
 
     def _check_consistency(self) -> None:
+        if self.train.eval_interval and not self.data.eval_fraction:
+            raise ValueError(f"train.eval_interval={self.train.eval_interval} needs "
+                             "data.eval_fraction > 0 (no held-out pairs to evaluate on)")
         if self.loss.needs_reference and self.reference.mode == "none":
             raise ValueError(f"loss.loss_type={self.loss.loss_type!r} needs a reference; set "
                              "reference.mode to precompute or resident")

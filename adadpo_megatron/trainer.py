@@ -10,7 +10,6 @@ Launch under torchrun for more than one process; see adadpo_megatron.cli.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from datetime import timedelta
@@ -27,7 +26,13 @@ from adadpo_megatron.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
-from adadpo_megatron.data import ByteTokenizer, load_jsonl_pairs, step_micro_batches
+from adadpo_megatron.data import (
+    ByteTokenizer,
+    held_out_micro_batches,
+    load_jsonl_pairs,
+    split_held_out,
+    step_micro_batches,
+)
 from adadpo_megatron.model import (
     build_model_chunks,
     canonical_init_,
@@ -42,6 +47,7 @@ from adadpo_megatron.reference import (
     reference_weights_path,
 )
 from adadpo_megatron.run_config import RunConfig
+from adadpo_megatron.run_log import RunLog
 from adadpo_megatron.step import (
     PreferenceForwardStep,
     ReferenceForwardStep,
@@ -155,6 +161,12 @@ class Trainer:
         self.tokenizer = ByteTokenizer()
         self.dataset = load_jsonl_pairs(c.data_path(), self.tokenizer, c.data.seq_length,
                                         c.data.max_prompt_length)
+        self.train_set, self.eval_set = split_held_out(self.dataset, c.data.eval_fraction,
+                                                       c.train.seed)
+        if self.eval_set is not None and len(self.eval_set) < self.dp_size:
+            raise ValueError(f"data.eval_fraction={c.data.eval_fraction} holds out "
+                             f"{len(self.eval_set)} pairs, fewer than the data-parallel size "
+                             f"({self.dp_size})")
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, c.model,
                                             p.tensor_model_parallel_size)
         self.dtype = getattr(torch, c.train.dtype)
@@ -222,8 +234,13 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def run_schedule(self, step_func, model, batches, forward_only: bool):
-        """megatron-core's forward-backward over ``batches``; the last stage's reports."""
+        """megatron-core's forward-backward over ``batches``; the last stage's reports.
+
+        All micro-batches of one call have the same number of pairs (pipeline stages
+        exchange tensors of a fixed shape).
+        """
         c = self.config
+        pairs = batches[0]["example_ids"].numel()
         chunks = model if len(model) > 1 else model[0]
         iterators = ([iter(batches) for _ in model] if len(model) > 1 else iter(batches))
         return self.forward_backward(
@@ -232,29 +249,73 @@ class Trainer:
             model=chunks,
             num_microbatches=len(batches),
             seq_length=c.data.seq_length,
-            micro_batch_size=2 * c.train.micro_batch_size,  # sequences: chosen + rejected
+            micro_batch_size=2 * pairs,  # sequences: chosen + rejected
             forward_only=forward_only,
         )
 
     def micro_batches(self, step: int):
         t = self.config.train
-        batches = step_micro_batches(self.dataset, step, global_batch_size=t.global_batch_size,
+        batches = step_micro_batches(self.train_set, step, global_batch_size=t.global_batch_size,
                                      micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank,
                                      dp_size=self.dp_size, seed=t.seed)
         if self.reference_logps is not None:
             attach_precomputed(batches, self.reference_logps)
         return batches
 
+    def _attach_reference(self, batches) -> None:
+        """Fills ``ref_logps`` from the resident reference (precomputed ones are already in)."""
+        if not self.reference_model:
+            return
+        with torch.no_grad():
+            reports = self.run_schedule(self.reference_step, self.reference_model, batches,
+                                        forward_only=True)
+        if self.is_last_stage:
+            collect_reference(reports, batches)
+
+    def _forward_only_by_size(self, step_func, model, batches):
+        """run_schedule over batches of possibly different sizes, one call per size run."""
+        reports, start = [], 0
+        while start < len(batches):
+            size = batches[start]["example_ids"].numel()
+            end = start
+            while end < len(batches) and batches[end]["example_ids"].numel() == size:
+                end += 1
+            with torch.no_grad():
+                reports += self.run_schedule(step_func, model, batches[start:end],
+                                             forward_only=True) or []
+            start = end
+        return reports
+
+    def evaluate(self) -> Dict[str, float]:
+        """The step metrics on the held-out pairs, forward-only, prefixed "eval/"."""
+        t = self.config.train
+        batches = held_out_micro_batches(self.eval_set, micro_batch_size=t.micro_batch_size,
+                                         dp_rank=self.dp_rank, dp_size=self.dp_size)
+        if self.reference_logps is not None:
+            attach_precomputed(batches, self.reference_logps)
+        if self.reference_model:
+            ref_reports = self._forward_only_by_size(self.reference_step,
+                                                     self.reference_model, batches)
+            if self.is_last_stage:
+                collect_reference(ref_reports, batches)
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            reports = self._forward_only_by_size(self.forward_step, self.model, batches)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        if not self.is_last_stage:
+            return {}
+        metrics = reduce_reports(reports, self.metrics_group,
+                                 self.config.parallel.context_parallel_size)
+        return {f"eval/{name}": value for name, value in metrics.items()}
+
     def train_step(self, step: int) -> Dict[str, float]:
         """One optimizer step; returns the step's metrics (complete on the logging rank)."""
         start = time.perf_counter()
         batches = self.micro_batches(step)
-        if self.reference_model:
-            with torch.no_grad():
-                reports = self.run_schedule(self.reference_step, self.reference_model,
-                                             batches, forward_only=True)
-            if self.is_last_stage:
-                collect_reference(reports, batches)
+        self._attach_reference(batches)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -274,18 +335,6 @@ class Trainer:
         if "tokens" in metrics:
             metrics["tokens_per_second"] = metrics["tokens"] / elapsed
         return metrics
-
-    def _open_metrics(self):
-        """metrics.jsonl, keeping the lines of steps before the resumed one."""
-        path = Path(self.config.train.output_dir) / "metrics.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.start_step and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] < self.start_step]
-        writer = open(path, "w")
-        writer.writelines(line + "\n" for line in kept)
-        return writer
 
     def _stop_if_not_finite(self, step: int) -> None:
         """Raises NonFiniteError on every rank, before any weight changes, if a loss or a
@@ -311,24 +360,21 @@ class Trainer:
     def train(self) -> List[Dict[str, float]]:
         t = self.config.train
         history = []
-        writer = self._open_metrics() if self.is_logging_rank else None
+        log = RunLog(self.config, self.start_step) if self.is_logging_rank else None
         try:
             for step in range(self.start_step, t.max_steps):
                 metrics = self.train_step(step)
-                history.append(metrics)
-                if writer is not None:
-                    writer.write(json.dumps(metrics) + "\n")
-                    writer.flush()
-                    print(f"step {step}: loss {metrics['loss']:.6f} "
-                          f"acc {metrics['rewards/accuracies']:.3f} "
-                          f"coef {metrics['adadpo/coef_mean']:.3f} "
-                          f"grad_norm {metrics['grad_norm']:.4f}", flush=True)
                 last = step + 1 == t.max_steps
+                if t.eval_interval and (last or (step + 1) % t.eval_interval == 0):
+                    metrics.update(self.evaluate())
+                history.append(metrics)
+                if log is not None:
+                    log.write(metrics)
                 if last or (t.save_interval and (step + 1) % t.save_interval == 0):
                     save_checkpoint(self, step + 1, keep=t.keep_checkpoints)
         finally:
-            if writer is not None:
-                writer.close()
+            if log is not None:
+                log.close()
         return history
 
     def close(self) -> None:

@@ -18,7 +18,8 @@ def _train(tmp_path, name, nproc, *overrides):
     out = tmp_path / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "adadpo_megatron", "--config", CONFIG,
-           f"train.output_dir={out}", f"train.max_steps={STEPS}", *overrides]
+           f"train.output_dir={out}", f"train.max_steps={STEPS}", "data.eval_fraction=0.1",
+           "train.eval_interval=3", *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -26,8 +27,16 @@ def _train(tmp_path, name, nproc, *overrides):
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("cli"), "single", 1)
+def single_run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    _train(tmp, "single", 1)
+    return tmp / "single"
+
+
+@pytest.fixture(scope="module")
+def single_run(single_run_dir):
+    lines = (single_run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -42,6 +51,20 @@ def test_torchrun_two_processes_match_single_process(single_run, tmp_path, overr
         assert got["step"] == want["step"]
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        assert got.keys() == want.keys()
+        for key in (k for k in want if k.startswith("eval/")):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+def test_plots_and_tensorboard(single_run_dir, tmp_path):
+    run_dir = single_run_dir
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from adadpo_megatron.plots import main
+
+    main([str(run_dir), "--out", str(tmp_path / "plots")])
+    for name in ("loss", "rewards", "accuracy", "coefficient"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_metrics_jsonl_has_the_documented_fields(single_run):
@@ -53,6 +76,10 @@ def test_metrics_jsonl_has_the_documented_fields(single_run):
     for line in single_run:
         assert expected <= set(line), expected - set(line)
         assert line["pairs"] == 16
+    evaluated = [line["step"] for line in single_run if "eval/loss" in line]
+    assert evaluated == [2, 5]
+    # 100 held-out pairs (10% of 1000) in micro-batches of 4: all of them, once
+    assert single_run[2]["eval/pairs"] == 100
     assert single_run[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
     # 10% warm-up of 6 steps rounds to none; then cosine from lr 1e-3 towards min_lr 1e-4
     rates = [line["learning_rate"] for line in single_run]

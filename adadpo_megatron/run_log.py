@@ -1,0 +1,63 @@
+"""What a person watches: metrics.jsonl, a progress bar, TensorBoard. Logging rank only."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict
+
+
+class RunLog:
+    """Writes each step's metrics to output_dir/metrics.jsonl (one JSON object a line), to
+    TensorBoard (output_dir/tensorboard) and to a progress bar with step, loss, reward
+    accuracy, tokens/s and ETA. On resume, the lines of steps from the resumed one on are
+    dropped, so that every step appears once."""
+
+    def __init__(self, config, start_step: int):
+        t = config.train
+        out = Path(t.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "metrics.jsonl"
+        kept = []
+        if start_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < start_step]
+        self.metrics = open(path, "w")
+        self.metrics.writelines(line + "\n" for line in kept)
+        self.metrics.flush()
+        self.tensorboard = None
+        if t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+        self.bar = None
+        if t.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=t.max_steps, initial=start_step, desc="adadpo", unit="step",
+                            file=sys.stdout, dynamic_ncols=True, mininterval=1.0)
+
+    def write(self, metrics: Dict[str, float]) -> None:
+        self.metrics.write(json.dumps(metrics) + "\n")
+        self.metrics.flush()
+        step = int(metrics["step"])
+        if self.tensorboard is not None:
+            for name, value in metrics.items():
+                if name != "step":
+                    self.tensorboard.add_scalar(name, value, step)
+        if self.bar is not None:
+            postfix = {"loss": f"{metrics['loss']:.4f}",
+                       "acc": f"{metrics['rewards/accuracies']:.3f}",
+                       "tok/s": f"{metrics.get('tokens_per_second', 0):.0f}"}
+            if "eval/rewards/accuracies" in metrics:
+                postfix["eval_acc"] = f"{metrics['eval/rewards/accuracies']:.3f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.bar is not None:
+            self.bar.close()
