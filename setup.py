@@ -40,6 +40,7 @@ setup(
             "adadpo-train=adadpo_megatron.cli:train_main",
             "adadpo-precompute-reference=adadpo_megatron.cli:precompute_main",
             "adadpo-plot=adadpo_megatron.plots:main",
+            "adadpo-summary=adadpo_megatron.summary:main",
         ],
     },
     classifiers=[

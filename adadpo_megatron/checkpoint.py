@@ -63,6 +63,15 @@ def latest_checkpoint(output_dir: str) -> Optional[Path]:
     return path
 
 
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory, or a run's output_dir or checkpoints/ dir (its latest)."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            return root / (root / LATEST).read_text().strip()
+    return path
+
+
 def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
     """Saves model, optimizer, LR schedule, data position (next_step), RNG and config."""
     from adadpo_megatron.run_config import to_dict
@@ -140,7 +149,7 @@ def load_model_weights(chunks: List[torch.nn.Module], path: str) -> None:
     tensors are matched by their global ShardedTensor keys.
     """
     dist_checkpointing = _import_checkpointing()
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint "
                                 "(no metadata.json)")

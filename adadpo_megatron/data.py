@@ -171,10 +171,15 @@ def global_batch_indices(step: int, num_examples: int, global_batch_size: int,
     return torch.tensor(out, dtype=torch.long)
 
 
-def collate(dataset: PreferenceDataset, indices: torch.Tensor) -> Batch:
-    """One micro-batch of pairs ``indices`` in the layout of the module docstring."""
-    tokens = torch.cat([dataset.tokens[indices, 0], dataset.tokens[indices, 1]])
-    labels = torch.cat([dataset.labels[indices, 0], dataset.labels[indices, 1]])
+def collate(dataset: PreferenceDataset, indices: torch.Tensor, chosen_only: bool = False
+            ) -> Batch:
+    """One micro-batch of pairs ``indices`` in the layout of the module docstring.
+
+    ``chosen_only`` keeps the m chosen rows alone (supervised warm-up on the chosen responses).
+    """
+    sides = (0,) if chosen_only else (0, 1)
+    tokens = torch.cat([dataset.tokens[indices, side] for side in sides])
+    labels = torch.cat([dataset.labels[indices, side] for side in sides])
     seq_length = tokens.shape[1]
     return {
         "tokens": tokens,
@@ -186,7 +191,8 @@ def collate(dataset: PreferenceDataset, indices: torch.Tensor) -> Batch:
 
 
 def held_out_micro_batches(dataset: PreferenceDataset, *, micro_batch_size: int,
-                           dp_rank: int, dp_size: int) -> List[Batch]:
+                           dp_rank: int, dp_size: int, chosen_only: bool = False
+                           ) -> List[Batch]:
     """This data-parallel rank's micro-batches covering every held-out pair exactly once.
 
     Rank r takes the r-th of dp_size contiguous blocks (their sizes differ by at most one
@@ -194,13 +200,13 @@ def held_out_micro_batches(dataset: PreferenceDataset, *, micro_batch_size: int,
     metrics are the same on every layout.
     """
     mine = torch.tensor_split(torch.arange(len(dataset)), dp_size)[dp_rank]
-    return [collate(dataset, mine[i: i + micro_batch_size])
+    return [collate(dataset, mine[i: i + micro_batch_size], chosen_only)
             for i in range(0, len(mine), micro_batch_size)]
 
 
 def step_micro_batches(dataset: PreferenceDataset, step: int, *, global_batch_size: int,
-                       micro_batch_size: int, dp_rank: int, dp_size: int, seed: int
-                       ) -> List[Batch]:
+                       micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                       chosen_only: bool = False) -> List[Batch]:
     """This data-parallel rank's micro-batches for one optimizer step.
 
     Rank r takes the r-th contiguous block of the global batch; a pair is never split.
@@ -208,5 +214,5 @@ def step_micro_batches(dataset: PreferenceDataset, step: int, *, global_batch_si
     indices = global_batch_indices(step, len(dataset), global_batch_size, seed)
     per_rank = global_batch_size // dp_size
     mine = indices[dp_rank * per_rank: (dp_rank + 1) * per_rank]
-    return [collate(dataset, mine[i: i + micro_batch_size])
+    return [collate(dataset, mine[i: i + micro_batch_size], chosen_only)
             for i in range(0, per_rank, micro_batch_size)]

@@ -34,8 +34,11 @@ def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict
     if weights is None:  # the policy's initial weights: canonical init from this seed
         init = {"kind": "canonical", "seed": config.train.seed}
     else:
-        metadata = Path(weights) / "metadata.json"
-        init = {"kind": "checkpoint", "path": str(Path(weights).resolve()),
+        from adadpo_megatron.checkpoint import resolve_checkpoint
+
+        weights = resolve_checkpoint(weights)
+        metadata = weights / "metadata.json"
+        init = {"kind": "checkpoint", "path": str(weights.resolve()),
                 "metadata": hashlib.sha256(metadata.read_bytes()).hexdigest()
                 if metadata.is_file() else None}
     architecture = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "load"}
@@ -51,15 +54,12 @@ def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict
 
 def reference_weights_path(config):
     """The checkpoint the reference's weights come from, or None for the initialisation."""
-    return config.reference.load or config.model.load
+    return config.resolve(config.reference.load or config.model.load)
 
 
 def default_cache_path(config) -> Path:
     if config.reference.cache_path:
-        path = Path(config.reference.cache_path)
-        if not path.is_absolute() and config.source is not None:
-            path = Path(config.source).parent / path
-        return path
+        return config.resolve(config.reference.cache_path)
     data = config.data_path()
     return data.with_name(data.name + ".reference.pt")
 

@@ -9,6 +9,7 @@ config key and the numbers involved.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -257,7 +258,8 @@ class TrainConfig:
         micro_batch_size: pairs per micro-batch (each holds 2x this many sequences).
         max_steps: optimizer steps.
         seed: seeds model initialisation and data order.
-        output_dir: where metrics.jsonl and checkpoints/ go.
+        output_dir: where metrics.jsonl and checkpoints/ go, relative to the working
+            directory (input paths elsewhere in the config are relative to the config file).
         dtype: "float32" or "bfloat16" parameters and compute.
         save_interval: save a checkpoint every this many steps (and always after the last);
             0 saves only after the last step.
@@ -269,6 +271,8 @@ class TrainConfig:
         progress: show a progress bar (step, loss, accuracy, tokens/s, ETA) on the logging
             rank.
         tensorboard: write TensorBoard logs to output_dir/tensorboard.
+        stage: "preference" (the configured loss) or "sft" (supervised warm-up: the mean NLL
+            of the chosen responses; needs reference.mode none).
     """
 
     global_batch_size: int = 8
@@ -283,6 +287,7 @@ class TrainConfig:
     eval_interval: int = 0
     progress: bool = True
     tensorboard: bool = True
+    stage: str = "preference"
 
     def __post_init__(self):
         for key in ("global_batch_size", "micro_batch_size", "max_steps", "keep_checkpoints"):
@@ -290,6 +295,7 @@ class TrainConfig:
         require_int("train.save_interval", self.save_interval, low=0)
         require_int("train.eval_interval", self.eval_interval, low=0)
         require_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
+        require_choice("train.stage", self.stage, ("preference", "sft"))
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"train.resume={self.resume!r} must be 'auto', 'never' or the "
                              "path of a checkpoint directory")
@@ -336,10 +342,14 @@ class RunConfig:
         if self.train.eval_interval and not self.data.eval_fraction:
             raise ValueError(f"train.eval_interval={self.train.eval_interval} needs "
                              "data.eval_fraction > 0 (no held-out pairs to evaluate on)")
-        if self.loss.needs_reference and self.reference.mode == "none":
+        if self.train.stage == "sft":
+            if self.reference.mode != "none":
+                raise ValueError("train.stage=sft trains on the chosen responses alone; set "
+                                 f"reference.mode=none (got {self.reference.mode!r})")
+        elif self.loss.needs_reference and self.reference.mode == "none":
             raise ValueError(f"loss.loss_type={self.loss.loss_type!r} needs a reference; set "
                              "reference.mode to precompute or resident")
-        if not self.loss.needs_reference and self.reference.mode != "none":
+        elif not self.loss.needs_reference and self.reference.mode != "none":
             raise ValueError(f"loss.loss_type={self.loss.loss_type!r} is reference-free; set "
                              f"reference.mode=none (got {self.reference.mode!r})")
         t, p = self.model.transformer, self.parallel
@@ -391,11 +401,36 @@ class RunConfig:
                 raise ValueError(f"train.dtype={self.train.dtype!r}: CPU runs use float32")
         return dp
 
-    def data_path(self) -> Path:
-        path = Path(self.data.path)
+    def resolve(self, path) -> Optional[Path]:
+        """An input path of the config (data.path, model.load, reference.load,
+        reference.cache_path): relative paths are relative to the config file."""
+        if path is None:
+            return None
+        path = Path(path)
         if not path.is_absolute() and self.source is not None:
             path = Path(self.source).parent / path
         return path
+
+    def data_path(self) -> Path:
+        return self.resolve(self.data.path)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 with YAML 1.2's floats: ``1e-3`` is a number, not the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _parse_override(item: str):
@@ -405,7 +440,7 @@ def _parse_override(item: str):
     parts = key.split(".")
     if len(parts) < 2 or not all(parts):
         raise ValueError(f"override {item!r}: the key must be section.key (e.g. train.seed=1)")
-    return parts, yaml.safe_load(value)
+    return parts, _yaml(value)
 
 
 def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
@@ -415,7 +450,7 @@ def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path_obj) as f:
         try:
-            raw = yaml.safe_load(f) or {}
+            raw = _yaml(f) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):

@@ -47,9 +47,10 @@ class RunLog:
                 if name != "step":
                     self.tensorboard.add_scalar(name, value, step)
         if self.bar is not None:
-            postfix = {"loss": f"{metrics['loss']:.4f}",
-                       "acc": f"{metrics['rewards/accuracies']:.3f}",
-                       "tok/s": f"{metrics.get('tokens_per_second', 0):.0f}"}
+            postfix = {"loss": f"{metrics['loss']:.4f}"}
+            if "rewards/accuracies" in metrics:
+                postfix["acc"] = f"{metrics['rewards/accuracies']:.3f}"
+            postfix["tok/s"] = f"{metrics.get('tokens_per_second', 0):.0f}"
             if "eval/rewards/accuracies" in metrics:
                 postfix["eval_acc"] = f"{metrics['eval/rewards/accuracies']:.3f}"
             self.bar.set_postfix(postfix, refresh=False)

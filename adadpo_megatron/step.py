@@ -92,6 +92,23 @@ class _ForwardStep:
                  model_forward: ModelForward = _model_forward):
         self.tp_group, self.cp_group = tp_group, cp_group
         self.model_forward = model_forward
+        self.finite_checks: List[tuple] = []
+
+    def start_step(self) -> None:
+        """Forgets the previous step's finiteness checks (call before each step)."""
+        self.finite_checks = []
+
+    def nonfinite_micro_batches(self) -> List[tuple]:
+        """[(micro-batch index, example ids)] of this step whose loss was not finite.
+
+        The checks are recorded as tensors in the loss function and read here, after the
+        schedule, so that the hot path never waits for the device.
+        """
+        return [(i, ids) for i, (ok, ids) in enumerate(self.finite_checks) if not bool(ok)]
+
+    def _record_finite(self, losses: torch.Tensor, batch: Batch) -> None:
+        ids = batch["example_ids"].tolist() if "example_ids" in batch else []
+        self.finite_checks.append((torch.isfinite(losses).all(), ids))
 
     def __call__(self, data_iterator, model):
         tp_group, cp_group = _groups(self.tp_group, self.cp_group)
@@ -119,19 +136,6 @@ class PreferenceForwardStep(_ForwardStep):
                  model_forward: ModelForward = _model_forward):
         super().__init__(tp_group=tp_group, cp_group=cp_group, model_forward=model_forward)
         self.loss_config = loss_config
-        self.finite_checks: List[tuple] = []
-
-    def start_step(self) -> None:
-        """Forgets the previous step's finiteness checks (call before each step)."""
-        self.finite_checks = []
-
-    def nonfinite_micro_batches(self) -> List[tuple]:
-        """[(micro-batch index, example ids)] of this step whose loss was not finite.
-
-        The checks are recorded as tensors in the loss function and read here, after the
-        schedule, so that the hot path never waits for the device.
-        """
-        return [(i, ids) for i, (ok, ids) in enumerate(self.finite_checks) if not bool(ok)]
 
     def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
         sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group)
@@ -145,11 +149,30 @@ class PreferenceForwardStep(_ForwardStep):
             reference = (ref[:pairs], ref[pairs:])
         losses, metrics = preference_loss(sums[:pairs], sums[pairs:], counts[:pairs],
                                           counts[pairs:], *reference, config=self.loss_config)
-        self.finite_checks.append((torch.isfinite(losses).all(),
-                                   batch["example_ids"].tolist() if "example_ids" in batch
-                                   else []))
+        self._record_finite(losses, batch)
         count = torch.tensor(pairs, dtype=torch.int, device=sums.device)
         return losses.sum(), count, _report(metrics, pairs)
+
+
+class SFTForwardStep(_ForwardStep):
+    """forward_step(data_iterator, model) for supervised warm-up on the chosen responses.
+
+    Micro-batches hold the chosen rows only (``collate(..., chosen_only=True)``). The loss is
+    the summed NLL of the response tokens with the token count, so megatron's per-token
+    normalisation gives the mean NLL per response token over the global batch.
+    """
+
+    def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
+        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group)
+        nll = -sums.sum()
+        self._record_finite(nll, batch)
+        tokens = counts.sum()
+        report = {"loss": torch.stack([nll.detach(), tokens]),
+                  "nll/chosen": torch.stack([nll.detach(), tokens]),
+                  "tokens": torch.stack([tokens, torch.ones_like(tokens)]),
+                  "pairs": torch.stack([torch.tensor(float(sums.shape[0])),
+                                        torch.tensor(1.0)]).to(tokens)}
+        return nll, tokens.round().int(), report
 
 
 class ReferenceForwardStep(_ForwardStep):

@@ -51,6 +51,7 @@ from adadpo_megatron.run_log import RunLog
 from adadpo_megatron.step import (
     PreferenceForwardStep,
     ReferenceForwardStep,
+    SFTForwardStep,
     collect_reference,
     reduce_reports,
 )
@@ -105,7 +106,7 @@ class Trainer:
                 self.dataset)
         self.model = self._build(frozen=False)
         if c.model.load:
-            load_model_weights(self.model, c.model.load)
+            load_model_weights(self.model, c.resolve(c.model.load))
         if c.reference.mode == "resident":
             self.reference_model = self._build(frozen=True)
             if reference_weights_path(c):
@@ -113,7 +114,8 @@ class Trainer:
         self._build_optimizer()
         if not self.gpu:
             cpu_compat.enable()  # covers modules imported while building
-        self.forward_step = PreferenceForwardStep(c.loss)
+        self.sft = c.train.stage == "sft"
+        self.forward_step = SFTForwardStep() if self.sft else PreferenceForwardStep(c.loss)
         self.start_step = 0
         resume = self._resume_path()
         if resume is not None:
@@ -240,7 +242,7 @@ class Trainer:
         exchange tensors of a fixed shape).
         """
         c = self.config
-        pairs = batches[0]["example_ids"].numel()
+        rows = batches[0]["tokens"].shape[0]
         chunks = model if len(model) > 1 else model[0]
         iterators = ([iter(batches) for _ in model] if len(model) > 1 else iter(batches))
         return self.forward_backward(
@@ -249,7 +251,7 @@ class Trainer:
             model=chunks,
             num_microbatches=len(batches),
             seq_length=c.data.seq_length,
-            micro_batch_size=2 * pairs,  # sequences: chosen + rejected
+            micro_batch_size=rows,  # sequences: chosen + rejected (chosen only for sft)
             forward_only=forward_only,
         )
 
@@ -257,7 +259,8 @@ class Trainer:
         t = self.config.train
         batches = step_micro_batches(self.train_set, step, global_batch_size=t.global_batch_size,
                                      micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank,
-                                     dp_size=self.dp_size, seed=t.seed)
+                                     dp_size=self.dp_size, seed=t.seed,
+                                     chosen_only=self.sft)
         if self.reference_logps is not None:
             attach_precomputed(batches, self.reference_logps)
         return batches
@@ -290,7 +293,8 @@ class Trainer:
         """The step metrics on the held-out pairs, forward-only, prefixed "eval/"."""
         t = self.config.train
         batches = held_out_micro_batches(self.eval_set, micro_batch_size=t.micro_batch_size,
-                                         dp_rank=self.dp_rank, dp_size=self.dp_size)
+                                         dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                         chosen_only=self.sft)
         if self.reference_logps is not None:
             attach_precomputed(batches, self.reference_logps)
         if self.reference_model:
