@@ -47,7 +47,11 @@ def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict
         "reference_model": _digest(reference_model),
         "tokenizer": _digest(tokenizer.fingerprint()),
         "truncation": _digest({"seq_length": config.data.seq_length,
-                               "max_prompt_length": config.data.max_prompt_length}),
+                               "max_prompt_length": config.data.max_prompt_length,
+                               "prompt_truncation": config.data.prompt_truncation,
+                               "format": config.data.format,
+                               "skip_invalid": config.data.skip_invalid,
+                               "split": config.data.split}),
         "data": dataset.content_hash[:16],
     }
 
@@ -60,7 +64,10 @@ def reference_weights_path(config):
 def default_cache_path(config) -> Path:
     if config.reference.cache_path:
         return config.resolve(config.reference.cache_path)
-    data = config.data_path()
+    data = Path(config.data_source())
+    if not data.is_file():
+        raise ValueError(f"data.path={config.data.path!r} is not a file; set "
+                         "reference.cache_path for the precomputed reference log-probs")
     return data.with_name(data.name + ".reference.pt")
 
 

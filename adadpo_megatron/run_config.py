@@ -145,33 +145,47 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """The preference data.
+    """The preference data (see adadpo_megatron/dataset.py for layouts and policies).
 
     Fields:
-        path: a JSON Lines file, one object per line with string fields prompt, chosen,
-            rejected (relative paths are relative to the config file).
-        format: "jsonl".
-        tokenizer: "byte" (the built-in byte-level tokenizer).
+        path: a .json, .jsonl, .parquet or .arrow file, a directory (save_to_disk output or
+            data files), or the name of a dataset in the local Hugging Face cache. Relative
+            paths are relative to the config file.
+        split: the split of a directory or named dataset.
+        format: "auto", "explicit" (prompt/chosen/rejected strings), "conversational"
+            (message lists, rendered with the tokenizer's chat template) or "pretokenized"
+            (prompt_input_ids/chosen_input_ids/rejected_input_ids).
+        tokenizer: "byte" (built in) or the path of a local Hugging Face tokenizer directory.
         seq_length: every sequence (prompt + response) is padded or truncated to this.
-        max_prompt_length: prompts are cut to their last this many tokens; None means
-            seq_length // 2. Responses are cut to fit seq_length.
+        max_prompt_length: the longest prompt in tokens (BOS included); None means
+            seq_length // 2.
+        prompt_truncation: "left" keeps BOS and the last tokens of a longer prompt; "drop"
+            drops (and counts) its pair.
+        skip_invalid: skip (and count) bad rows instead of stopping with an error.
+        cache: keep the tokenised data next to the source, so a restart does not re-tokenise.
         eval_fraction: share of the pairs held out for evaluation, in [0, 0.5]; the split
             is a seeded random one (train.seed).
     """
 
     path: str = ""
-    format: str = "jsonl"
+    split: str = "train"
+    format: str = "auto"
     tokenizer: str = "byte"
     seq_length: int = 128
     max_prompt_length: Optional[int] = None
+    prompt_truncation: str = "left"
+    skip_invalid: bool = False
+    cache: bool = True
     eval_fraction: float = 0.0
 
     def __post_init__(self):
+        from adadpo_megatron.dataset import FORMATS
+
         if not self.path:
-            raise ValueError("data.path is required: a JSON Lines file of prompt/chosen/"
-                             "rejected strings")
-        require_choice("data.format", self.format, ("jsonl",))
-        require_choice("data.tokenizer", self.tokenizer, ("byte",))
+            raise ValueError("data.path is required: a preference data file, directory or "
+                             "cached dataset name")
+        require_choice("data.format", self.format, FORMATS)
+        require_choice("data.prompt_truncation", self.prompt_truncation, ("left", "drop"))
         require_int("data.seq_length", self.seq_length, low=4)
         if self.max_prompt_length is None:
             self.max_prompt_length = self.seq_length // 2
@@ -179,6 +193,17 @@ class DataConfig:
         if not 1 <= self.max_prompt_length < self.seq_length:
             raise ValueError(f"data.max_prompt_length={self.max_prompt_length!r} must be in "
                              f"[1, data.seq_length={self.seq_length})")
+        for key in ("skip_invalid", "cache"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"data.{key}={getattr(self, key)!r} must be true or false")
+
+    def settings(self):
+        from adadpo_megatron.dataset import DataSettings
+
+        return DataSettings(format=self.format, seq_length=self.seq_length,
+                            max_prompt_length=self.max_prompt_length,
+                            prompt_truncation=self.prompt_truncation,
+                            skip_invalid=self.skip_invalid, split=self.split)
 
 
 REFERENCE_MODES = ("precompute", "resident", "none")
@@ -411,8 +436,17 @@ class RunConfig:
             path = Path(self.source).parent / path
         return path
 
-    def data_path(self) -> Path:
-        return self.resolve(self.data.path)
+    def data_source(self) -> str:
+        """data.path as a file or directory relative to the config file, else as a name."""
+        resolved = self.resolve(self.data.path)
+        if resolved.exists() or Path(self.data.path).is_absolute():
+            return str(resolved)
+        return self.data.path
+
+    def tokenizer_spec(self) -> str:
+        if self.data.tokenizer == "byte":
+            return "byte"
+        return str(self.resolve(self.data.tokenizer))
 
 
 class _Loader(yaml.SafeLoader):

@@ -26,13 +26,8 @@ from adadpo_megatron.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
-from adadpo_megatron.data import (
-    ByteTokenizer,
-    held_out_micro_batches,
-    load_jsonl_pairs,
-    split_held_out,
-    step_micro_batches,
-)
+from adadpo_megatron.data import held_out_micro_batches, split_held_out, step_micro_batches
+from adadpo_megatron.dataset import load_preference_data
 from adadpo_megatron.model import (
     build_model_chunks,
     canonical_init_,
@@ -55,6 +50,7 @@ from adadpo_megatron.step import (
     collect_reference,
     reduce_reports,
 )
+from adadpo_megatron.tokenizer import build_tokenizer
 
 
 class NonFiniteError(RuntimeError):
@@ -160,9 +156,11 @@ class Trainer:
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
             model_parallel_cuda_manual_seed(c.train.seed)
-        self.tokenizer = ByteTokenizer()
-        self.dataset = load_jsonl_pairs(c.data_path(), self.tokenizer, c.data.seq_length,
-                                        c.data.max_prompt_length)
+        self.tokenizer = build_tokenizer(c.tokenizer_spec())
+        self.dataset, self.data_report = load_preference_data(
+            c.data_source(), self.tokenizer, c.data.settings(), cache=c.data.cache)
+        if dist.get_rank() == dist.get_world_size() - 1:
+            print(f"data: {c.data_source()}: {self.data_report}", flush=True)
         self.train_set, self.eval_set = split_held_out(self.dataset, c.data.eval_fraction,
                                                        c.train.seed)
         if self.eval_set is not None and len(self.eval_set) < self.dp_size:

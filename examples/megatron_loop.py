@@ -47,13 +47,15 @@ def main():
 
     from adadpo_megatron import cpu_compat
     from adadpo_megatron.config import LossConfig
-    from adadpo_megatron.data import ByteTokenizer, load_jsonl_pairs, step_micro_batches
+    from adadpo_megatron.data import step_micro_batches
+    from adadpo_megatron.dataset import DataSettings, load_preference_data
     from adadpo_megatron.step import (
         PreferenceForwardStep,
         ReferenceForwardStep,
         collect_reference,
         reduce_reports,
     )
+    from adadpo_megatron.tokenizer import ByteTokenizer
 
     if not torch.cuda.is_available():
         cpu_compat.enable()
@@ -86,8 +88,9 @@ def main():
 
     # --- pairs as micro-batches: 4 pairs a step in 2 micro-batches of 2
     here = os.path.dirname(os.path.abspath(__file__))
-    dataset = load_jsonl_pairs(os.path.join(here, "data", "reverse_pairs.jsonl"),
-                               ByteTokenizer(), seq_length=32, max_prompt_length=16)
+    dataset, _ = load_preference_data(os.path.join(here, "data", "reverse_pairs.jsonl"),
+                                      ByteTokenizer(),
+                                      DataSettings(seq_length=32, max_prompt_length=16))
     dp_group = parallel_state.get_data_parallel_group()
     forward_backward = get_forward_backward_func()
     policy_step = PreferenceForwardStep(LossConfig(beta=0.1))

@@ -8,8 +8,9 @@ import pytest
 import torch
 from training_utils import DATA, run_steps, tiny_config
 
-from adadpo_megatron.data import ByteTokenizer, load_jsonl_pairs
+from adadpo_megatron.dataset import load_preference_data
 from adadpo_megatron.reference import load_cache, reference_fingerprint, save_cache
+from adadpo_megatron.tokenizer import ByteTokenizer
 
 from dist_utils import run_distributed
 
@@ -80,7 +81,8 @@ def test_stale_cache_is_refused(tmp_path):
     _small_data(data)
     tokenizer = ByteTokenizer()
     config = tiny_config({"data.path": str(data)})
-    dataset = load_jsonl_pairs(data, tokenizer, 24, 12)
+    settings = config.data.settings()
+    dataset, _ = load_preference_data(str(data), tokenizer, settings, cache=False)
     fingerprint = reference_fingerprint(config, tokenizer, dataset)
     counts = (dataset.labels != -100).sum(-1).float()
     cache = tmp_path / "cache.pt"
@@ -102,7 +104,7 @@ def test_stale_cache_is_refused(tmp_path):
     row = json.loads(rows[3])
     rows[3] = json.dumps({**row, "chosen": row["chosen"] + "q"})
     data.write_text("\n".join(rows) + "\n")
-    edited = load_jsonl_pairs(data, tokenizer, 24, 12)
+    edited, _ = load_preference_data(str(data), tokenizer, settings, cache=False)
     with pytest.raises(ValueError, match="its data fingerprint differs"):
         load_cache(cache, reference_fingerprint(config, tokenizer, edited), edited)
     with pytest.raises(FileNotFoundError, match="run adadpo-precompute-reference"):

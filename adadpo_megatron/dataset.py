@@ -1,0 +1,374 @@
+"""Reading, validating, tokenising and caching preference pairs.
+
+Sources (``data.path``), all read through the datasets library:
+    a .json, .jsonl, .parquet or .arrow file; a directory written by ``save_to_disk`` or
+    holding data files; or the name of a dataset already in the local Hugging Face cache
+    (read offline: nothing is downloaded).
+
+Row layouts (``data.format``, "auto" detects them from the first row):
+    explicit        prompt, chosen, rejected: strings
+    conversational  chosen, rejected: message lists ({"role", "content"}) ending in the
+                    assistant's reply, as in UltraFeedback-binarized; the prompt is the
+                    messages before that reply (or the ``prompt`` string as a user turn when
+                    the lists hold the reply alone). Rendered with the tokenizer's chat
+                    template.
+    pretokenized    prompt_input_ids, chosen_input_ids, rejected_input_ids: token id lists
+                    (the prompt with its special tokens; responses without EOS).
+
+Truncation: a prompt longer than ``max_prompt_length`` tokens keeps its first token when it
+is the tokenizer's BOS and its last tokens ("left"), or the pair is dropped and counted
+("drop"). Responses are then cut so that prompt + response + EOS fits ``seq_length + 1``.
+
+Bad rows (a missing field, an empty response, a message that is not a role/content pair of
+strings, identical chosen and rejected, a token id outside the vocabulary) raise a
+ValueError naming the file, the row and the field, or with ``skip_invalid`` are skipped and
+counted in the report. The tokenised result is cached next to the data, keyed by the
+data's content, the tokenizer and these settings, so a restart does not re-tokenise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+IGNORE_INDEX = -100
+FORMATS = ("auto", "explicit", "conversational", "pretokenized")
+CACHE_VERSION = 1
+
+
+@dataclass
+class PreferenceDataset:
+    """Tokenised pairs: tokens and labels [N, 2, S] (chosen, rejected), example ids [N]."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    example_ids: torch.Tensor
+    source: str
+    content_hash: str
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def subset(self, indices: torch.Tensor) -> PreferenceDataset:
+        """The pairs at ``indices``, keeping their example ids (rows of the source)."""
+        return PreferenceDataset(self.tokens[indices], self.labels[indices],
+                                 self.example_ids[indices], self.source, self.content_hash)
+
+
+@dataclass
+class DataReport:
+    """What reading did: rows read, pairs kept, and why the others were left out."""
+
+    rows: int = 0
+    pairs: int = 0
+    dropped_long_prompt: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    from_cache: bool = False
+
+    def __str__(self) -> str:
+        text = f"{self.pairs} pairs from {self.rows} rows"
+        if self.dropped_long_prompt:
+            text += f"; {self.dropped_long_prompt} dropped (prompt longer than max_prompt_length)"
+        if self.skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+            text += f"; {sum(self.skipped.values())} skipped ({reasons})"
+        return text + (" [tokenised cache]" if self.from_cache else "")
+
+
+class BadRow(ValueError):
+    def __init__(self, field_name: str, reason: str, kind: str):
+        super().__init__(f"field {field_name!r} {reason}")
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _locate_bad_json(path: Path) -> Optional[str]:
+    """The first line of a JSON Lines file that is not a JSON object, for the error."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{number}: not valid JSON: {err.msg}"
+            if not isinstance(row, dict):
+                return f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
+    return None
+
+
+def open_source(source: str, split: str = "train"):
+    """(datasets.Dataset, content hash, row naming function) for ``data.path``."""
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        try:
+            if suffix in (".json", ".jsonl"):
+                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            elif suffix == ".parquet":
+                ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            elif suffix == ".arrow":
+                ds = datasets.Dataset.from_file(str(path))
+            else:
+                raise ValueError(f"data.path={source!r}: unknown file type {suffix!r}; use "
+                                 ".json, .jsonl, .parquet or .arrow")
+        except ValueError:
+            raise
+        except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many types
+            if suffix != ".jsonl":
+                raise ValueError(f"{path}: cannot be read: {err}") from err
+            located = _locate_bad_json(path)
+            if located:
+                raise ValueError(located) from err
+            # valid JSON that Arrow cannot type (a field that is a string in one row and a
+            # number in another): read it row by row so the bad row can be named
+            with open(path, encoding="utf-8") as f:
+                ds = [json.loads(line) for line in f if line.strip()]
+        return ds, _file_digest(path), lambda i: f"{path}: row {i}"
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(str(path), split=split)
+        return ds, ds._fingerprint, lambda i: f"{path}: row {i}"
+    # a dataset name: only what the local cache already holds
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"data.path={source!r} is neither a file, a directory nor a dataset "
+                         f"in the local Hugging Face cache: {err}") from err
+    return ds, ds._fingerprint, lambda i: f"{source}[{split}]: row {i}"
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _string(row: dict, name: str, *, allow_empty: bool) -> str:
+    if name not in row or row[name] is None:
+        raise BadRow(name, "is missing", "missing field")
+    value = row[name]
+    if not isinstance(value, str):
+        raise BadRow(name, f"must be a string, got {type(value).__name__}", "wrong type")
+    if not allow_empty and not value:
+        raise BadRow(name, "is empty; a response needs at least one token", "empty response")
+    return value
+
+
+def _messages(row: dict, name: str) -> List[Dict[str, str]]:
+    if name not in row or row[name] is None:
+        raise BadRow(name, "is missing", "missing field")
+    value = row[name]
+    if not isinstance(value, list) or not value:
+        raise BadRow(name, "must be a non-empty list of messages", "wrong type")
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise BadRow(f"{name}[{i}]", "must be a message {'role': str, 'content': str}, "
+                         f"got {message!r}"[:200], "bad message")
+    return value
+
+
+def _detect_format(row: dict) -> str:
+    if "chosen_input_ids" in row:
+        return "pretokenized"
+    if isinstance(row.get("chosen"), list):
+        return "conversational"
+    return "explicit"
+
+
+def _ids(row: dict, name: str, vocab_size: int) -> List[int]:
+    value = row.get(name)
+    if value is None:
+        raise BadRow(name, "is missing", "missing field")
+    if not isinstance(value, list) or not all(isinstance(i, int) for i in value):
+        raise BadRow(name, "must be a list of token ids", "wrong type")
+    bad = [i for i in value if not 0 <= i < vocab_size]
+    if bad:
+        raise BadRow(name, f"has token id {bad[0]} outside the vocabulary [0, {vocab_size})",
+                     "untokenizable")
+    return value
+
+
+def _pair_ids(row: dict, fmt: str, tokenizer) -> Tuple[List[int], List[int], List[int]]:
+    """(prompt ids, chosen response ids, rejected response ids) of one row."""
+    if fmt == "pretokenized":
+        prompt = _ids(row, "prompt_input_ids", tokenizer.vocab_size)
+        chosen = _ids(row, "chosen_input_ids", tokenizer.vocab_size)
+        rejected = _ids(row, "rejected_input_ids", tokenizer.vocab_size)
+        for name, ids in (("chosen_input_ids", chosen), ("rejected_input_ids", rejected)):
+            if not ids:
+                raise BadRow(name, "is empty; a response needs at least one token",
+                             "empty response")
+        return prompt, chosen, rejected
+    if fmt == "conversational":
+        chosen_msgs, rejected_msgs = _messages(row, "chosen"), _messages(row, "rejected")
+        prompt_msgs = chosen_msgs[:-1]
+        if rejected_msgs[:-1] != prompt_msgs:
+            raise BadRow("rejected", "does not share its prompt turns with 'chosen'",
+                         "prompt mismatch")
+        if not prompt_msgs:
+            if isinstance(row.get("prompt"), list):
+                prompt_msgs = _messages(row, "prompt")
+            else:
+                prompt_msgs = [{"role": "user", "content": _string(row, "prompt",
+                                                                   allow_empty=True)}]
+        replies = []
+        for name, msgs in (("chosen", chosen_msgs), ("rejected", rejected_msgs)):
+            reply = msgs[-1]
+            if reply["role"] != "assistant":
+                raise BadRow(f"{name}[{len(msgs) - 1}]", "must be the assistant's reply, got "
+                             f"role {reply['role']!r}", "bad message")
+            if not reply["content"]:
+                raise BadRow(name, "ends in an empty reply", "empty response")
+            replies.append(reply)
+        prompt_text, chosen_text = tokenizer.render_chat(prompt_msgs, replies[0])
+        _, rejected_text = tokenizer.render_chat(prompt_msgs, replies[1])
+        return (tokenizer.encode_rendered_prompt(prompt_text),
+                tokenizer.encode_response(chosen_text), tokenizer.encode_response(rejected_text))
+    prompt = _string(row, "prompt", allow_empty=True)
+    chosen = _string(row, "chosen", allow_empty=False)
+    rejected = _string(row, "rejected", allow_empty=False)
+    return (tokenizer.encode_prompt(prompt), tokenizer.encode_response(chosen),
+            tokenizer.encode_response(rejected))
+
+
+def _truncate_prompt(prompt: List[int], max_prompt_length: int, bos_id: Optional[int]):
+    if len(prompt) <= max_prompt_length:
+        return prompt
+    if bos_id is not None and prompt and prompt[0] == bos_id:
+        return prompt[:1] + prompt[len(prompt) - max_prompt_length + 1:]
+    return prompt[len(prompt) - max_prompt_length:]
+
+
+def _sequence(prompt: List[int], response: List[int], eos_id: int, pad_id: int,
+              seq_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [S], labels [S]): label t is the token read at t + 1, on response tokens."""
+    response = (response + [eos_id])[: seq_length + 1 - len(prompt)]
+    full = prompt + response
+    tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
+    labels = torch.full((seq_length,), IGNORE_INDEX, dtype=torch.long)
+    tokens[: len(full) - 1] = torch.tensor(full[:-1])
+    labels[len(prompt) - 1: len(full) - 1] = torch.tensor(response)
+    return tokens, labels
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The settings the tokenised data depend on (a subset of DataConfig)."""
+
+    format: str = "auto"
+    seq_length: int = 128
+    max_prompt_length: int = 64
+    prompt_truncation: str = "left"
+    skip_invalid: bool = False
+    split: str = "train"
+
+
+def _cache_file(source: str, content_hash: str, tokenizer, settings: DataSettings,
+                cache_dir: Optional[Path]) -> Path:
+    key = hashlib.sha256(json.dumps(
+        {"v": CACHE_VERSION, "data": content_hash, "tokenizer": tokenizer.fingerprint(),
+         "settings": settings.__dict__}, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(source)
+    if cache_dir is None:
+        cache_dir = path.parent if path.is_file() else \
+            Path.home() / ".cache" / "adadpo_megatron" / "tokenized"
+    name = path.name if path.exists() else source.replace("/", "__")
+    return Path(cache_dir) / f"{name}.tokenized-{key}.pt"
+
+
+def load_preference_data(source: str, tokenizer, settings: DataSettings, *,
+                         cache: bool = True, cache_dir: Optional[Path] = None
+                         ) -> Tuple[PreferenceDataset, DataReport]:
+    """Reads, validates, tokenises (or loads the cached tokens of) a preference data set.
+
+    Raises:
+        ValueError: the first bad row, naming file, row and field (unless skip_invalid), a
+            source that cannot be read, or no pair left.
+    """
+    if settings.format not in FORMATS:
+        raise ValueError(f"data.format={settings.format!r} is not allowed; choose one of "
+                         f"{', '.join(FORMATS)}")
+    ds, content_hash, where = open_source(source, settings.split)
+    cache_file = _cache_file(source, content_hash, tokenizer, settings, cache_dir)
+    if cache and cache_file.is_file():
+        saved = torch.load(cache_file, weights_only=False)
+        report = saved["report"]
+        report.from_cache = True
+        return PreferenceDataset(saved["tokens"], saved["labels"], saved["example_ids"],
+                                 source, content_hash), report
+
+    fmt = settings.format
+    bos_id = getattr(tokenizer, "bos_id", None)
+    if bos_id is None and hasattr(tokenizer, "tok"):
+        bos_id = tokenizer.tok.bos_token_id
+    tokens, labels, ids = [], [], []
+    report = DataReport()
+    for index, row in enumerate(ds):
+        report.rows += 1
+        try:
+            row_format = _detect_format(row) if fmt == "auto" else fmt
+            prompt, chosen, rejected = _pair_ids(row, row_format, tokenizer)
+            if len(prompt) > settings.max_prompt_length and \
+                    settings.prompt_truncation == "drop":
+                report.dropped_long_prompt += 1
+                continue
+            prompt = _truncate_prompt(prompt, settings.max_prompt_length, bos_id)
+            pair = [_sequence(prompt, r, tokenizer.eos_id, tokenizer.pad_id,
+                              settings.seq_length) for r in (chosen, rejected)]
+            if torch.equal(pair[0][1], pair[1][1]):
+                raise BadRow("chosen", "and 'rejected' are identical (after truncation); "
+                             "such a pair carries no preference", "identical responses")
+        except BadRow as err:
+            if settings.skip_invalid:
+                report.skipped[err.kind] += 1
+                continue
+            raise ValueError(f"{where(index)}: {err} (data.skip_invalid=true skips such "
+                             "rows)") from None
+        except Exception as err:  # noqa: BLE001 - a tokenizer or template failure
+            if settings.skip_invalid:
+                report.skipped["untokenizable"] += 1
+                continue
+            raise ValueError(f"{where(index)}: cannot be tokenised: {err}") from err
+        tokens.append(torch.stack([pair[0][0], pair[1][0]]))
+        labels.append(torch.stack([pair[0][1], pair[1][1]]))
+        ids.append(index)
+    if not ids:
+        raise ValueError(f"{source}: no pairs left ({report})")
+    report.pairs = len(ids)
+    dataset = PreferenceDataset(torch.stack(tokens), torch.stack(labels), torch.tensor(ids),
+                                source, content_hash)
+    if cache:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}")
+        torch.save({"tokens": dataset.tokens, "labels": dataset.labels,
+                    "example_ids": dataset.example_ids, "report": report}, tmp)
+        os.replace(tmp, cache_file)
+    return dataset, report
+

@@ -1,0 +1,113 @@
+"""Tokenizers: the built-in byte-level one, and Hugging Face tokenizers from a local path.
+
+Both expose the small interface the data pipeline needs:
+
+    encode_prompt(text) -> ids        with the tokenizer's leading special tokens (BOS)
+    encode_response(text) -> ids      no special tokens; the pipeline appends eos_id
+    render_chat(prompt_messages, response_message) -> (prompt_text, response_text)
+    vocab_size, pad_id, eos_id, fingerprint()
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+Message = Dict[str, str]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, plus pad, bos and eos. For demos and tests.
+
+    Its chat rendering is ``<|role|>\\ncontent\\n`` per message, the assistant's header ending
+    the prompt.
+    """
+
+    name = "byte"
+    pad_id, bos_id, eos_id = 256, 257, 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_prompt(self, text: str) -> List[int]:
+        return [self.bos_id] + self.encode(text)
+
+    def encode_response(self, text: str) -> List[int]:
+        return self.encode(text)
+
+    def encode_rendered_prompt(self, text: str) -> List[int]:
+        return self.encode_prompt(text)
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def render_chat(self, prompt: List[Message], response: Message) -> Tuple[str, str]:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in prompt)
+        return text + f"<|{response['role']}|>\n", response["content"]
+
+    def fingerprint(self) -> str:
+        return f"byte-v1-vocab{self.vocab_size}"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer loaded from a local directory (never from the Hub)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"data.tokenizer={path!r}: no such directory (a local "
+                                    "Hugging Face tokenizer directory, or 'byte')")
+        self.tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self.name = str(self.path)
+        self.vocab_size = len(self.tok)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"tokenizer {path} has no eos token; responses must end in one")
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+
+    def encode_prompt(self, text: str) -> List[int]:
+        return self.tok(text, add_special_tokens=True)["input_ids"]
+
+    def encode_rendered_prompt(self, text: str) -> List[int]:
+        # a chat template writes its own special tokens (BOS included)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def encode_response(self, text: str) -> List[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(ids)
+
+    def render_chat(self, prompt: List[Message], response: Message) -> Tuple[str, str]:
+        if not self.tok.chat_template:
+            raise ValueError(f"tokenizer {self.path} has no chat template, which "
+                             "conversational data needs")
+        prompt_text = self.tok.apply_chat_template(prompt, tokenize=False,
+                                                   add_generation_prompt=True)
+        full = self.tok.apply_chat_template(prompt + [response], tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError("the chat template does not render the prompt as a prefix of "
+                             "prompt + response, so the response tokens cannot be located")
+        return prompt_text, full[len(prompt_text):]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for file in sorted(self.path.iterdir()):
+            if file.is_file():
+                digest.update(file.name.encode())
+                digest.update(file.read_bytes())
+        return f"hf-{digest.hexdigest()[:16]}"
+
+
+def build_tokenizer(spec: str, base: Path | None = None):
+    """'byte', or the path of a local Hugging Face tokenizer directory."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec)
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return HFTokenizer(str(path))
