@@ -25,6 +25,7 @@ setup(
         "megatron-core>=0.19,<0.20",
         "pyyaml>=6",
         "datasets>=3",
+        "transformers>=4.40",  # local Hugging Face tokenizers and chat templates
         "tqdm>=4.60",
         "tensorboard>=2.14",
         "matplotlib>=3.7",

@@ -265,8 +265,13 @@ def _truncate_prompt(prompt: List[int], max_prompt_length: int, bos_id: Optional
 
 def _sequence(prompt: List[int], response: List[int], eos_id: int, pad_id: int,
               seq_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [S], labels [S]): label t is the token read at t + 1, on response tokens."""
-    response = (response + [eos_id])[: seq_length + 1 - len(prompt)]
+    """(tokens [S], labels [S]): label t is the token read at t + 1, on response tokens.
+
+    The response ends in EOS (a chat template may have written it already).
+    """
+    if response[-1:] != [eos_id]:
+        response = response + [eos_id]
+    response = response[: seq_length + 1 - len(prompt)]
     full = prompt + response
     tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
     labels = torch.full((seq_length,), IGNORE_INDEX, dtype=torch.long)
