@@ -37,6 +37,29 @@ def split_held_out(dataset: PreferenceDataset, fraction: float, seed: int):
 
 
 
+class PairDataset(torch.utils.data.Dataset):
+    """One pair per item, for data loaders that collate samples themselves (Megatron-LM's
+    pretrain()): {"tokens", "labels", "loss_mask", "position_ids": [2, S], "example_ids": [],
+    "ref_logps": [2] when given}. The forward step turns the stacked [m, 2, S] batch into the
+    chosen-first layout."""
+
+    def __init__(self, dataset: PreferenceDataset, ref_logps: torch.Tensor | None = None):
+        self.dataset, self.ref_logps = dataset, ref_logps
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Batch:
+        labels = self.dataset.labels[index]
+        item = {"tokens": self.dataset.tokens[index], "labels": labels,
+                "loss_mask": (labels != IGNORE_INDEX).float(),
+                "position_ids": torch.arange(labels.shape[-1]).expand_as(labels).contiguous(),
+                "example_ids": self.dataset.example_ids[index]}
+        if self.ref_logps is not None:
+            item["ref_logps"] = self.ref_logps[self.dataset.example_ids[index]]
+        return item
+
+
 def global_batch_indices(step: int, num_examples: int, global_batch_size: int,
                          seed: int) -> torch.Tensor:
     """The example indices of optimizer step ``step`` ([global_batch_size]).

@@ -9,6 +9,7 @@ config key and the numbers involved.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,9 @@ class DataConfig:
                             skip_invalid=self.skip_invalid, split=self.split)
 
 
+# Token alignment FP8 GEMMs need, by recipe (MXFP8 scales blocks of 32 along the tokens).
+FP8_SEQUENCE_MULTIPLE = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
+
 REFERENCE_MODES = ("precompute", "resident", "none")
 
 
@@ -392,13 +396,56 @@ class RunConfig:
                              f"parallel.pipeline_model_parallel_size({pp}) * "
                              "parallel.virtual_pipeline_model_parallel_size"
                              f"({p.virtual_pipeline_model_parallel_size or 1})")
+        fp8 = t.get("fp8")
+        if fp8:
+            if self.train.dtype != "bfloat16":
+                raise ValueError(f"model.fp8={fp8!r} needs train.dtype=bfloat16 (got "
+                                 f"{self.train.dtype!r}): FP8 GEMMs run inside a bf16 model")
+            recipe = t.get("fp8_recipe", "delayed")
+            multiple = FP8_SEQUENCE_MULTIPLE.get(recipe, 16)
+            if self.data.seq_length % multiple:
+                raise ValueError(f"data.seq_length({self.data.seq_length}) must be a multiple "
+                                 f"of {multiple} for model.fp8_recipe={recipe!r}: sequences are "
+                                 "padded to seq_length, and FP8 GEMMs need that alignment")
         cp = p.context_parallel_size
         if cp > 1 and self.data.seq_length % (2 * cp):
             raise ValueError(f"data.seq_length({self.data.seq_length}) is not divisible by "
                              f"2 * parallel.context_parallel_size({cp})")
 
+    def check_machine(self, *, gpu: bool) -> None:
+        """What this machine must have for the config (GPU, Transformer Engine)."""
+        p = self.parallel
+        fp8 = self.model.transformer.get("fp8")
+        if fp8:
+            if not gpu:
+                raise ValueError(f"model.fp8={fp8!r} needs a GPU with Transformer Engine; "
+                                 "remove model.fp8 to run on CPU")
+            if importlib.util.find_spec("transformer_engine") is None:
+                raise ValueError(f"model.fp8={fp8!r} needs Transformer Engine: "
+                                 "pip install -e '.[te]'")
+        if gpu:
+            return
+        if p.context_parallel_size > 1:
+            raise ValueError(f"parallel.context_parallel_size={p.context_parallel_size} needs "
+                             "Transformer Engine's context-parallel attention, which needs a "
+                             "GPU")
+        if p.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or "
+                             "Apex norms (megatron-core's torch norm refuses it), so a GPU")
+        if self.optimizer.megatron.get("use_distributed_optimizer"):
+            raise ValueError("optimizer.use_distributed_optimizer=true needs a GPU; on CPU "
+                             "megatron-core's plain optimizer is used")
+        if self.train.dtype != "float32":
+            raise ValueError(f"train.dtype={self.train.dtype!r}: CPU runs use float32")
+
     def check_world(self, world_size: int, *, gpu: bool) -> int:
-        """Checks the layout against the world; returns the data-parallel size."""
+        """Checks the layout against the world and the machine; returns the DP size."""
+        dp = self.check_layout(world_size)
+        self.check_machine(gpu=gpu)
+        return dp
+
+    def check_layout(self, world_size: int) -> int:
+        """Checks the parallel layout and batch sizes against the world; returns the DP size."""
         p, t = self.parallel, self.train
         tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                       p.context_parallel_size)
@@ -412,18 +459,6 @@ class RunConfig:
             raise ValueError(f"train.global_batch_size({t.global_batch_size}) is not divisible "
                              f"by train.micro_batch_size({t.micro_batch_size}) * "
                              f"data-parallel size({dp}) = {t.micro_batch_size * dp}")
-        if not gpu:
-            if cp > 1:
-                raise ValueError(f"parallel.context_parallel_size={cp} needs Transformer "
-                                 "Engine's context-parallel attention, which needs a GPU")
-            if p.sequence_parallel:
-                raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or "
-                                 "Apex norms (megatron-core's torch norm refuses it), so a GPU")
-            if self.optimizer.megatron.get("use_distributed_optimizer"):
-                raise ValueError("optimizer.use_distributed_optimizer=true needs a GPU; on CPU "
-                                 "megatron-core's plain optimizer is used")
-            if self.train.dtype != "float32":
-                raise ValueError(f"train.dtype={self.train.dtype!r}: CPU runs use float32")
         return dp
 
     def resolve(self, path) -> Optional[Path]:

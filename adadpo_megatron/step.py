@@ -71,9 +71,25 @@ def _sequence_sums(output_tensor, batch: Batch, tp_group, cp_group):
     return sequence_logprobs(token_logps, batch["loss_mask"], cp_group=cp_group)
 
 
+def pairs_first_to_chosen_first(batch: Batch) -> Batch:
+    """A pair-major batch (tokens [m, 2, S], ref_logps [m, 2], as a loader that stacks
+    PairDataset items makes it) in the chosen-first layout ([2m, S], [2m]); a chosen-first
+    batch is returned as it is."""
+    if batch["tokens"].dim() == 2:
+        return batch
+    out = dict(batch)
+    for key in ("tokens", "labels", "loss_mask", "position_ids", "ref_logps"):
+        if key in batch:
+            value = batch[key]
+            out[key] = value.transpose(0, 1).reshape(-1, *value.shape[2:])
+    return out
+
+
 def _next_batch(data_iterator) -> Optional[Batch]:
     # Megatron-LM passes None on pipeline stages that read no data.
-    return next(data_iterator) if data_iterator is not None else None
+    if data_iterator is None:
+        return None
+    return pairs_first_to_chosen_first(next(data_iterator))
 
 
 def _to_device(batch: Optional[Batch], device: torch.device) -> Optional[Batch]:

@@ -73,3 +73,35 @@ def test_unknown_key_is_named():
     with pytest.raises(ValueError, match=r"unknown key loss\.betta; known keys of loss: "
                                          r"adaptive, beta"):
         from_mapping(LossConfig, {"betta": 0.1}, "loss")
+
+
+@pytest.mark.parametrize("name,world", [("tiny_cpu.yaml", 1), ("demo_sft.yaml", 2),
+                                        ("demo_adadpo.yaml", 2), ("llama3_8b_paper.yaml", 8),
+                                        ("llama3_70b_h100_fp8.yaml", 64)])
+def test_shipped_recipes_are_consistent(name, world):
+    """Every recipe parses and its layout fits the world it is written for."""
+    import pathlib
+
+    from adadpo_megatron.run_config import load_run_config
+
+    config = load_run_config(str(pathlib.Path(__file__).parents[1] / "configs" / name))
+    dp = config.check_layout(world)
+    assert config.train.global_batch_size % (config.train.micro_batch_size * dp) == 0
+    if name.startswith("llama3_70b"):
+        assert (dp, config.parallel.virtual_pipeline_model_parallel_size) == (2, 5)
+        with pytest.raises(ValueError, match="model.fp8='hybrid' needs a GPU"):
+            config.check_machine(gpu=False)
+
+
+def test_fp8_needs_bf16_and_aligned_sequences():
+    import pathlib
+
+    from adadpo_megatron.run_config import load_run_config
+
+    path = str(pathlib.Path(__file__).parents[1] / "configs" / "llama3_70b_h100_fp8.yaml")
+    with pytest.raises(ValueError, match="model.fp8='hybrid' needs train.dtype=bfloat16"):
+        load_run_config(path, ["train.dtype=float32"])
+    with pytest.raises(ValueError, match=r"data.seq_length\(2050\) must be a multiple of 16"):
+        load_run_config(path, ["data.seq_length=2050"])
+    with pytest.raises(ValueError, match=r"multiple of 32 for model.fp8_recipe='mxfp8'"):
+        load_run_config(path, ["data.seq_length=2064", "model.fp8_recipe=mxfp8"])

@@ -230,3 +230,22 @@ def test_training_step_on_conversational_data_with_a_hf_tokenizer(tmp_path, hf_t
     history = torch.load(out, weights_only=False)
     assert history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
     assert history[1]["loss"] != history[0]["loss"]
+
+
+def test_pair_dataset_items_collate_to_the_chosen_first_layout(tmp_path):
+    """What Megatron-LM's loader makes of PairDataset items equals collate()'s batch."""
+    from torch.utils.data import default_collate
+
+    from adadpo_megatron.data import PairDataset, collate
+    from adadpo_megatron.step import pairs_first_to_chosen_first
+
+    data, _ = load_preference_data(write_jsonl(tmp_path / "p.jsonl", ROWS), ByteTokenizer(),
+                                   SETTINGS, cache=False)
+    ref = -torch.rand(len(data), 2)
+    indices = torch.tensor([2, 0])
+    stacked = default_collate([PairDataset(data, ref)[i] for i in indices.tolist()])
+    got = pairs_first_to_chosen_first(stacked)
+    want = collate(data, indices)
+    for key in ("tokens", "labels", "loss_mask", "position_ids", "example_ids"):
+        assert torch.equal(got[key], want[key]), key
+    assert torch.equal(got["ref_logps"], torch.cat([ref[indices, 0], ref[indices, 1]]))
