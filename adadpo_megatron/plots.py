@@ -42,6 +42,14 @@ def read_metrics(path: Path) -> List[Dict[str, float]]:
     return rows
 
 
+def read_metrics_or_exit(parser: argparse.ArgumentParser, run: Path) -> List[Dict[str, float]]:
+    """read_metrics for a command: a missing or broken file exits 2 with the reason."""
+    try:
+        return read_metrics(run)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
 def plot(rows: List[Dict[str, float]], out_dir: Path) -> List[Path]:
     import matplotlib
 
@@ -78,10 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", help="where the PNGs go (default: RUN/plots)")
     args = parser.parse_args(argv)
     run = Path(args.run)
-    try:
-        rows = read_metrics(run)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"adadpo-plot: error: {err}\n")
+    rows = read_metrics_or_exit(parser, run)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "plots"
     for path in plot(rows, out):
         print(path)

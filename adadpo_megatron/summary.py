@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from adadpo_megatron.plots import read_metrics
+from adadpo_megatron.plots import read_metrics_or_exit
 
 ROWS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
         "logps_mean/chosen", "logps_mean/rejected", "adadpo/coef_mean", "adadpo/clip_fraction")
@@ -45,10 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--min-eval-accuracy", type=float, default=None)
     args = parser.parse_args(argv)
     run = Path(args.run)
-    try:
-        rows = read_metrics(run)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"adadpo-summary: error: {err}\n")
+    rows = read_metrics_or_exit(parser, run)
     table = summary_table(rows)
     print(table)
     (run if run.is_dir() else run.parent).joinpath("summary.md").write_text(table)

@@ -157,10 +157,7 @@ class Trainer:
 
             model_parallel_cuda_manual_seed(c.train.seed)
         self.tokenizer = build_tokenizer(c.tokenizer_spec())
-        self.dataset, self.data_report = load_preference_data(
-            c.data_source(), self.tokenizer, c.data.settings(), cache=c.data.cache)
-        if dist.get_rank() == dist.get_world_size() - 1:
-            print(f"data: {c.data_source()}: {self.data_report}", flush=True)
+        self.dataset, self.data_report = self._load_data()
         self.train_set, self.eval_set = split_held_out(self.dataset, c.data.eval_fraction,
                                                        c.train.seed)
         if self.eval_set is not None and len(self.eval_set) < self.dp_size:
@@ -176,6 +173,30 @@ class Trainer:
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         self.metrics_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
+
+    def _load_data(self):
+        """Rank 0 reads and tokenises (writing the cache) first; the others then read the
+        cache. A bad row raises the same error on every rank instead of a hang."""
+        c = self.config
+
+        def load():
+            return load_preference_data(c.data_source(), self.tokenizer, c.data.settings(),
+                                        cache=c.data.cache)
+
+        error = [None]
+        if dist.get_rank() == 0:
+            try:
+                result = load()
+            except (ValueError, FileNotFoundError) as err:
+                error = [err]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0]
+        if dist.get_rank() != 0:
+            result = load()
+        if dist.get_rank() == dist.get_world_size() - 1:
+            print(f"data: {c.data_source()}: {result[1]}", flush=True)
+        return result
 
     def _build(self, frozen: bool) -> List[torch.nn.Module]:
         """This rank's model chunks: DDP-wrapped for the policy, frozen for a reference."""

@@ -249,3 +249,24 @@ def test_pair_dataset_items_collate_to_the_chosen_first_layout(tmp_path):
     for key in ("tokens", "labels", "loss_mask", "position_ids", "example_ids"):
         assert torch.equal(got[key], want[key]), key
     assert torch.equal(got["ref_logps"], torch.cat([ref[indices, 0], ref[indices, 1]]))
+
+
+def _bad_data_worker(rank, world, data):
+    from training_utils import tiny_config
+
+    from adadpo_megatron.trainer import Trainer
+
+    trainer = Trainer(tiny_config({"data.path": data}))
+    try:
+        with pytest.raises(ValueError, match=r"bad.jsonl: row 1: field 'rejected' is missing"):
+            trainer.setup()
+    finally:
+        trainer.close()
+
+
+def test_a_bad_row_stops_every_rank_with_the_same_error(tmp_path):
+    """Rank 0 reads first; the others get its error instead of waiting for it."""
+    from dist_utils import run_distributed
+
+    path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "p", "chosen": "a"}])
+    run_distributed(_bad_data_worker, 2, path, timeout=120)
