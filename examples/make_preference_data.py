@@ -10,6 +10,7 @@ One JSON object per line with string fields prompt, chosen and rejected.
 
 import argparse
 import json
+from pathlib import Path
 import random
 import string
 
@@ -49,7 +50,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="examples/data/reverse_pairs.jsonl")
     args = parser.parse_args()
-    with open(args.out, "w") as f:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
         for row in make_pairs(args.pairs, args.seed):
             f.write(json.dumps(row) + "\n")
 
