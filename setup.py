@@ -29,9 +29,10 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.14",
         "matplotlib>=3.7",
+        "psutil>=5",  # megatron-core's distributed checkpoint writer imports it lazily
     ],
     extras_require={
-        "test": ["pytest>=8", "psutil>=5"],
+        "test": ["pytest>=8"],
         # GPU machines only. NVIDIA Apex is used where already installed (NGC containers);
         # the PyPI package named "apex" is unrelated and must never be added here.
         "te": ["transformer-engine[pytorch]>=2.6"],

@@ -10,10 +10,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=examples/python312.sh
 . examples/python312.sh
 
-if [ ! -x .venv/bin/adadpo-train ]; then
-  "$PYTHON" -m venv .venv
-  .venv/bin/pip install -e .
-fi
+[ -x .venv/bin/pip ] || "$PYTHON" -m venv .venv
+.venv/bin/pip install -q -e .   # quick when already installed; picks up new dependencies
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore

@@ -10,9 +10,9 @@ One JSON object per line with string fields prompt, chosen and rejected.
 
 import argparse
 import json
-from pathlib import Path
 import random
 import string
+from pathlib import Path
 
 
 def near_miss(rng: random.Random, word: str, answer: str) -> str:
