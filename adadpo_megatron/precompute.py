@@ -47,8 +47,10 @@ def precompute_reference(config: RunConfig) -> str:
     # Every example was computed on exactly one data-parallel rank of the last stage.
     if trainer.is_last_stage:
         group = parallel_state.get_data_parallel_group()
-        dist.all_reduce(logps, group=group)
-        dist.all_reduce(counts, group=group)
+        device = torch.device("cuda", torch.cuda.current_device()) if trainer.gpu else "cpu"
+        both = torch.stack([logps, counts]).to(device)
+        dist.all_reduce(both, group=group)
+        logps, counts = both.cpu()
     path = default_cache_path(config)
     if trainer.is_logging_rank:
         fingerprint = reference_fingerprint(config, trainer.tokenizer, dataset)

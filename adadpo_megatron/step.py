@@ -117,14 +117,17 @@ class _ForwardStep:
     def nonfinite_micro_batches(self) -> List[tuple]:
         """[(micro-batch index, example ids)] of this step whose loss was not finite.
 
-        The checks are recorded as tensors in the loss function and read here, after the
-        schedule, so that the hot path never waits for the device.
+        The checks are recorded as device tensors in the loss function and read here, after
+        the schedule, with one transfer: the hot path never waits for the device.
         """
-        return [(i, ids) for i, (ok, ids) in enumerate(self.finite_checks) if not bool(ok)]
+        if not self.finite_checks:
+            return []
+        finite = torch.stack([ok for ok, _ in self.finite_checks]).cpu()
+        return [(i, ids.tolist() if ids is not None else [])
+                for i, (_, ids) in enumerate(self.finite_checks) if not finite[i]]
 
     def _record_finite(self, losses: torch.Tensor, batch: Batch) -> None:
-        ids = batch["example_ids"].tolist() if "example_ids" in batch else []
-        self.finite_checks.append((torch.isfinite(losses).all(), ids))
+        self.finite_checks.append((torch.isfinite(losses).all(), batch.get("example_ids")))
 
     def __call__(self, data_iterator, model):
         tp_group, cp_group = _groups(self.tp_group, self.cp_group)
@@ -215,9 +218,7 @@ def _report(metrics: Dict[str, torch.Tensor], pairs: int) -> Dict[str, torch.Ten
     report = {}
     for name, value in metrics.items():
         value = value.detach().float()
-        if name in MAX_REDUCED:
-            report[name] = torch.stack([value, torch.ones_like(value)])
-        elif name in COUNTS:
+        if name in MAX_REDUCED or name in COUNTS:  # reduced by max, or summed as they are
             report[name] = torch.stack([value, torch.ones_like(value)])
         else:
             report[name] = torch.stack([value * pairs, torch.full_like(value, pairs)])

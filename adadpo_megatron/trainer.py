@@ -363,10 +363,12 @@ class Trainer:
         """Raises NonFiniteError on every rank, before any weight changes, if a loss or a
         gradient of this step is not finite, naming the step and the micro-batches."""
         bad_losses = self.forward_step.nonfinite_micro_batches()
-        bad_grads = any(not bool(torch.isfinite(buffer.grad_data).all())
-                        for chunk in self.model for buffer in chunk.buffers)
-        flags = torch.tensor([float(bool(bad_losses)), float(bad_grads)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        finite_grads = [torch.isfinite(buffer.grad_data).all()
+                        for chunk in self.model for buffer in chunk.buffers]
+        device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else None
+        flags = torch.stack([torch.tensor(bool(bad_losses), device=device),
+                             ~torch.stack(finite_grads).all().to(device)]).float()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # one collective, on the device NCCL needs
         if not flags.any():
             return
         details = [None] * dist.get_world_size()
