@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,10 +371,19 @@ def load_preference_data(source: str, tokenizer, settings: DataSettings, *,
     dataset = PreferenceDataset(torch.stack(tokens), torch.stack(labels), torch.tensor(ids),
                                 source, content_hash)
     if cache:
+        _write_cache(cache_file, dataset, report)
+    return dataset, report
+
+
+def _write_cache(cache_file: Path, dataset: PreferenceDataset, report: DataReport) -> None:
+    """Atomically; a folder that cannot be written (read-only data) only costs the cache."""
+    tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}")
+    try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}")
         torch.save({"tokens": dataset.tokens, "labels": dataset.labels,
                     "example_ids": dataset.example_ids, "report": report}, tmp)
         os.replace(tmp, cache_file)
-    return dataset, report
+    except OSError as err:
+        warnings.warn(f"could not write the tokenised-data cache {cache_file}: {err}; set "
+                      "data.cache=false to silence this", stacklevel=3)
 

@@ -270,3 +270,13 @@ def test_a_bad_row_stops_every_rank_with_the_same_error(tmp_path):
 
     path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "p", "chosen": "a"}])
     run_distributed(_bad_data_worker, 2, path, timeout=120)
+
+
+def test_an_unwritable_cache_folder_only_costs_the_cache(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder would go")
+    with pytest.warns(UserWarning, match="could not write the tokenised-data cache"):
+        data, report = load_preference_data(path, ByteTokenizer(), SETTINGS,
+                                            cache_dir=blocker / "cache")
+    assert report.pairs == 3 and not report.from_cache
