@@ -109,8 +109,19 @@ def _forward(logits2d: Tensor, labels: Tensor, tp_group: Optional[ProcessGroup],
     del buffer
 
     target_logit = logits2d.gather(1, local_target.unsqueeze(1)).squeeze(1).float()
+    return combine_over_tp(local_lse, target_logit, owned, ignored, tp_group)
+
+
+def combine_over_tp(local_lse: Tensor, target_logit: Tensor, owned: Tensor, ignored: Tensor,
+                    tp_group: Optional[ProcessGroup]) -> Tuple[Tensor, Tensor]:
+    """Per-token log-probs from each rank's vocab-shard log-sum-exp and target logit.
+
+    One MAX all-reduce of the per-token maxima, one SUM all-reduce of the stacked rescaled
+    sum-exps and target logits (read where owned, 0 elsewhere).
+    Returns (log-probs [N] fp32, 0 where ignored; global log-sum-exp [N] fp32).
+    """
     target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
-    if tp_size > 1:
+    if _size(tp_group) > 1:
         global_max = local_lse.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
         # A shard whose logits are all -inf contributes exp(-inf) = 0 here, not NaN.

@@ -46,7 +46,7 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
 # Keys of the model section that are GPTModel arguments or ours, not TransformerConfig fields.
 MODEL_EXTRA_KEYS = ("preset", "position_embedding_type", "rotary_base",
                     "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-                    "activation", "load")
+                    "activation", "load", "fused_logprobs")
 ACTIVATIONS = ("gelu", "swiglu", "relu")
 
 
@@ -66,6 +66,8 @@ class ModelConfig:
         load: a megatron-core distributed checkpoint (torch_dist; this project's or
             Megatron-LM's, any TP/PP layout) to start the policy from; None starts from
             initialisation.
+        fused_logprobs: compute log-probs from the last hidden states inside GPTModel's
+            output_processor hook, never materialising the logits.
     """
 
     preset: Optional[str] = None
@@ -76,6 +78,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     activation: str = "gelu"
     load: Optional[str] = None
+    fused_logprobs: bool = False
 
     @classmethod
     def from_section(cls, section: Optional[Dict[str, Any]]) -> ModelConfig:

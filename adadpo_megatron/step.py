@@ -66,8 +66,23 @@ def _model_forward(model, batch: Optional[Batch]):
     return model(tokens, positions, None)
 
 
-def _sequence_sums(output_tensor, batch: Batch, tp_group, cp_group):
-    token_logps = vocab_parallel_logprobs(output_tensor, batch["labels"], tp_group=tp_group)
+def _fused_model_forward(model, batch: Optional[Batch]):
+    """The forward with the fused log-prob path: per-token log-probs [2m, s] on the last
+    stage, the logits never materialised (adadpo_megatron.fused_logprobs)."""
+    from adadpo_megatron.fused_logprobs import LogProbOutputProcessor
+
+    tokens = batch["tokens"] if batch is not None else None
+    positions = batch["position_ids"] if batch is not None else None
+    return model(tokens, positions, None, output_processor=LogProbOutputProcessor(),
+                 output_processor_context=batch["labels"] if batch is not None else None)
+
+
+def _sequence_sums(output_tensor, batch: Batch, tp_group, cp_group, fused: bool = False):
+    """Per-sequence sums from the last stage's output: logits, or log-probs when fused."""
+    if fused:
+        token_logps = output_tensor
+    else:
+        token_logps = vocab_parallel_logprobs(output_tensor, batch["labels"], tp_group=tp_group)
     return sequence_logprobs(token_logps, batch["loss_mask"], cp_group=cp_group)
 
 
@@ -105,8 +120,11 @@ class _ForwardStep:
     """What the policy's and the reference's forward steps share: one code path."""
 
     def __init__(self, *, tp_group=None, cp_group=None,
-                 model_forward: ModelForward = _model_forward):
+                 model_forward: Optional[ModelForward] = None, fused: bool = False):
         self.tp_group, self.cp_group = tp_group, cp_group
+        self.fused = fused
+        if model_forward is None:
+            model_forward = _fused_model_forward if fused else _model_forward
         self.model_forward = model_forward
         self.finite_checks: List[tuple] = []
 
@@ -147,17 +165,21 @@ class PreferenceForwardStep(_ForwardStep):
         model_forward: ``(model, batch) -> output``; the default calls
             ``model(tokens, position_ids, None)`` as GPTModel takes it. Any model whose last
             stage returns vocab-parallel logits [2m, s, V/TP] works.
+        fused: compute the log-probs inside GPTModel's output_processor hook, from the
+            hidden states, without materialising the logits (the last stage's output is then
+            log-probs [2m, s]).
     The batch's ``ref_logps`` [2m] (precomputed or filled in by the resident reference) is
     required by losses that need a reference.
     """
 
     def __init__(self, loss_config: LossConfig, *, tp_group=None, cp_group=None,
-                 model_forward: ModelForward = _model_forward):
-        super().__init__(tp_group=tp_group, cp_group=cp_group, model_forward=model_forward)
+                 model_forward: Optional[ModelForward] = None, fused: bool = False):
+        super().__init__(tp_group=tp_group, cp_group=cp_group, model_forward=model_forward,
+                         fused=fused)
         self.loss_config = loss_config
 
     def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
-        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group)
+        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused)
         pairs = sums.shape[0] // 2
         reference = ()
         if self.loss_config.needs_reference:
@@ -182,7 +204,7 @@ class SFTForwardStep(_ForwardStep):
     """
 
     def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
-        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group)
+        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused)
         nll = -sums.sum()
         self._record_finite(nll, batch)
         tokens = counts.sum()
@@ -201,10 +223,9 @@ class ReferenceForwardStep(_ForwardStep):
     [2m], the per-sequence sums, and ``ref_counts``.
     """
 
-    @staticmethod
-    def loss_func(batch, tp_group, cp_group, output_tensor):
+    def loss_func(self, batch, tp_group, cp_group, output_tensor):
         with torch.no_grad():
-            sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group)
+            sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused)
         zero = output_tensor.new_zeros(())
         count = torch.tensor(sums.shape[0] // 2, dtype=torch.int, device=sums.device)
         return zero, count, {"ref_logps": sums, "ref_counts": counts}

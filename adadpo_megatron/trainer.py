@@ -28,6 +28,7 @@ from adadpo_megatron.checkpoint import (
 )
 from adadpo_megatron.data import held_out_micro_batches, split_held_out, step_micro_batches
 from adadpo_megatron.dataset import load_preference_data
+from adadpo_megatron.fused_logprobs import require_output_processor_hook
 from adadpo_megatron.model import (
     build_model_chunks,
     canonical_init_,
@@ -111,7 +112,9 @@ class Trainer:
         if not self.gpu:
             cpu_compat.enable()  # covers modules imported while building
         self.sft = c.train.stage == "sft"
-        self.forward_step = SFTForwardStep() if self.sft else PreferenceForwardStep(c.loss)
+        fused = c.model.fused_logprobs
+        self.forward_step = (SFTForwardStep(fused=fused) if self.sft
+                             else PreferenceForwardStep(c.loss, fused=fused))
         self.start_step = 0
         resume = self._resume_path()
         if resume is not None:
@@ -168,7 +171,9 @@ class Trainer:
                                             p.tensor_model_parallel_size)
         self.dtype = getattr(torch, c.train.dtype)
         self.forward_backward = get_forward_backward_func()
-        self.reference_step = ReferenceForwardStep()
+        if c.model.fused_logprobs:
+            require_output_processor_hook()
+        self.reference_step = ReferenceForwardStep(fused=c.model.fused_logprobs)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         self.metrics_group = parallel_state.get_data_parallel_group(with_context_parallel=True)

@@ -20,6 +20,9 @@ LAYOUTS = {
     "dp2": {},
     "pp2_vpp2": {"parallel.pipeline_model_parallel_size": 2,
                  "parallel.virtual_pipeline_model_parallel_size": 2},
+    # the fused hidden-to-log-prob path, against the unfused single-process run
+    "tp2_fused": {"parallel.tensor_model_parallel_size": 2, "model.fused_logprobs": True},
+    "pp2_fused": {"parallel.pipeline_model_parallel_size": 2, "model.fused_logprobs": True},
 }
 
 
