@@ -1,0 +1,152 @@
+"""Benchmark: the whole training step, AdaDPO against DPO, fused against unfused log-probs.
+
+    python benchmarks/bench_step.py                    # tiny CPU recipe, vocab padded to 384
+    python benchmarks/bench_step.py --vocab 32768      # a large vocabulary (fused matters)
+
+Each variant runs in a fresh single process through adadpo_megatron's real trainer
+(megatron-core schedule, DDP, optimizer): 2 warm-up steps, then --steps timed steps. Extra
+peak memory is the peak resident set size during the timed steps minus the size before them
+(CPU; on a GPU the CUDA allocator's peak). Variants:
+    dpo            loss.adaptive=false
+    adadpo         loss.adaptive=true (the coefficient and its metrics)
+    adadpo_fused   adadpo with model.fused_logprobs=true
+It also times preference_loss alone with the coefficient on and off, to show what the
+coefficient costs per step. Prints one table and the ratios measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "dpo": ["loss.adaptive=false"],
+    "adadpo": ["loss.adaptive=true"],
+    "adadpo_fused": ["loss.adaptive=true", "model.fused_logprobs=true"],
+}
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def child(args) -> dict:
+    import torch
+
+    from adadpo_megatron.run_config import load_run_config
+    from adadpo_megatron.trainer import Trainer
+
+    overrides = [f"train.output_dir={args.tmp}", "train.resume=never", "train.progress=false",
+                 "train.tensorboard=false", f"train.max_steps={args.steps + 2}",
+                 f"model.make_vocab_size_divisible_by={args.vocab}", *VARIANTS[args.variant]]
+    trainer = Trainer(load_run_config(str(REPO / args.config), overrides)).setup()
+    for step in range(2):
+        trainer.train_step(step)
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss("VmRSS")
+    times = []
+    for step in range(2, 2 + args.steps):
+        start = time.perf_counter()
+        trainer.train_step(step)
+        if gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if gpu else _rss("VmHWM")) - base
+    trainer.close()
+    return {"variant": args.variant, "step_ms": 1e3 * statistics.median(times),
+            "extra_peak_mib": peak / 2**20, "vocab": trainer.vocab_size}
+
+
+def coefficient_cost(pairs: int, repeats: int = 200) -> dict:
+    """preference_loss forward + backward on [pairs], with the coefficient on and off."""
+    import torch
+
+    from adadpo_megatron.config import LossConfig
+    from adadpo_megatron.loss import preference_loss
+
+    g = torch.Generator().manual_seed(0)
+    n = torch.randint(5, 30, (pairs,), generator=g).float()
+    sums = [-(torch.rand(pairs, generator=g) + 0.5) * n for _ in range(4)]
+    out = {}
+    for adaptive in (False, True):
+        config = LossConfig(adaptive=adaptive)
+        times = []
+        for _ in range(repeats):
+            pc, pr = sums[0].clone().requires_grad_(), sums[1].clone().requires_grad_()
+            start = time.perf_counter()
+            losses, _ = preference_loss(pc, pr, n, n, sums[2], sums[3], config=config)
+            losses.sum().backward()
+            times.append(time.perf_counter() - start)
+        out["adadpo" if adaptive else "dpo"] = 1e3 * statistics.median(times)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/tiny_cpu.yaml")
+    parser.add_argument("--vocab", type=int, default=128,
+                        help="pad the vocabulary to a multiple of this (model.make_vocab_size_"
+                             "divisible_by); 32768 gives a 32768-entry vocabulary")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(child(args)))
+        return
+
+    import tempfile
+
+    rows = []
+    for variant in VARIANTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, __file__, "--variant", variant, "--tmp", tmp, "--config",
+                   args.config, "--vocab", str(args.vocab), "--steps", str(args.steps)]
+            result = subprocess.run(cmd, capture_output=True, text=True,
+                                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if result.returncode:
+                sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    from adadpo_megatron.run_config import load_run_config
+
+    config = load_run_config(str(REPO / args.config))
+    pairs = config.train.micro_batch_size  # one loss call per micro-batch (single process)
+    calls = config.train.global_batch_size // pairs
+    loss_ms = coefficient_cost(pairs)
+
+    print(f"{args.config}, padded vocabulary {rows[0]['vocab']}, median of {args.steps} steps")
+    print(f"{'variant':<14}{'step ms':>10}{'extra MiB':>11}")
+    for r in rows:
+        print(f"{r['variant']:<14}{r['step_ms']:>10.1f}{r['extra_peak_mib']:>11.0f}")
+    by = {r["variant"]: r for r in rows}
+    print(f"adadpo / dpo step time: {by['adadpo']['step_ms'] / by['dpo']['step_ms']:.3f}x")
+    coefficient = calls * (loss_ms["adadpo"] - loss_ms["dpo"])
+    print(f"preference_loss fwd+bwd on a micro-batch of {pairs} pairs: dpo "
+          f"{loss_ms['dpo']:.3f} ms, adadpo {loss_ms['adadpo']:.3f} ms; over the {calls} "
+          f"micro-batches of a step the coefficient costs {coefficient:.3f} ms, "
+          f"{100 * coefficient / by['adadpo']['step_ms']:.2f}% of the step")
+    fused, unfused = by["adadpo_fused"], by["adadpo"]
+    print(f"fused / unfused: step time {fused['step_ms'] / unfused['step_ms']:.3f}x, extra "
+          f"peak memory {fused['extra_peak_mib'] / max(unfused['extra_peak_mib'], 1e-9):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
