@@ -108,6 +108,9 @@ class Trainer:
             self.reference_model = self._build(frozen=True)
             if reference_weights_path(c):
                 load_model_weights(self.reference_model, reference_weights_path(c))
+            else:  # the policy's initial weights, whatever the device's initialisation order
+                for reference, policy in zip(self.reference_model, self.model, strict=True):
+                    reference.load_state_dict(policy.module.state_dict())
         self._build_optimizer()
         if not self.gpu:
             cpu_compat.enable()  # covers modules imported while building
