@@ -1,0 +1,153 @@
+"""The single-GPU check: one H100 or H200, under 8 minutes, one summary table.
+
+    python examples/gpu_check.py [--skip-fp8] [--out gpu_check.json]
+
+1. Per-token log-probs at vocabulary 128256, sequence 4096, 2 sequences, bf16 logits, forward
+   and backward: this project's op, megatron-core's vocab_parallel_cross_entropy and, where
+   installed, Transformer Engine's parallel cross-entropy; time and extra peak memory.
+2. One AdaDPO training step of a 2-layer model with Llama-3-70B widths (hidden 8192, 64 heads,
+   8 KV groups, FFN 28672, vocabulary 128256) through adadpo_megatron's trainer, in bf16 and
+   again in FP8 (Transformer Engine, hybrid/delayed): step-0 loss (ln 2: the reference is the
+   initial policy), finite loss after the step, step time and peak memory. SGD keeps the
+   optimizer state small enough for one GPU next to the resident reference.
+Not run by the test suite (it needs a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _timed(fn, repeats=5):
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def logprob_providers():
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from adadpo_megatron.logprobs import vocab_parallel_logprobs
+
+    providers = {
+        "adadpo": lambda logits, labels: vocab_parallel_logprobs(logits, labels,
+                                                                 tp_group=dist.group.WORLD),
+        "megatron": lambda logits, labels: -vocab_parallel_cross_entropy(
+            logits, labels, tp_group=dist.group.WORLD),
+    }
+    try:
+        from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy
+
+        providers["transformer_engine"] = lambda logits, labels: -parallel_cross_entropy(
+            logits, labels, 0.0, False, dist.group.WORLD)
+    except ImportError:
+        pass
+    return providers
+
+
+def check_logprobs(rows):
+    vocab, seq, batch = 128256, 4096, 2
+    labels = torch.randint(0, vocab, (batch, seq), device="cuda")
+    grad = torch.randn(batch, seq, device="cuda")
+    for name, fn in logprob_providers().items():
+        logits = (2 * torch.randn(batch, seq, vocab, device="cuda")).to(torch.bfloat16)
+        logits.requires_grad_()
+
+        def step():
+            logits.grad = None
+            fn(logits, labels).backward(grad)
+
+        try:
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+            rows.append({"check": f"log-probs {name}", "ms": _timed(step), "peak_mib": extra,
+                         "result": "ok"})
+        except (RuntimeError, TypeError, ValueError) as err:  # one provider, not the check
+            rows.append({"check": f"log-probs {name}", "ms": float("nan"),
+                         "peak_mib": float("nan"), "result": f"failed: {err}"[:120]})
+        del logits
+        torch.cuda.empty_cache()
+
+
+def check_step(rows, fp8: bool):
+    from adadpo_megatron.run_config import load_run_config
+    from adadpo_megatron.trainer import Trainer
+
+    overrides = [
+        "model.preset=llama3-70b", "model.num_layers=2", "model.load=null",
+        "model.make_vocab_size_divisible_by=128256",  # the byte tokenizer padded to 128256
+        "data.seq_length=4096", "data.max_prompt_length=64", "train.dtype=bfloat16",
+        "train.global_batch_size=1", "train.micro_batch_size=1", "train.max_steps=2",
+        "train.progress=false", "train.tensorboard=false", "train.resume=never",
+        f"train.output_dir={tempfile.mkdtemp()}", "optimizer.optimizer=sgd",
+        "optimizer.lr=1e-5", "optimizer.use_distributed_optimizer=false",
+    ]
+    if fp8:
+        overrides += ["model.fp8=hybrid", "model.fp8_recipe=delayed"]
+    trainer = Trainer(load_run_config(str(REPO / "configs/tiny_cpu.yaml"), overrides)).setup()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    first = trainer.train_step(0)
+    torch.cuda.synchronize()
+    elapsed = 1e3 * (time.perf_counter() - start)
+    second = trainer.train_step(1)
+    ok = abs(first["loss"] - math.log(2)) < 1e-3 and math.isfinite(second["loss"])
+    rows.append({"check": f"70B-width 2-layer step, {'fp8' if fp8 else 'bf16'}",
+                 "ms": elapsed, "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+                 "result": f"step-0 loss {first['loss']:.6f} (ln 2 = {math.log(2):.6f}), "
+                           f"step-1 loss {second['loss']:.6f}: {'ok' if ok else 'FAILED'}"})
+    trainer.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip-fp8", action="store_true")
+    parser.add_argument("--out", default="gpu_check.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py needs a GPU")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29541")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl")
+    rows = []
+    check_logprobs(rows)
+    check_step(rows, fp8=False)
+    if not args.skip_fp8:
+        try:
+            check_step(rows, fp8=True)
+        except (ValueError, ImportError, RuntimeError) as err:
+            rows.append({"check": "70B-width 2-layer step, fp8", "ms": float("nan"),
+                         "peak_mib": float("nan"), "result": f"not run: {err}"})
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{'check':<44}{'ms':>10}{'peak MiB':>11}  result")
+    for r in rows:
+        print(f"{r['check']:<44}{r['ms']:>10.1f}{r['peak_mib']:>11.0f}  {r['result']}")
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
