@@ -61,31 +61,34 @@ def logprob_providers():
     return providers
 
 
+def _measure_logprobs(name, fn, labels, grad, vocab):
+    logits = (2 * torch.randn(*labels.shape, vocab, device="cuda")).to(torch.bfloat16)
+    logits.requires_grad_()
+
+    def step():
+        logits.grad = None
+        fn(logits, labels).backward(grad)
+
+    try:
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return {"check": f"log-probs {name}", "ms": _timed(step), "peak_mib": extra,
+                "result": "ok"}
+    except (RuntimeError, TypeError, ValueError) as err:  # one provider, not the whole check
+        return {"check": f"log-probs {name}", "ms": float("nan"), "peak_mib": float("nan"),
+                "result": f"failed: {err}"[:120]}
+
+
 def check_logprobs(rows):
     vocab, seq, batch = 128256, 4096, 2
     labels = torch.randint(0, vocab, (batch, seq), device="cuda")
     grad = torch.randn(batch, seq, device="cuda")
     for name, fn in logprob_providers().items():
-        logits = (2 * torch.randn(batch, seq, vocab, device="cuda")).to(torch.bfloat16)
-        logits.requires_grad_()
-
-        def step():
-            logits.grad = None
-            fn(logits, labels).backward(grad)
-
-        try:
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-            rows.append({"check": f"log-probs {name}", "ms": _timed(step), "peak_mib": extra,
-                         "result": "ok"})
-        except (RuntimeError, TypeError, ValueError) as err:  # one provider, not the check
-            rows.append({"check": f"log-probs {name}", "ms": float("nan"),
-                         "peak_mib": float("nan"), "result": f"failed: {err}"[:120]})
-        del logits
+        rows.append(_measure_logprobs(name, fn, labels, grad, vocab))
         torch.cuda.empty_cache()
 
 
