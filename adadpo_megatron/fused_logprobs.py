@@ -23,6 +23,7 @@ from adadpo_megatron.logprobs import (
     _check_labels,
     _chunk_rows,
     _group_or_default,
+    _row_scales,
     _size,
     _targets,
     combine_over_tp,
@@ -35,9 +36,7 @@ class _FusedHiddenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, tp_group, ignore_index, chunk_size):
         num_rows, vocab_shard = hidden.shape[0], weight.shape[0]
-        tp_rank = 0 if tp_group is None else torch.distributed.get_rank(tp_group)
-        ignored, owned, local_target = _targets(labels, tp_rank * vocab_shard, vocab_shard,
-                                                ignore_index)
+        ignored, owned, local_target = _targets(labels, vocab_shard, tp_group, ignore_index)
         _check_labels(labels, ignored, vocab_shard * _size(tp_group), ignore_index)
         rows = _chunk_rows(num_rows, vocab_shard, chunk_size, hidden.device)
         local_lse = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
@@ -56,11 +55,9 @@ class _FusedHiddenLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logps):
         hidden, weight, labels, lse = ctx.saved_tensors
         num_rows, vocab_shard = hidden.shape[0], weight.shape[0]
-        tp_rank = 0 if ctx.tp_group is None else torch.distributed.get_rank(ctx.tp_group)
-        ignored, owned, local_target = _targets(labels, tp_rank * vocab_shard, vocab_shard,
+        ignored, owned, local_target = _targets(labels, vocab_shard, ctx.tp_group,
                                                 ctx.ignore_index)
-        g = torch.where(ignored, torch.zeros_like(grad_logps), grad_logps.float())
-        g_target = torch.where(owned, g, torch.zeros_like(g))
+        g, g_target = _row_scales(grad_logps, ignored, owned)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         rows = _chunk_rows(num_rows, vocab_shard, ctx.chunk_size, hidden.device)

@@ -66,13 +66,21 @@ def _chunk_rows(num_rows: int, vocab_shard: int, chunk_size: Optional[int],
     return max(1, min(int(chunk_size), max(num_rows, 1)))
 
 
-def _targets(labels: Tensor, vocab_start: int, vocab_shard: int, ignore_index: int
-             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(ignored [N] bool, owned [N] bool, local target index [N] long, 0 where not owned)."""
+def _targets(labels: Tensor, vocab_shard: int, tp_group: Optional[ProcessGroup],
+             ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(ignored [N] bool, owned [N] bool, local target index [N] long, 0 where not owned)
+    for this rank's contiguous vocab block."""
+    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
     ignored = labels == ignore_index
-    local = labels - vocab_start
+    local = labels - tp_rank * vocab_shard
     owned = (local >= 0) & (local < vocab_shard) & ~ignored
     return ignored, owned, torch.where(owned, local, torch.zeros_like(local))
+
+
+def _row_scales(grad_logps: Tensor, ignored: Tensor, owned: Tensor) -> Tuple[Tensor, Tensor]:
+    """(g [N], g at the owned target [N]): the incoming gradient, 0 on ignored tokens."""
+    g = torch.where(ignored, torch.zeros_like(grad_logps), grad_logps.float())
+    return g, torch.where(owned, g, torch.zeros_like(g))
 
 
 def _check_labels(labels: Tensor, ignored: Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -90,11 +98,8 @@ def _forward(logits2d: Tensor, labels: Tensor, tp_group: Optional[ProcessGroup],
              ignore_index: int, chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     """Returns (log-probs [N] fp32, 0 where ignored; global log-sum-exp [N] fp32)."""
     num_rows, vocab_shard = logits2d.shape
-    tp_size = _size(tp_group)
-    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    ignored, owned, local_target = _targets(labels, tp_rank * vocab_shard, vocab_shard,
-                                            ignore_index)
-    _check_labels(labels, ignored, vocab_shard * tp_size, ignore_index)
+    ignored, owned, local_target = _targets(labels, vocab_shard, tp_group, ignore_index)
+    _check_labels(labels, ignored, vocab_shard * _size(tp_group), ignore_index)
 
     rows = _chunk_rows(num_rows, vocab_shard, chunk_size, logits2d.device)
     buffer = torch.empty((rows, vocab_shard), dtype=torch.float32, device=logits2d.device)
@@ -140,11 +145,8 @@ def _backward(grad_logps: Tensor, logits2d: Tensor, labels: Tensor, lse: Tensor,
               chunk_size: Optional[int]) -> Tensor:
     """d logp / d logits = onehot(label) - softmax, scaled per row, recomputed per chunk."""
     num_rows, vocab_shard = logits2d.shape
-    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    ignored, owned, local_target = _targets(labels, tp_rank * vocab_shard, vocab_shard,
-                                            ignore_index)
-    g = torch.where(ignored, torch.zeros_like(grad_logps), grad_logps.float())
-    g_target = torch.where(owned, g, torch.zeros_like(g))
+    ignored, owned, local_target = _targets(labels, vocab_shard, tp_group, ignore_index)
+    g, g_target = _row_scales(grad_logps, ignored, owned)
 
     grad = torch.empty_like(logits2d)
     rows = _chunk_rows(num_rows, vocab_shard, chunk_size, logits2d.device)
