@@ -331,9 +331,6 @@ def load_preference_data(source: str, tokenizer, settings: DataSettings, *,
                                  source, content_hash), report
 
     fmt = settings.format
-    bos_id = getattr(tokenizer, "bos_id", None)
-    if bos_id is None and hasattr(tokenizer, "tok"):
-        bos_id = tokenizer.tok.bos_token_id
     tokens, labels, ids = [], [], []
     report = DataReport()
     for index, row in enumerate(ds):
@@ -345,7 +342,7 @@ def load_preference_data(source: str, tokenizer, settings: DataSettings, *,
                     settings.prompt_truncation == "drop":
                 report.dropped_long_prompt += 1
                 continue
-            prompt = _truncate_prompt(prompt, settings.max_prompt_length, bos_id)
+            prompt = _truncate_prompt(prompt, settings.max_prompt_length, tokenizer.bos_id)
             pair = [_sequence(prompt, r, tokenizer.eos_id, tokenizer.pad_id,
                               settings.seq_length) for r in (chosen, rejected)]
             if torch.equal(pair[0][1], pair[1][1]):

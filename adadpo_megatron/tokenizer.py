@@ -5,7 +5,7 @@ Both expose the small interface the data pipeline needs:
     encode_prompt(text) -> ids        with the tokenizer's leading special tokens (BOS)
     encode_response(text) -> ids      no special tokens; the pipeline appends eos_id
     render_chat(prompt_messages, response_message) -> (prompt_text, response_text)
-    vocab_size, pad_id, eos_id, fingerprint()
+    vocab_size, pad_id, eos_id, bos_id (or None), fingerprint()
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class HFTokenizer:
         if self.tok.eos_token_id is None:
             raise ValueError(f"tokenizer {path} has no eos token; responses must end in one")
         self.eos_id = self.tok.eos_token_id
+        self.bos_id = self.tok.bos_token_id  # None when the tokenizer has none
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
 
     def encode_prompt(self, text: str) -> List[int]:

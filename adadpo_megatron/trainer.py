@@ -296,9 +296,7 @@ class Trainer:
         """Fills ``ref_logps`` from the resident reference (precomputed ones are already in)."""
         if not self.reference_model:
             return
-        with torch.no_grad():
-            reports = self.run_schedule(self.reference_step, self.reference_model, batches,
-                                        forward_only=True)
+        reports = self._forward_only_by_size(self.reference_step, self.reference_model, batches)
         if self.is_last_stage:
             collect_reference(reports, batches)
 
@@ -324,11 +322,7 @@ class Trainer:
                                          chosen_only=self.sft)
         if self.reference_logps is not None:
             attach_precomputed(batches, self.reference_logps)
-        if self.reference_model:
-            ref_reports = self._forward_only_by_size(self.reference_step,
-                                                     self.reference_model, batches)
-            if self.is_last_stage:
-                collect_reference(ref_reports, batches)
+        self._attach_reference(batches)
         for chunk in self.model:
             chunk.eval()
         try:
