@@ -168,7 +168,10 @@ class DataConfig:
         skip_invalid: skip (and count) bad rows instead of stopping with an error.
         cache: keep the tokenised data next to the source, so a restart does not re-tokenise.
         eval_fraction: share of the pairs held out for evaluation, in [0, 0.5]; the split
-            is a seeded random one (train.seed).
+            is a seeded random one.
+        eval_seed: seeds the held-out split; None means train.seed. Fix it to vary
+            train.seed (the data order) while holding out the same pairs, e.g. over the
+            seeds of a sweep, or so that a warm-up stage never trains on them.
     """
 
     path: str = ""
@@ -181,6 +184,7 @@ class DataConfig:
     skip_invalid: bool = False
     cache: bool = True
     eval_fraction: float = 0.0
+    eval_seed: Optional[int] = None
 
     def __post_init__(self):
         from adadpo_megatron.dataset import FORMATS
@@ -194,6 +198,8 @@ class DataConfig:
         if self.max_prompt_length is None:
             self.max_prompt_length = self.seq_length // 2
         require_number("data.eval_fraction", self.eval_fraction, low=0.0, high=0.5)
+        if self.eval_seed is not None:
+            require_int("data.eval_seed", self.eval_seed, low=0)
         if not 1 <= self.max_prompt_length < self.seq_length:
             raise ValueError(f"data.max_prompt_length={self.max_prompt_length!r} must be in "
                              f"[1, data.seq_length={self.seq_length})")
@@ -473,6 +479,11 @@ class RunConfig:
         if not path.is_absolute() and self.source is not None:
             path = Path(self.source).parent / path
         return path
+
+    @property
+    def eval_seed(self) -> int:
+        """The seed of the held-out split: data.eval_seed, else train.seed."""
+        return self.train.seed if self.data.eval_seed is None else self.data.eval_seed
 
     def data_source(self) -> str:
         """data.path as a file or directory relative to the config file, else as a name."""

@@ -165,7 +165,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(c.tokenizer_spec())
         self.dataset, self.data_report = self._load_data()
         self.train_set, self.eval_set = split_held_out(self.dataset, c.data.eval_fraction,
-                                                       c.train.seed)
+                                                       c.eval_seed)
         if self.eval_set is not None and len(self.eval_set) < self.dp_size:
             raise ValueError(f"data.eval_fraction={c.data.eval_fraction} holds out "
                              f"{len(self.eval_set)} pairs, fewer than the data-parallel size "

@@ -105,3 +105,30 @@ def test_fp8_needs_bf16_and_aligned_sequences():
         load_run_config(path, ["data.seq_length=2050"])
     with pytest.raises(ValueError, match=r"multiple of 32 for model.fp8_recipe='mxfp8'"):
         load_run_config(path, ["data.seq_length=2064", "model.fp8_recipe=mxfp8"])
+
+
+def test_eval_seed_fixes_the_held_out_pairs_across_training_seeds():
+    """data.eval_seed decouples the held-out split from train.seed (the data order), so the
+    seeds of a sweep, and a warm-up stage, hold out the same pairs."""
+    import pathlib
+
+    from adadpo_megatron.data import split_held_out
+    from adadpo_megatron.dataset import load_preference_data
+    from adadpo_megatron.run_config import load_run_config
+    from adadpo_megatron.tokenizer import ByteTokenizer
+
+    path = str(pathlib.Path(__file__).parents[1] / "configs" / "demo_adadpo.yaml")
+    base = load_run_config(path, ["train.seed=1"])
+    assert base.eval_seed == 1  # unset: the split follows train.seed, as before
+    data, _ = load_preference_data(base.data_source(), ByteTokenizer(), base.data.settings(),
+                                   cache=False)
+
+    def held_out(*overrides):
+        config = load_run_config(path, list(overrides))
+        return split_held_out(data, config.data.eval_fraction, config.eval_seed)[1].example_ids
+
+    fixed = [held_out(f"train.seed={seed}", "data.eval_seed=7") for seed in (1, 2)]
+    assert fixed[0].tolist() == fixed[1].tolist()
+    assert held_out("train.seed=1").tolist() != held_out("train.seed=2").tolist()
+    with pytest.raises(ValueError, match="data.eval_seed=-1 must be an integer >= 0"):
+        load_run_config(path, ["data.eval_seed=-1"])
