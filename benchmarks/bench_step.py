@@ -1,12 +1,18 @@
 """Benchmark: the whole training step, AdaDPO against DPO, fused against unfused log-probs.
 
-    python benchmarks/bench_step.py                    # tiny CPU recipe, vocab padded to 384
+    python benchmarks/bench_step.py                    # tiny CPU recipe, vocab padded to 384;
+                                                       # with a GPU also the GPU-sized shape
     python benchmarks/bench_step.py --vocab 32768      # a large vocabulary (fused matters)
+    python benchmarks/bench_step.py --config benchmarks/configs/gpu_step.yaml --vocab 128256
+
+The GPU-sized shape (benchmarks/configs/gpu_step.yaml) is two layers of Llama-3-8B widths,
+4096-token sequences, vocabulary 128256, bf16.
 
 Each variant runs in a fresh single process through adadpo_megatron's real trainer
 (megatron-core schedule, DDP, optimizer): 2 warm-up steps, then --steps timed steps. Extra
-peak memory is the peak resident set size during the timed steps minus the size before them
-(CPU; on a GPU the CUDA allocator's peak). Variants:
+peak memory is the peak resident set size during the timed steps minus the size before them,
+measured on CPU in a second process whose allocator returns freed memory
+(MEASURABLE_MALLOC); on a GPU it is the CUDA allocator's peak. Variants:
     dpo            loss.adaptive=false
     adadpo         loss.adaptive=true (the coefficient and its metrics)
     adadpo_fused   adadpo with model.fused_logprobs=true
@@ -75,36 +81,48 @@ def child(args) -> dict:
             "extra_peak_mib": peak / 2**20, "vocab": trainer.vocab_size}
 
 
-def coefficient_cost(pairs: int, repeats: int = 200) -> dict:
+def coefficient_cost(pairs: int, repeats: int = 2000) -> dict:
     """preference_loss forward + backward on [pairs], with the coefficient on and off."""
     import torch
 
     from adadpo_megatron.config import LossConfig
     from adadpo_megatron.loss import preference_loss
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the step's loss runs
     g = torch.Generator().manual_seed(0)
     n = torch.randint(5, 30, (pairs,), generator=g).float()
-    sums = [-(torch.rand(pairs, generator=g) + 0.5) * n for _ in range(4)]
-    out = {}
-    for adaptive in (False, True):
-        config = LossConfig(adaptive=adaptive)
-        times = []
-        for _ in range(repeats):
+    sums = [(-(torch.rand(pairs, generator=g) + 0.5) * n).to(device) for _ in range(4)]
+    n = n.to(device)
+    configs = {"dpo": LossConfig(adaptive=False), "adadpo": LossConfig(adaptive=True)}
+    times = {name: [] for name in configs}
+    for _ in range(repeats):  # interleaved, so that drift of the machine hits both alike
+        for name, config in configs.items():
             pc, pr = sums[0].clone().requires_grad_(), sums[1].clone().requires_grad_()
             start = time.perf_counter()
             losses, _ = preference_loss(pc, pr, n, n, sums[2], sums[3], config=config)
             losses.sum().backward()
-            times.append(time.perf_counter() - start)
-        out["adadpo" if adaptive else "dpo"] = 1e3 * statistics.median(times)
-    return out
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+# glibc keeps freed memory mapped for reuse, so a step after the warm-up steps could peak
+# without raising the resident set; serving every allocation over 64 KiB with its own mmap,
+# returned on free, makes the resident peak follow the live tensors.
+MEASURABLE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+CPU_SHAPE = ("configs/tiny_cpu.yaml", 128)
+GPU_SHAPE = ("benchmarks/configs/gpu_step.yaml", 128256)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/tiny_cpu.yaml")
-    parser.add_argument("--vocab", type=int, default=128,
+    parser.add_argument("--config", help="a run config; default: the tiny CPU recipe, and "
+                        "with a GPU also " + GPU_SHAPE[0])
+    parser.add_argument("--vocab", type=int,
                         help="pad the vocabulary to a multiple of this (model.make_vocab_size_"
-                             "divisible_by); 32768 gives a 32768-entry vocabulary")
+                             "divisible_by); 32768 gives a 32768-entry vocabulary. Default: "
+                             "128 for the tiny recipe, 128256 for the GPU shape")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -112,27 +130,50 @@ def main() -> None:
     if args.variant:
         print(json.dumps(child(args)))
         return
+    if args.config:
+        shapes = [(args.config, args.vocab or 128)]
+    else:
+        import torch
 
+        shapes = [CPU_SHAPE] + ([GPU_SHAPE] if torch.cuda.is_available() else [])
+        if args.vocab:
+            shapes = [(config, args.vocab) for config, _ in shapes]
+    for config, vocab in shapes:
+        benchmark(config, vocab, args.steps)
+
+
+def benchmark(config_path: str, vocab: int, steps: int) -> None:
+    """Runs every variant on one shape and prints its table and ratios."""
     import tempfile
+
+    import torch
+
+    def run(variant: str, malloc_env: dict) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, __file__, "--variant", variant, "--tmp", tmp, "--config",
+                   config_path, "--vocab", str(vocab), "--steps", str(steps)]
+            result = subprocess.run(cmd, capture_output=True, text=True,
+                                    env={**os.environ, **malloc_env, "PYTHONWARNINGS": "ignore"})
+            if result.returncode:
+                sys.exit(f"{config_path}: {variant} failed:\n{result.stderr[-3000:]}")
+            return json.loads(result.stdout.strip().splitlines()[-1])
 
     rows = []
     for variant in VARIANTS:
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, __file__, "--variant", variant, "--tmp", tmp, "--config",
-                   args.config, "--vocab", str(args.vocab), "--steps", str(args.steps)]
-            result = subprocess.run(cmd, capture_output=True, text=True,
-                                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if result.returncode:
-                sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        row = run(variant, {})
+        if not torch.cuda.is_available():
+            # time with the default allocator, memory in a second process with one that
+            # returns freed memory (which slows small allocations down)
+            row["extra_peak_mib"] = run(variant, MEASURABLE_MALLOC)["extra_peak_mib"]
+        rows.append(row)
     from adadpo_megatron.run_config import load_run_config
 
-    config = load_run_config(str(REPO / args.config))
+    config = load_run_config(str(REPO / config_path))
     pairs = config.train.micro_batch_size  # one loss call per micro-batch (single process)
     calls = config.train.global_batch_size // pairs
     loss_ms = coefficient_cost(pairs)
 
-    print(f"{args.config}, padded vocabulary {rows[0]['vocab']}, median of {args.steps} steps")
+    print(f"{config_path}, padded vocabulary {rows[0]['vocab']}, median of {steps} steps")
     print(f"{'variant':<14}{'step ms':>10}{'extra MiB':>11}")
     for r in rows:
         print(f"{r['variant']:<14}{r['step_ms']:>10.1f}{r['extra_peak_mib']:>11.0f}")
