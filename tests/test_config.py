@@ -132,3 +132,20 @@ def test_eval_seed_fixes_the_held_out_pairs_across_training_seeds():
     assert held_out("train.seed=1").tolist() != held_out("train.seed=2").tolist()
     with pytest.raises(ValueError, match="data.eval_seed=-1 must be an integer >= 0"):
         load_run_config(path, ["data.eval_seed=-1"])
+
+
+def test_the_gpu_benchmark_shape_is_a_valid_one_gpu_run():
+    """benchmarks/configs/gpu_step.yaml (bench_step's GPU shape) parses, fits one process and
+    is refused on a CPU with the reason."""
+    import pathlib
+
+    from adadpo_megatron.run_config import load_run_config
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "configs" / "gpu_step.yaml"
+    config = load_run_config(str(path))
+    assert config.check_layout(1) == 1
+    assert config.model.transformer["num_layers"] == 2
+    assert config.model.transformer["hidden_size"] == 4096
+    config.check_machine(gpu=True)
+    with pytest.raises(ValueError, match="train.dtype='bfloat16': CPU runs use float32"):
+        config.check_machine(gpu=False)
