@@ -323,12 +323,10 @@ def figure_balance(groups, variant_key, out: Path) -> Path:
         ax.hist(logs, bins=bins, histtype="step", color=color, linestyle=style, label=label,
                 weights=[1 / len(logs)] * len(logs))
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("log10 per-token gradient ratio, chosen / rejected (0 = balanced)")
-    ax.set_ylabel("share of held-out pairs (seeds pooled)")
-    ax.set_title(f"Measured gradient balance after training, lr {lr:g}, beta {beta:g}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, out / "gradient_balance.png")
+    return _finish(fig, ax, out / "gradient_balance.png",
+                   xlabel="log10 per-token gradient ratio, chosen / rejected (0 = balanced)",
+                   ylabel="share of held-out pairs (seeds pooled)",
+                   title=f"Measured gradient balance after training, lr {lr:g}, beta {beta:g}")
 
 
 def figure_lengths(groups, out: Path) -> Path:
@@ -352,11 +350,9 @@ def figure_lengths(groups, out: Path) -> Path:
     ax.axhline(start["mean_chosen_length"], color="gray", linestyle="--",
                label="chosen responses")
     ax.set_xticks(range(len(keys)), [f"lr {lr:g}\nbeta {beta:g}" for lr, beta in keys])
-    ax.set_ylabel("mean greedy length (tokens)")
-    ax.set_title("Greedy generations on held-out prompts (mean ± std over seeds)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, out / "generation_length.png")
+    return _finish(fig, ax, out / "generation_length.png",
+                   ylabel="mean greedy length (tokens)",
+                   title="Greedy generations on held-out prompts (mean ± std over seeds)")
 
 
 def figure_variants(groups, variant_key, out: Path) -> Path:
@@ -375,11 +371,19 @@ def figure_variants(groups, variant_key, out: Path) -> Path:
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(methods)), [LABELS[m].replace("AdaDPO ", "AdaDPO\n")
                                         for m in methods])
-    ax.set_ylabel("Δ held-out log-prob per token")
-    ax.set_title(f"Variants at lr {lr:g}, beta {beta:g} (mean ± std over seeds)")
+    return _finish(fig, ax, out / "variants.png", ylabel="Δ held-out log-prob per token",
+                   title=f"Variants at lr {lr:g}, beta {beta:g} (mean ± std over seeds)")
+
+
+def _finish(fig, ax, path: Path, *, ylabel: str, title: str, xlabel: str = "") -> Path:
+    """Labels, legend and layout of a one-panel figure, then saves it."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, out / "variants.png")
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
