@@ -110,7 +110,13 @@ def warm_up(out: Path, steps: int) -> Path:
     from adadpo_megatron.trainer import Trainer
 
     sft = out / "sft"
-    if latest_checkpoint(str(sft)) is None:
+    marker = sft / "warm_up.json"  # what the checkpoint was made with
+    if latest_checkpoint(str(sft)) is not None:
+        made = json.loads(marker.read_text()) if marker.is_file() else None
+        if made != {"steps": steps}:
+            raise ValueError(f"{sft} holds a warm-up made with {made}, not --sft-steps "
+                             f"{steps}; pass another --out or delete it")
+    else:
         config = load_run_config(str(SFT_CONFIG), [
             f"train.output_dir={sft}", f"data.eval_seed={EVAL_SEED}", "train.resume=never",
             "train.progress=false", "train.tensorboard=false", f"train.max_steps={steps}",
@@ -120,6 +126,7 @@ def warm_up(out: Path, steps: int) -> Path:
             trainer.train()
         finally:
             trainer.close()
+        marker.write_text(json.dumps({"steps": steps}))
     return sft
 
 
@@ -152,7 +159,11 @@ def train_one(run: Run, sft: Path, out: Path) -> Dict:
 
     record_path = out / "records" / f"{run.name}.json"
     if record_path.is_file():
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        if record["run"] != asdict(run):
+            raise ValueError(f"{record_path} was made by {record['run']}, not {asdict(run)}; "
+                             "pass another --out or delete it")
+        return record
     shutil.rmtree(out / "runs" / run.name, ignore_errors=True)
     start = time.perf_counter()
     config = load_run_config(str(PREFERENCE_CONFIG), run.overrides(sft, out))
