@@ -20,7 +20,7 @@ def precompute_reference(config: RunConfig) -> str:
     """Writes the reference cache for ``config``; returns its path (on every rank)."""
     trainer = Trainer(config)
     trainer.setup_common()
-    reference = trainer._build(frozen=True)
+    reference = trainer.build_reference()
     from megatron.core import parallel_state
 
     dataset, t = trainer.dataset, config.train

@@ -105,12 +105,7 @@ class Trainer:
         if c.model.load:
             load_model_weights(self.model, c.resolve(c.model.load))
         if c.reference.mode == "resident":
-            self.reference_model = self._build(frozen=True)
-            if reference_weights_path(c):
-                load_model_weights(self.reference_model, reference_weights_path(c))
-            else:  # the policy's initial weights, whatever the device's initialisation order
-                for reference, policy in zip(self.reference_model, self.model, strict=True):
-                    reference.load_state_dict(policy.module.state_dict())
+            self.reference_model = self.build_reference()
         self._build_optimizer()
         if not self.gpu:
             cpu_compat.enable()  # covers modules imported while building
@@ -232,6 +227,23 @@ class Trainer:
         return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                         disable_bucketing=i > 0)
                 for i, chunk in enumerate(chunks)]
+
+    def build_reference(self) -> List[torch.nn.Module]:
+        """This rank's frozen reference chunks, with the reference's weights.
+
+        Those of reference.load or model.load when set; otherwise the policy's initial
+        weights: copied from the policy when it is built (whatever the device's
+        initialisation order), else the initialisation itself (precompute, which builds the
+        reference alone, right after seeding, as setup() builds the policy).
+        """
+        chunks = self._build(frozen=True)
+        path = reference_weights_path(self.config)
+        if path:
+            load_model_weights(chunks, path)
+        elif self.model:
+            for reference, policy in zip(chunks, self.model, strict=True):
+                reference.load_state_dict(policy.module.state_dict())
+        return chunks
 
     def _use_distributed_optimizer(self) -> bool:
         return bool(self.config.optimizer.megatron.get("use_distributed_optimizer", self.gpu))

@@ -61,6 +61,45 @@ def test_precompute_and_resident_train_identically(precomputed):
         torch.testing.assert_close(pre["params"][name], value, rtol=1e-6, atol=1e-8)
 
 
+def _checkpoint_worker(rank, world, data, out):
+    from adadpo_megatron.trainer import Trainer
+
+    trainer = Trainer(tiny_config({"data.path": data, "train.output_dir": out,
+                                   "train.max_steps": 2, "train.progress": False,
+                                   "train.tensorboard": False})).setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def _train_from_worker(rank, world, data, cache, mode, load, out):
+    config = tiny_config({"data.path": data, "reference.mode": mode,
+                          "reference.cache_path": cache, "model.load": load})
+    history, _ = run_steps(config, steps=2)
+    if rank == 0:
+        torch.save(history, out)
+
+
+def test_precompute_uses_the_loaded_weights(tmp_path):
+    """With model.load (the usual start: a warm-up checkpoint) the precomputed reference is
+    that checkpoint, as the resident one is: step 0 is ln 2 and both modes train alike."""
+    data = _small_data(tmp_path / "pairs.jsonl")
+    start = str(tmp_path / "start")
+    run_distributed(_checkpoint_worker, 1, data, start)
+    cache = str(tmp_path / "pairs.reference.pt")
+    run_distributed(_precompute_worker, 1, data, cache, {"model.load": start})
+    histories = {}
+    for mode in ("precompute", "resident"):
+        out = str(tmp_path / f"{mode}.pt")
+        run_distributed(_train_from_worker, 1, data, cache, mode, start, out)
+        histories[mode] = torch.load(out, weights_only=False)
+    ln2 = torch.log(torch.tensor(2.0)).item()
+    assert histories["precompute"][0]["loss"] == pytest.approx(ln2, abs=1e-6)
+    for a, b in zip(histories["precompute"], histories["resident"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2},
                                     {"parallel.pipeline_model_parallel_size": 2},
                                     {"train.micro_batch_size": 1}],
