@@ -131,7 +131,7 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     if args.config:
-        shapes = [(args.config, args.vocab or 128)]
+        shapes = [(args.config, args.vocab or dict([CPU_SHAPE, GPU_SHAPE]).get(args.config, 128))]
     else:
         import torch
 
