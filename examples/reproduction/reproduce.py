@@ -130,11 +130,11 @@ def warm_up(out: Path, steps: int) -> Path:
     return sft
 
 
-def _probe(model, reference_logps, trainer) -> Dict:
+def _probe(model, held, reference_logps, trainer) -> Dict:
+    """The measurements of ``model``, whose held-out log-probs are ``held``."""
     import probes
 
     c = trainer.config
-    held = probes.pair_logps(model, trainer.eval_set)
     coefficient = probes.coefficients(held, reference_logps, c.loss)
     balance = probes.gradient_balance(held, reference_logps, c.loss)
     return {
@@ -172,9 +172,11 @@ def train_one(run: Run, sft: Path, out: Path) -> Dict:
         initial = trainer.evaluate()
         reference = trainer.reference_model[0]
         reference_logps = probes.pair_logps(reference, trainer.eval_set)
-        before = _probe(reference, reference_logps, trainer)
+        before = _probe(reference, reference_logps, reference_logps, trainer)  # = the policy
         history = trainer.train()
-        after = _probe(trainer.model[0].module, reference_logps, trainer)
+        policy = trainer.model[0].module
+        after = _probe(policy, probes.pair_logps(policy, trainer.eval_set), reference_logps,
+                       trainer)
     finally:
         trainer.close()
     record = {"run": asdict(run), "name": run.name, "initial_eval": initial,
