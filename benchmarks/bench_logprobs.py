@@ -29,24 +29,9 @@ import subprocess
 import sys
 import time
 
+from resident_memory import reset_peak, rss_bytes
+
 PROVIDERS = ("adadpo", "megatron", "naive")
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_provider(args) -> dict:
@@ -114,10 +99,10 @@ def run_provider(args) -> dict:
         extra_peak = torch.cuda.max_memory_allocated() - base
         peak_source = "cuda allocator"
     else:
-        exact = _reset_peak()
-        base = _rss_bytes("VmRSS")
+        exact = reset_peak()
+        base = rss_bytes("VmRSS")
         one_step()
-        extra_peak = _rss_bytes("VmHWM") - base
+        extra_peak = rss_bytes("VmHWM") - base
         peak_source = "VmHWM reset" if exact else "VmHWM lifetime"
     fwd, bwd = [], []
     for _ in range(args.repeats):

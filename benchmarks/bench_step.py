@@ -31,20 +31,14 @@ import sys
 import time
 from pathlib import Path
 
+from resident_memory import reset_peak, rss_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "dpo": ["loss.adaptive=false"],
     "adadpo": ["loss.adaptive=true"],
     "adadpo_fused": ["loss.adaptive=true", "model.fused_logprobs=true"],
 }
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def child(args) -> dict:
@@ -65,9 +59,9 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss("VmRSS")
+        if not reset_peak():
+            raise RuntimeError("cannot reset the peak resident size (/proc/self/clear_refs)")
+        base = rss_bytes("VmRSS")
     times = []
     for step in range(2, 2 + args.steps):
         start = time.perf_counter()
@@ -75,7 +69,7 @@ def child(args) -> dict:
         if gpu:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if gpu else _rss("VmHWM")) - base
+    peak = (torch.cuda.max_memory_allocated() if gpu else rss_bytes("VmHWM")) - base
     trainer.close()
     return {"variant": args.variant, "step_ms": 1e3 * statistics.median(times),
             "extra_peak_mib": peak / 2**20, "vocab": trainer.vocab_size}
