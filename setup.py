@@ -39,10 +39,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "adadpo-train=adadpo_megatron.cli:train_main",
-            "adadpo-precompute-reference=adadpo_megatron.cli:precompute_main",
-            "adadpo-plot=adadpo_megatron.plots:main",
-            "adadpo-summary=adadpo_megatron.summary:main",
+            "adadpo-train=adadpo_megatron.training.cli:train_main",
+            "adadpo-precompute-reference=adadpo_megatron.training.cli:precompute_main",
+            "adadpo-plot=adadpo_megatron.training.plots:main",
+            "adadpo-summary=adadpo_megatron.training.summary:main",
         ],
     },
     classifiers=[

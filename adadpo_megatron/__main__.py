@@ -1,5 +1,14 @@
-"""python -m adadpo_megatron --config FILE.yaml [section.key=value ...]: adadpo-train."""
+"""python -m adadpo_megatron [COMMAND] --config FILE.yaml [section.key=value ...]
 
-from adadpo_megatron.cli import train_main
+COMMAND is ``train`` (the default, adadpo-train) or ``precompute-reference``
+(adadpo-precompute-reference); both work under torchrun:
 
-train_main()
+    torchrun --nproc_per_node 8 -m adadpo_megatron --config configs/llama3_8b_paper.yaml
+    torchrun --nproc_per_node 8 -m adadpo_megatron precompute-reference --config ...
+"""
+
+import sys
+
+from adadpo_megatron.training.cli import main
+
+main(sys.argv[1:])

@@ -1,7 +1,7 @@
 """Benchmark: per-token log-probs from bfloat16 logits, forward and backward.
 
 Providers:
-    adadpo    adadpo_megatron.logprobs.vocab_parallel_logprobs (chunked, recomputing backward)
+    adadpo    adadpo_megatron.ops.logprobs.vocab_parallel_logprobs (chunked, recomputing backward)
     megatron  -megatron.core.tensor_parallel.vocab_parallel_cross_entropy
     naive     log_softmax(logits.float()).gather(labels)
 
@@ -53,7 +53,7 @@ def run_provider(args) -> dict:
     grad_out = torch.randn(shape[:2], device=device)
 
     if args.provider == "adadpo":
-        from adadpo_megatron.logprobs import vocab_parallel_logprobs
+        from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
 
         def forward():
             return vocab_parallel_logprobs(logits, labels, chunk_size=args.chunk_size)

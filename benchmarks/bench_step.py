@@ -44,8 +44,8 @@ VARIANTS = {
 def child(args) -> dict:
     import torch
 
-    from adadpo_megatron.run_config import load_run_config
-    from adadpo_megatron.trainer import Trainer
+    from adadpo_megatron.training.run_config import load_run_config
+    from adadpo_megatron.training.trainer import Trainer
 
     overrides = [f"train.output_dir={args.tmp}", "train.resume=never", "train.progress=false",
                  "train.tensorboard=false", f"train.max_steps={args.steps + 2}",
@@ -79,8 +79,8 @@ def coefficient_cost(pairs: int, repeats: int = 2000) -> dict:
     """preference_loss forward + backward on [pairs], with the coefficient on and off."""
     import torch
 
-    from adadpo_megatron.config import LossConfig
-    from adadpo_megatron.loss import preference_loss
+    from adadpo_megatron.ops.loss import preference_loss
+    from adadpo_megatron.ops.loss_config import LossConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the step's loss runs
     g = torch.Generator().manual_seed(0)
@@ -160,7 +160,7 @@ def benchmark(config_path: str, vocab: int, steps: int) -> None:
             # returns freed memory (which slows small allocations down)
             row["extra_peak_mib"] = run(variant, MEASURABLE_MALLOC)["extra_peak_mib"]
         rows.append(row)
-    from adadpo_megatron.run_config import load_run_config
+    from adadpo_megatron.training.run_config import load_run_config
 
     config = load_run_config(str(REPO / config_path))
     pairs = config.train.micro_batch_size  # one loss call per micro-batch (single process)

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import sys
 
-from adadpo_megatron.model import padded_vocab_size
-from adadpo_megatron.run_config import load_run_config
+from adadpo_megatron.mcore.model import padded_vocab_size
+from adadpo_megatron.training.run_config import load_run_config
 
 GIB = 2**30
 

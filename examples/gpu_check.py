@@ -43,7 +43,7 @@ def _timed(fn, repeats=5):
 def logprob_providers():
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from adadpo_megatron.logprobs import vocab_parallel_logprobs
+    from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
 
     providers = {
         "adadpo": lambda logits, labels: vocab_parallel_logprobs(logits, labels,
@@ -93,8 +93,8 @@ def check_logprobs(rows):
 
 
 def check_step(rows, fp8: bool):
-    from adadpo_megatron.run_config import load_run_config
-    from adadpo_megatron.trainer import Trainer
+    from adadpo_megatron.training.run_config import load_run_config
+    from adadpo_megatron.training.trainer import Trainer
 
     overrides = [
         "model.preset=llama3-70b", "model.num_layers=2", "model.load=null",

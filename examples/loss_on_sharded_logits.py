@@ -16,9 +16,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from adadpo_megatron.config import LossConfig
-from adadpo_megatron.logprobs import sequence_logprobs, vocab_parallel_logprobs
-from adadpo_megatron.loss import preference_loss
+from adadpo_megatron.ops.logprobs import sequence_logprobs, vocab_parallel_logprobs
+from adadpo_megatron.ops.loss import preference_loss
+from adadpo_megatron.ops.loss_config import LossConfig
 
 
 def main():

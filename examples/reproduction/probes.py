@@ -16,14 +16,14 @@ from typing import Dict, List
 
 import torch
 
-from adadpo_megatron.config import LossConfig
-from adadpo_megatron.dataset import IGNORE_INDEX, PreferenceDataset
-from adadpo_megatron.loss import (
+from adadpo_megatron.data.preference_data import IGNORE_INDEX, PreferenceDataset
+from adadpo_megatron.ops.loss import (
     PairStats,
     adadpo_coefficient,
     coefficient_log_ratio,
     preference_loss,
 )
+from adadpo_megatron.ops.loss_config import LossConfig
 
 Tensor = torch.Tensor
 

@@ -105,9 +105,9 @@ def _start_worker() -> None:
 
 def warm_up(out: Path, steps: int) -> Path:
     """The supervised warm-up, once; returns its output directory (its latest checkpoint)."""
-    from adadpo_megatron.checkpoint import latest_checkpoint
-    from adadpo_megatron.run_config import load_run_config
-    from adadpo_megatron.trainer import Trainer
+    from adadpo_megatron.training.checkpoint import latest_checkpoint
+    from adadpo_megatron.training.run_config import load_run_config
+    from adadpo_megatron.training.trainer import Trainer
 
     sft = out / "sft"
     marker = sft / "warm_up.json"  # what the checkpoint was made with
@@ -154,8 +154,8 @@ def train_one(run: Run, sft: Path, out: Path) -> Dict:
     """Trains one run and measures it; writes and returns its record."""
     import probes
 
-    from adadpo_megatron.run_config import load_run_config
-    from adadpo_megatron.trainer import Trainer
+    from adadpo_megatron.training.run_config import load_run_config
+    from adadpo_megatron.training.trainer import Trainer
 
     record_path = out / "records" / f"{run.name}.json"
     if record_path.is_file():

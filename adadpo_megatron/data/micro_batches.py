@@ -1,0 +1,124 @@
+"""Preference pairs as the micro-batches megatron's schedule consumes, and the sampler.
+
+A micro-batch of ``m`` pairs is a dict of tensors with 2m rows, the m chosen sequences first
+and the m rejected ones second (pair i = rows i and i + m):
+
+    tokens        [2m, S] long   input ids, padded with the tokenizer's pad id
+    labels        [2m, S] long   next-token ids on response tokens, -100 elsewhere
+    loss_mask     [2m, S] float  1 on response tokens (labels != -100)
+    position_ids  [2m, S] long
+    example_ids   [m]     long   the pair's row in the source (0-based)
+    ref_logps     [2m]    float  reference sums, when precomputed
+
+Reading, validation, tokenisation and truncation are in ``adadpo_megatron.data.preference_data``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from adadpo_megatron.data.preference_data import IGNORE_INDEX, PreferenceDataset
+
+Batch = Dict[str, torch.Tensor]
+
+
+def split_held_out(dataset: PreferenceDataset, fraction: float, seed: int):
+    """(train, held-out) subsets: a seeded random ``fraction`` of the pairs is held out."""
+    if fraction <= 0:
+        return dataset, None
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(round(fraction * len(dataset))))
+    if held >= len(dataset):
+        raise ValueError(f"data.eval_fraction={fraction} leaves no training pairs out of "
+                         f"{len(dataset)}")
+    return dataset.subset(order[held:].sort().values), dataset.subset(order[:held].sort().values)
+
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """One pair per item, for data loaders that collate samples themselves (Megatron-LM's
+    pretrain()): {"tokens", "labels", "loss_mask", "position_ids": [2, S], "example_ids": [],
+    "ref_logps": [2] when given}. The forward step turns the stacked [m, 2, S] batch into the
+    chosen-first layout."""
+
+    def __init__(self, dataset: PreferenceDataset, ref_logps: torch.Tensor | None = None):
+        self.dataset, self.ref_logps = dataset, ref_logps
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Batch:
+        labels = self.dataset.labels[index]
+        item = {"tokens": self.dataset.tokens[index], "labels": labels,
+                "loss_mask": (labels != IGNORE_INDEX).float(),
+                "position_ids": torch.arange(labels.shape[-1]).expand_as(labels).contiguous(),
+                "example_ids": self.dataset.example_ids[index]}
+        if self.ref_logps is not None:
+            item["ref_logps"] = self.ref_logps[self.dataset.example_ids[index]]
+        return item
+
+
+def global_batch_indices(step: int, num_examples: int, global_batch_size: int,
+                         seed: int) -> torch.Tensor:
+    """The example indices of optimizer step ``step`` ([global_batch_size]).
+
+    Epochs are independent permutations seeded by (seed, epoch); a global batch may span the
+    end of one epoch and the start of the next. Deterministic for a given seed.
+    """
+    start = step * global_batch_size
+    out = []
+    while len(out) < global_batch_size:
+        epoch, offset = divmod(start + len(out), num_examples)
+        order = torch.randperm(num_examples,
+                               generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.extend(order[offset: offset + global_batch_size - len(out)].tolist())
+    return torch.tensor(out, dtype=torch.long)
+
+
+def collate(dataset: PreferenceDataset, indices: torch.Tensor, chosen_only: bool = False
+            ) -> Batch:
+    """One micro-batch of pairs ``indices`` in the layout of the module docstring.
+
+    ``chosen_only`` keeps the m chosen rows alone (supervised warm-up on the chosen responses).
+    """
+    sides = (0,) if chosen_only else (0, 1)
+    tokens = torch.cat([dataset.tokens[indices, side] for side in sides])
+    labels = torch.cat([dataset.labels[indices, side] for side in sides])
+    seq_length = tokens.shape[1]
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": (labels != IGNORE_INDEX).float(),
+        "position_ids": torch.arange(seq_length).unsqueeze(0).expand_as(tokens).contiguous(),
+        "example_ids": dataset.example_ids[indices],
+    }
+
+
+def held_out_micro_batches(dataset: PreferenceDataset, *, micro_batch_size: int,
+                           dp_rank: int, dp_size: int, chosen_only: bool = False
+                           ) -> List[Batch]:
+    """This data-parallel rank's micro-batches covering every held-out pair exactly once.
+
+    Rank r takes the r-th of dp_size contiguous blocks (their sizes differ by at most one
+    pair); its last micro-batch may hold fewer than micro_batch_size pairs. So the held-out
+    metrics are the same on every layout.
+    """
+    mine = torch.tensor_split(torch.arange(len(dataset)), dp_size)[dp_rank]
+    return [collate(dataset, mine[i: i + micro_batch_size], chosen_only)
+            for i in range(0, len(mine), micro_batch_size)]
+
+
+def step_micro_batches(dataset: PreferenceDataset, step: int, *, global_batch_size: int,
+                       micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                       chosen_only: bool = False) -> List[Batch]:
+    """This data-parallel rank's micro-batches for one optimizer step.
+
+    Rank r takes the r-th contiguous block of the global batch; a pair is never split.
+    """
+    indices = global_batch_indices(step, len(dataset), global_batch_size, seed)
+    per_rank = global_batch_size // dp_size
+    mine = indices[dp_rank * per_rank: (dp_rank + 1) * per_rank]
+    return [collate(dataset, mine[i: i + micro_batch_size], chosen_only)
+            for i in range(0, per_rank, micro_batch_size)]

@@ -1,0 +1,207 @@
+"""Run megatron-core's real schedules, layers and optimizer on CPU over gloo (dev and CI mode).
+
+megatron-core creates tensors with ``device="cuda"``, asks ``torch.cuda.current_device()``,
+and uses CUDA streams, events and synchronisation throughout its schedules, p2p
+communication, DDP grad buffers, optimizers and utilities. ``enable()`` replaces the
+``torch`` that each loaded ``megatron.core`` module sees with a thin proxy that
+
+- maps ``device="cuda"`` (or an index) to the CPU in tensor factories,
+- answers ``torch.cuda.current_device()`` with the CPU device,
+- turns ``synchronize``, streams and events into no-ops;
+
+and, outside the proxy,
+
+- makes the CUDA RNG tracker's ``fork()`` a no-op (dropout then draws from the default CPU
+  generator; the CPU recipes use no dropout),
+- replaces ``clip_grad_by_total_norm_fp32`` as the optimizer sees it with the same maths
+  minus its ``'torch.cuda.FloatTensor'`` assertion (we clip here rather than patching the
+  check inside megatron's function; the distributed optimizer, which asserts the same
+  type string elsewhere, is refused on CPU by the trainer's config check).
+
+Everything else (collectives, autograd, the model code) is untouched. The layer switches
+on only when no GPU is in use (``enable()`` raises otherwise) and is idempotent; modules
+imported after a call are covered by calling it again. Checked against megatron-core
+0.19.2 with torch 2.14.1 (see ``CHECKED_MEGATRON_CORE_VERSIONS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import warnings
+
+import torch
+
+CHECKED_MEGATRON_CORE_VERSIONS = ("0.19.2",)
+
+_TENSOR_FACTORIES = (
+    "arange", "as_tensor", "empty", "empty_like", "eye", "full", "full_like", "linspace",
+    "ones", "ones_like", "rand", "randint", "randn", "tensor", "zeros", "zeros_like",
+)
+
+
+def _to_cpu_device(device):
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class _NullStream(_NullEvent):
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _CpuCuda(types.ModuleType):
+    """``torch.cuda`` as megatron-core sees it on a CPU-only run."""
+
+    Stream = _NullStream
+    Event = _NullEvent
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(*args, **kwargs):
+        pass
+
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _NullStream()
+
+    @staticmethod
+    def default_stream(*args, **kwargs):
+        return _NullStream()
+
+    @staticmethod
+    def stream(*args, **kwargs):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def empty_cache():
+        pass
+
+
+class _CpuTorch(types.ModuleType):
+    """``torch`` as megatron-core sees it on a CPU-only run: everything else is forwarded."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+        for name in _TENSOR_FACTORIES:
+            setattr(self, name, self._on_cpu(getattr(torch, name)))
+
+    @staticmethod
+    def _on_cpu(factory):
+        def wrapped(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _to_cpu_device(kwargs["device"])
+            return factory(*args, **kwargs)
+
+        wrapped.__name__ = factory.__name__
+        return wrapped
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_CPU_TORCH = _CpuTorch()
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's clip_grad_by_total_norm_fp32 without its CUDA type assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for param in parameters:
+        grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+        if grad is not None:
+            if grad.dtype != torch.float32:
+                raise TypeError(f"gradient clipping expects float32 gradients, got {grad.dtype}")
+            grads.append(grad.detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def enable() -> int:
+    """Applies the CPU redirects to every loaded megatron.core module.
+
+    Returns:
+        how many modules it newly redirected (0 when called again with nothing new loaded).
+
+    Raises:
+        RuntimeError: when a GPU is visible; this layer is for CPU-only runs.
+    """
+    if torch.cuda.is_available():
+        raise RuntimeError("adadpo_megatron.mcore.cpu_compat is for CPU-only runs, but a GPU is "
+                           "visible; megatron-core runs on GPUs as it is")
+    import megatron.core
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    version = getattr(megatron.core, "__version__", "unknown").split("+")[0]
+    if version not in CHECKED_MEGATRON_CORE_VERSIONS:
+        warnings.warn(f"adadpo_megatron.mcore.cpu_compat was checked against megatron-core "
+                      f"{', '.join(CHECKED_MEGATRON_CORE_VERSIONS)}, not {version}", stacklevel=2)
+    patched = 0
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = _CPU_TORCH
+            patched += 1
+    megatron_random.CudaRNGStatesTracker.fork = _no_fork
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    return patched
+
+
+def _no_fork(self, name=None):
+    return contextlib.nullcontext()
+
+
+def is_enabled() -> bool:
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    return megatron_random.CudaRNGStatesTracker.fork is _no_fork

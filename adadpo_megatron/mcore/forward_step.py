@@ -1,0 +1,332 @@
+"""The Megatron hook-in: forward_step and loss_func for megatron-core's pipeline schedules.
+
+``PreferenceForwardStep(loss_config)`` is a ``forward_step_func`` that
+``megatron.core.pipeline_parallel.get_forward_backward_func()`` (and Megatron-LM's
+``pretrain()``) accept. Each micro-batch holds whole pairs, chosen rows first (see
+``adadpo_megatron.data.micro_batches``). On the last pipeline stage its loss function turns the
+vocab-parallel logits into per-token log-probs, reduces them to whole sequences over context
+parallelism, and forms the preference loss, returned in megatron-core's
+``(loss sum, pair count, report)`` form. With ``calculate_per_token_loss=True`` megatron
+divides the gradient by the pair count summed over micro-batches and data- and
+context-parallel ranks, so the gradient is that of the mean loss over all pairs of the
+global batch for any micro-batch size, micro-batch count or parallel layout.
+
+``ReferenceForwardStep()`` runs the same model call and the same log-prob code on the frozen
+reference (forward-only) and reports per-sequence sums: policy and reference share one path.
+
+Reports are ``{name: tensor([sum over pairs, pairs])}``, the form Megatron-LM's training loop
+sums over micro-batches and data-parallel ranks and divides; ``adadpo/coef_max`` is
+``[max, 1]`` and ``reduce_reports`` takes its maximum instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from adadpo_megatron.ops.fused_logprobs import fused_hidden_logprobs
+from adadpo_megatron.ops.logprobs import (
+    group_or_default,
+    group_size,
+    sequence_logprobs,
+    vocab_parallel_logprobs,
+)
+from adadpo_megatron.ops.loss import preference_loss
+from adadpo_megatron.ops.loss_config import LossConfig
+
+Batch = Dict[str, torch.Tensor]
+MAX_REDUCED = ("adadpo/coef_max",)
+COUNTS = ("pairs", "tokens")
+_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def _groups(tp_group, cp_group):
+    from megatron.core import parallel_state
+
+    if tp_group is None and parallel_state.model_parallel_is_initialized():
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    if cp_group is None and parallel_state.model_parallel_is_initialized():
+        cp_group = parallel_state.get_context_parallel_group()
+    return tp_group, cp_group
+
+
+def _this_cp_rank(batch: Batch, cp_group) -> Batch:
+    """The batch with its sequence dimension cut to this CP rank's load-balanced chunks."""
+    if cp_group is None or dist.get_world_size(cp_group) == 1:
+        return batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    sharded = get_batch_on_this_cp_rank({k: batch[k] for k in _SEQUENCE_KEYS},
+                                        is_hybrid_cp=False, cp_group=cp_group)
+    return {**batch, **sharded}
+
+
+def _model_forward(model, batch: Optional[Batch]):
+    """The policy's and the reference's forward: logits [2m, s, V/TP] on the last stage."""
+    tokens = batch["tokens"] if batch is not None else None
+    positions = batch["position_ids"] if batch is not None else None
+    # attention_mask None: the causal mask of the layer spec
+    return model(tokens, positions, None)
+
+
+def _fused_model_forward(model, batch: Optional[Batch]):
+    """The forward with the fused log-prob path: per-token log-probs [2m, s] on the last
+    stage, the logits never materialised (adadpo_megatron.ops.fused_logprobs)."""
+    tokens = batch["tokens"] if batch is not None else None
+    positions = batch["position_ids"] if batch is not None else None
+    return model(tokens, positions, None, output_processor=LogProbOutputProcessor(),
+                 output_processor_context=batch["labels"] if batch is not None else None)
+
+
+def require_output_processor_hook() -> None:
+    """Raises a clear error where GPTModel has no output_processor hook."""
+    from megatron.core import __version__ as megatron_version
+    from megatron.core.models.gpt import GPTModel
+
+    if "output_processor" not in inspect.signature(GPTModel.forward).parameters:
+        raise RuntimeError(
+            f"model.fused_logprobs=true needs GPTModel's output_processor hook, which "
+            f"megatron-core {megatron_version} does not have; use a release that does "
+            "(0.19 has it) or set model.fused_logprobs=false")
+
+
+class LogProbOutputProcessor:
+    """GPTModel output_processor: per-token log-probs [b, s] instead of logits.
+
+    The labels [b, s] travel as ``output_processor_context``. Sequence parallel hidden states
+    are gathered with megatron-core's own region function (reduce-scatter in backward);
+    without it the hidden states enter the TP region by megatron's copy (all-reduce in
+    backward), as ColumnParallelLinear does.
+    """
+
+    def __init__(self, tp_group=None, chunk_size: Optional[int] = None):
+        self.tp_group, self.chunk_size = tp_group, chunk_size
+
+    def __call__(self, *, hidden_states, output_layer, output_weight, context, **_):
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
+
+        tp_group = group_or_default(self.tp_group, "get_tensor_model_parallel_group")
+        weight = output_weight if output_weight is not None else output_layer.weight
+        if getattr(output_layer, "sequence_parallel", False):
+            hidden = gather_from_sequence_parallel_region(hidden_states, group=tp_group)
+        elif group_size(tp_group) > 1:
+            hidden = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
+        else:
+            hidden = hidden_states
+        labels = context  # [b, s]; the hidden states are [s, b, h]
+        s, b = hidden.shape[0], hidden.shape[1]
+        logps = fused_hidden_logprobs(hidden.reshape(s * b, -1), weight,
+                                      labels.t().reshape(-1), tp_group=tp_group,
+                                      chunk_size=self.chunk_size)
+        return logps.view(s, b).t()
+
+
+def _sequence_sums(output_tensor, batch: Batch, tp_group, cp_group, fused: bool = False):
+    """Per-sequence sums from the last stage's output: logits, or log-probs when fused."""
+    if fused:
+        token_logps = output_tensor
+    else:
+        token_logps = vocab_parallel_logprobs(output_tensor, batch["labels"], tp_group=tp_group)
+    return sequence_logprobs(token_logps, batch["loss_mask"], cp_group=cp_group)
+
+
+def pairs_first_to_chosen_first(batch: Batch) -> Batch:
+    """A pair-major batch (tokens [m, 2, S], ref_logps [m, 2], as a loader that stacks
+    PairDataset items makes it) in the chosen-first layout ([2m, S], [2m]); a chosen-first
+    batch is returned as it is."""
+    if batch["tokens"].dim() == 2:
+        return batch
+    out = dict(batch)
+    for key in ("tokens", "labels", "loss_mask", "position_ids", "ref_logps"):
+        if key in batch:
+            value = batch[key]
+            out[key] = value.transpose(0, 1).reshape(-1, *value.shape[2:])
+    return out
+
+
+def _next_batch(data_iterator) -> Optional[Batch]:
+    # Megatron-LM passes None on pipeline stages that read no data.
+    if data_iterator is None:
+        return None
+    return pairs_first_to_chosen_first(next(data_iterator))
+
+
+def _to_device(batch: Optional[Batch], device: torch.device) -> Optional[Batch]:
+    if batch is None:
+        return None
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+ModelForward = Callable[[torch.nn.Module, Optional[Batch]], torch.Tensor]
+
+
+class _ForwardStep:
+    """What the policy's and the reference's forward steps share: one code path."""
+
+    def __init__(self, *, tp_group=None, cp_group=None,
+                 model_forward: Optional[ModelForward] = None, fused: bool = False):
+        self.tp_group, self.cp_group = tp_group, cp_group
+        self.fused = fused
+        if model_forward is None:
+            model_forward = _fused_model_forward if fused else _model_forward
+        self.model_forward = model_forward
+        self.finite_checks: List[tuple] = []
+
+    def start_step(self) -> None:
+        """Forgets the previous step's finiteness checks (call before each step)."""
+        self.finite_checks = []
+
+    def nonfinite_micro_batches(self) -> List[tuple]:
+        """[(micro-batch index, example ids)] of this step whose loss was not finite.
+
+        The checks are recorded as device tensors in the loss function and read here, after
+        the schedule, with one transfer: the hot path never waits for the device.
+        """
+        if not self.finite_checks:
+            return []
+        finite = torch.stack([ok for ok, _ in self.finite_checks]).cpu()
+        return [(i, ids.tolist() if ids is not None else [])
+                for i, (_, ids) in enumerate(self.finite_checks) if not finite[i]]
+
+    def _record_finite(self, losses: torch.Tensor, batch: Batch) -> None:
+        self.finite_checks.append((torch.isfinite(losses).all(), batch.get("example_ids")))
+
+    def __call__(self, data_iterator, model):
+        tp_group, cp_group = _groups(self.tp_group, self.cp_group)
+        batch = _to_device(_next_batch(data_iterator), _device_of(model))
+        if batch is not None:
+            batch = _this_cp_rank(batch, cp_group)
+        output = self.model_forward(model, batch)
+        return output, partial(self.loss_func, batch, tp_group, cp_group)
+
+
+class PreferenceForwardStep(_ForwardStep):
+    """forward_step(data_iterator, model) for the policy.
+
+    Args:
+        loss_config: the preference loss.
+        tp_group, cp_group: process groups; None falls back to megatron-core's parallel_state.
+        model_forward: ``(model, batch) -> output``; the default calls
+            ``model(tokens, position_ids, None)`` as GPTModel takes it. Any model whose last
+            stage returns vocab-parallel logits [2m, s, V/TP] works.
+        fused: compute the log-probs inside GPTModel's output_processor hook, from the
+            hidden states, without materialising the logits (the last stage's output is then
+            log-probs [2m, s]).
+    The batch's ``ref_logps`` [2m] (precomputed or filled in by the resident reference) is
+    required by losses that need a reference.
+    """
+
+    def __init__(self, loss_config: LossConfig, *, tp_group=None, cp_group=None,
+                 model_forward: Optional[ModelForward] = None, fused: bool = False):
+        super().__init__(tp_group=tp_group, cp_group=cp_group, model_forward=model_forward,
+                         fused=fused)
+        self.loss_config = loss_config
+
+    def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
+        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused)
+        pairs = sums.shape[0] // 2
+        reference = ()
+        if self.loss_config.needs_reference:
+            if "ref_logps" not in batch:
+                raise ValueError(f"loss_type={self.loss_config.loss_type!r} needs reference "
+                                 "log-probs, but the micro-batch has no 'ref_logps'")
+            ref = batch["ref_logps"].to(sums.dtype)
+            reference = (ref[:pairs], ref[pairs:])
+        losses, metrics = preference_loss(sums[:pairs], sums[pairs:], counts[:pairs],
+                                          counts[pairs:], *reference, config=self.loss_config)
+        self._record_finite(losses, batch)
+        count = torch.tensor(pairs, dtype=torch.int, device=sums.device)
+        return losses.sum(), count, _report(metrics, pairs)
+
+
+class SFTForwardStep(_ForwardStep):
+    """forward_step(data_iterator, model) for supervised warm-up on the chosen responses.
+
+    Micro-batches hold the chosen rows only (``collate(..., chosen_only=True)``). The loss is
+    the summed NLL of the response tokens with the token count, so megatron's per-token
+    normalisation gives the mean NLL per response token over the global batch.
+    """
+
+    def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
+        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused)
+        nll = -sums.sum()
+        self._record_finite(nll, batch)
+        tokens = counts.sum()
+        report = {"loss": torch.stack([nll.detach(), tokens]),
+                  "nll/chosen": torch.stack([nll.detach(), tokens]),
+                  "tokens": torch.stack([tokens, torch.ones_like(tokens)]),
+                  "pairs": torch.stack([torch.tensor(float(sums.shape[0])),
+                                        torch.tensor(1.0)]).to(tokens)}
+        return nll, tokens.round().int(), report
+
+
+class ReferenceForwardStep(_ForwardStep):
+    """forward_step(data_iterator, model) for the frozen reference, run forward-only.
+
+    Same arguments as PreferenceForwardStep but the loss. Its report holds ``ref_logps``
+    [2m], the per-sequence sums, and ``ref_counts``.
+    """
+
+    def loss_func(self, batch, tp_group, cp_group, output_tensor):
+        with torch.no_grad():
+            sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused)
+        zero = output_tensor.new_zeros(())
+        count = torch.tensor(sums.shape[0] // 2, dtype=torch.int, device=sums.device)
+        return zero, count, {"ref_logps": sums, "ref_counts": counts}
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _report(metrics: Dict[str, torch.Tensor], pairs: int) -> Dict[str, torch.Tensor]:
+    report = {}
+    for name, value in metrics.items():
+        value = value.detach().float()
+        if name in MAX_REDUCED or name in COUNTS:  # reduced by max, or summed as they are
+            report[name] = torch.stack([value, torch.ones_like(value)])
+        else:
+            report[name] = torch.stack([value * pairs, torch.full_like(value, pairs)])
+    return report
+
+
+def reduce_reports(reports: Iterable[Dict[str, torch.Tensor]], group=None,
+                   context_parallel_size: int = 1) -> Dict[str, float]:
+    """Metrics of one step: micro-batch reports reduced over micro-batches and ``group``.
+
+    Means are weighted by pairs; ``adadpo/coef_max`` is a maximum; ``pairs`` and ``tokens``
+    are totals (summed over data-parallel ranks, counted once over the
+    ``context_parallel_size`` ranks that each report the same pairs). Call on the last
+    pipeline stage with the data-and-context-parallel group.
+    """
+    reports = list(reports)
+    if not reports:
+        return {}
+    names = sorted(reports[0])
+    summed = torch.stack([torch.stack([r[n] for n in names]) for r in reports]).sum(0)
+    maxed = torch.stack([torch.stack([r[n][0] for n in names]) for r in reports]).amax(0)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(summed, group=group)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
+    out = {}
+    for i, name in enumerate(names):
+        if name in MAX_REDUCED:
+            out[name] = maxed[i].item()
+        elif name in COUNTS:
+            out[name] = summed[i, 0].item() / context_parallel_size
+        else:
+            out[name] = (summed[i, 0] / summed[i, 1]).item()
+    return out
+
+
+def collect_reference(reports: List[Dict[str, torch.Tensor]], batches: List[Batch]) -> None:
+    """Attaches the resident reference's per-micro-batch sums to the policy's batches."""
+    for report, batch in zip(reports, batches, strict=True):
+        batch["ref_logps"] = report["ref_logps"].detach()

@@ -1,0 +1,154 @@
+"""Building megatron-core GPTModel chunks for the policy and the resident reference."""
+
+from __future__ import annotations
+
+import zlib
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
+
+_ACTIVATIONS = {"gelu": F.gelu, "swiglu": F.silu, "relu": F.relu}
+# Megatron initialises these with config.output_layer_init_method (scaled by depth).
+_OUTPUT_LAYER_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig, tp_size: int) -> int:
+    """The vocabulary padded to a multiple of model.make_vocab_size_divisible_by.
+
+    Unlike Megatron-LM, the multiple does not grow with the TP size, so that the padded
+    vocabulary (and hence the softmax) is the same on every layout.
+    """
+    multiple = model.make_vocab_size_divisible_by
+    padded = -(-vocab_size // multiple) * multiple
+    if padded % tp_size:
+        raise ValueError(f"the padded vocabulary ({padded} = {vocab_size} rounded up to "
+                         f"model.make_vocab_size_divisible_by={multiple}) is not divisible "
+                         f"by parallel.tensor_model_parallel_size({tp_size})")
+    return padded
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype,
+                       gpu: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(model.transformer)
+    fields.setdefault("hidden_dropout", 0.0)
+    fields.setdefault("attention_dropout", 0.0)
+    if not gpu:  # fused kernels (apex, TE, triton) need a GPU
+        for key in ("gradient_accumulation_fusion", "bias_activation_fusion",
+                    "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
+                    "persist_layer_norm"):
+            fields[key] = False
+    if parallel.virtual_pipeline_model_parallel_size:
+        # Megatron-LM's defaults for interleaving. Batched p2p would also post two messages to
+        # the same peer when PP = 2 (it is both the previous and the next stage), which gloo
+        # matches in posting order and so swaps activations and gradients.
+        fields.setdefault("overlap_p2p_comm", True)
+        fields.setdefault("batch_p2p_comm", False)
+    return TransformerConfig(
+        **fields,
+        activation_func=_ACTIVATIONS[model.activation],
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not gpu,
+        # (loss sum, pair count) from loss_func; megatron divides by the global pair count
+        calculate_per_token_loss=True,
+    )
+
+
+def _layer_spec(gpu: bool):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if gpu:
+        try:
+            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        except (ImportError, AssertionError):
+            pass
+    return gpt_layer_specs.get_gpt_layer_local_spec()
+
+
+def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: int, *,
+                       gpu: bool) -> List[torch.nn.Module]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), not yet DDP-wrapped."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for stage in range(vpp):
+        vp_stage = stage if vpp > 1 else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=_layer_spec(gpu),
+            vocab_size=vocab_size,
+            max_sequence_length=seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+            position_embedding_type=model.position_embedding_type,
+            rotary_base=model.rotary_base,
+            vp_stage=vp_stage,
+        )
+        if not gpu:
+            chunk.to(config.params_dtype)
+        chunks.append(chunk)
+    return chunks
+
+
+def _global_names(chunk: torch.nn.Module):
+    """(global parameter name, parameter): local layer indices replaced by global ones."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    local_to_global = {}
+    for name, module in chunk.named_modules():
+        if isinstance(module, TransformerLayer):
+            local_to_global[name + "."] = name.rsplit(".", 1)[0] + f".{module.layer_number - 1}."
+    for name, param in chunk.named_parameters():
+        for local, global_prefix in local_to_global.items():
+            if name.startswith(local):
+                name = global_prefix + name[len(local):]
+                break
+        yield name, param
+
+
+@torch.no_grad()
+def canonical_init_(chunks: List[torch.nn.Module], config, seed: int) -> None:
+    """Re-initialises every tensor-parallel weight independently of the parallel layout.
+
+    Each weight's full (unsharded) master tensor is drawn from a generator seeded by
+    (seed, global parameter name) with megatron's init method for it, and this rank's shard
+    is cut out with megatron-core's own splitting (stride-aware, so fused QKV and GLU
+    weights shard as megatron shards them). So TP, PP and VPP layouts start from the same
+    weights as the single-process model. Norm weights and biases keep megatron's constant
+    initialisation. CPU runs use it; GPU runs start from checkpoints.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for chunk in chunks:
+        for name, param in _global_names(chunk):
+            if not getattr(param, "tensor_model_parallel", False) or param.dim() != 2:
+                continue
+            dim = param.partition_dim
+            full = list(param.shape)
+            full[dim] *= tp
+            init = (config.output_layer_init_method if name.endswith(_OUTPUT_LAYER_SUFFIXES)
+                    else config.init_method)
+            torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            _initialize_affine_weight_cpu(
+                param, full[0], full[1], param.shape[dim], dim, init,
+                stride=getattr(param, "partition_stride", 1), params_dtype=param.dtype,
+                rank=rank, world_size=tp, skip_set_tensor_parallel_attributes=True)

@@ -1,0 +1,135 @@
+"""The model and parallel-layout sections: what megatron-core's GPTModel is built from.
+
+``ModelConfig`` holds megatron-core TransformerConfig fields plus GPTModel arguments (with
+presets for Llama-3 shapes); ``ParallelConfig`` the TP/PP/VPP/CP layout. Both validate
+themselves in ``__post_init__`` with errors naming the full config key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from adadpo_megatron.validation import require_choice, require_int
+
+# Model presets: megatron-core TransformerConfig fields plus GPTModel arguments.
+MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                 ffn_hidden_size=128, normalization="RMSNorm", gated_linear_unit=True,
+                 activation="swiglu", add_bias_linear=False, position_embedding_type="rope",
+                 init_method_std=0.02),
+    "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                      num_query_groups=8, ffn_hidden_size=14336, normalization="RMSNorm",
+                      gated_linear_unit=True, activation="swiglu", add_bias_linear=False,
+                      position_embedding_type="rope", rotary_base=500000,
+                      layernorm_epsilon=1e-5),
+    "llama3-70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64,
+                       num_query_groups=8, ffn_hidden_size=28672, normalization="RMSNorm",
+                       gated_linear_unit=True, activation="swiglu", add_bias_linear=False,
+                       position_embedding_type="rope", rotary_base=500000,
+                       layernorm_epsilon=1e-5),
+}
+
+# Keys of the model section that are GPTModel arguments or ours, not TransformerConfig fields.
+MODEL_EXTRA_KEYS = ("preset", "position_embedding_type", "rotary_base",
+                    "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+                    "activation", "load", "fused_logprobs")
+ACTIVATIONS = ("gelu", "swiglu", "relu")
+
+
+@dataclass
+class ModelConfig:
+    """The policy (and reference) architecture.
+
+    Fields:
+        preset: a name from MODEL_PRESETS, whose values the other keys override.
+        transformer: megatron-core TransformerConfig fields (num_layers, hidden_size, ...).
+        position_embedding_type: "rope" or "learned_absolute".
+        rotary_base: RoPE base.
+        share_embeddings_and_output_weights: tie input and output embeddings.
+        make_vocab_size_divisible_by: the vocabulary is padded to a multiple of this times
+            the tensor-parallel size, as Megatron-LM does.
+        activation: "gelu", "swiglu" (with gated_linear_unit) or "relu".
+        load: a megatron-core distributed checkpoint (torch_dist; this project's or
+            Megatron-LM's, any TP/PP layout) to start the policy from; None starts from
+            initialisation.
+        fused_logprobs: compute log-probs from the last hidden states inside GPTModel's
+            output_processor hook, never materialising the logits.
+    """
+
+    preset: Optional[str] = None
+    transformer: Dict[str, Any] = field(default_factory=dict)
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    share_embeddings_and_output_weights: bool = False
+    make_vocab_size_divisible_by: int = 128
+    activation: str = "gelu"
+    load: Optional[str] = None
+    fused_logprobs: bool = False
+
+    @classmethod
+    def from_section(cls, section: Optional[Dict[str, Any]]) -> ModelConfig:
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        section = dict(section or {})
+        preset = section.get("preset")
+        if preset is not None and preset not in MODEL_PRESETS:
+            raise ValueError(f"model.preset={preset!r} is not a preset; choose one of "
+                             f"{', '.join(MODEL_PRESETS)}")
+        merged = {**MODEL_PRESETS.get(preset, {}), **section}
+        known = {f.name for f in dataclasses.fields(TransformerConfig)}
+        extra = {k: merged.pop(k) for k in list(merged) if k in MODEL_EXTRA_KEYS}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join('model.' + k for k in unknown)}: "
+                             "neither a megatron-core TransformerConfig field nor one of "
+                             f"{', '.join('model.' + k for k in MODEL_EXTRA_KEYS)}")
+        return cls(transformer=merged, **extra)
+
+    def __post_init__(self):
+        require_choice("model.position_embedding_type", self.position_embedding_type,
+                       ("rope", "learned_absolute"))
+        require_choice("model.activation", self.activation, ACTIVATIONS)
+        for key in ("num_layers", "hidden_size", "num_attention_heads"):
+            if key not in self.transformer:
+                raise ValueError(f"model.{key} is required (or pick a model.preset)")
+
+
+@dataclass
+class ParallelConfig:
+    """The parallel layout; data parallelism is what is left of the world size.
+
+    Fields:
+        tensor_model_parallel_size: TP, >= 1; divides the attention heads.
+        pipeline_model_parallel_size: PP, >= 1; with VPP, divides the layers into PP * VPP.
+        virtual_pipeline_model_parallel_size: VPP (interleaved 1F1B), None or >= 2 with PP > 1.
+        context_parallel_size: CP, >= 1; CP > 1 needs Transformer Engine attention (GPU).
+        sequence_parallel: Megatron sequence parallelism, needs TP > 1.
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                    "context_parallel_size"):
+            require_int(f"parallel.{key}", getattr(self, key))
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            require_int("parallel.virtual_pipeline_model_parallel_size", vpp, low=2)
+            if self.pipeline_model_parallel_size < 2:
+                raise ValueError("parallel.virtual_pipeline_model_parallel_size needs "
+                                 "parallel.pipeline_model_parallel_size >= 2, got "
+                                 f"{self.pipeline_model_parallel_size}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("parallel.sequence_parallel=true needs "
+                             "parallel.tensor_model_parallel_size > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)

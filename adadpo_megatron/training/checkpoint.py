@@ -1,0 +1,159 @@
+"""Checkpoints with megatron-core's distributed checkpointing (torch_dist format).
+
+Layout of ``<train.output_dir>/checkpoints``:
+
+    step_0000010/          one checkpoint: model chunks and optimizer as ShardedTensors,
+                           keyed by global names, so it loads on any TP/PP/VPP layout;
+                           adadpo_state.pt (next step, LR schedule, config) and
+                           rng_rank<r>.pt (each rank's RNG state)
+    latest                 the name of the newest complete checkpoint
+
+A checkpoint is written to ``step_N.tmp`` and renamed only when every rank has finished,
+then ``latest`` is replaced atomically: a save killed halfway leaves the previous
+checkpoint, and ``latest`` pointing at it, untouched. The data position is the step number
+(the sampler is a pure function of seed and step), so resuming continues exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+STATE_FILE = "adadpo_state.pt"
+LATEST = "latest"
+
+
+def _import_checkpointing():
+    """Imports dist_checkpointing and its strategies (so that cpu_compat can cover them)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import (  # noqa: F401
+        async_utils,
+        filesystem_async,
+        state_dict_saver,
+    )
+
+    return dist_checkpointing
+
+
+def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict:
+    """{"model<i>": sharded state dict} of the unwrapped chunks (DDP or plain)."""
+    return {f"model{i}": getattr(chunk, "module", chunk).sharded_state_dict()
+            for i, chunk in enumerate(chunks)}
+
+
+def checkpoint_root(output_dir: str) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str) -> Optional[Path]:
+    """The newest complete checkpoint under output_dir, or None."""
+    root = checkpoint_root(output_dir)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete "
+                                "checkpoint; remove the pointer or restore the directory")
+    return path
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory, or a run's output_dir or checkpoints/ dir (its latest)."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            return root / (root / LATEST).read_text().strip()
+    return path
+
+
+def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
+    """Saves model, optimizer, LR schedule, data position (next_step), RNG and config."""
+    from adadpo_megatron.training.run_config import to_dict
+
+    dist_checkpointing = _import_checkpointing()
+    root = checkpoint_root(trainer.config.train.output_dir)
+    name = f"step_{next_step:07d}"
+    final, tmp = root / name, root / (name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state = model_sharded_state_dict(trainer.model)
+    state = dict(model_state)
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state)
+    dist_checkpointing.save(state, str(tmp))
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if trainer.gpu else None},
+               tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save({"next_step": next_step, "scheduler": trainer.scheduler.state_dict(),
+                    "config": to_dict(trainer.config), "world_size": dist.get_world_size()},
+                   tmp / STATE_FILE)
+    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = root / (LATEST + ".tmp")
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, root / LATEST)
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(trainer, path: Path) -> int:
+    """Restores a checkpoint (on any layout); returns the step to continue from."""
+    dist_checkpointing = _import_checkpointing()
+    for optimizer in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        # megatron-core calls init_state_fn before loading; SGD without momentum has none
+        if getattr(optimizer, "init_state_fn", True) is None:
+            optimizer.init_state_fn = lambda *args: None
+    model_state = model_sharded_state_dict(trainer.model)
+    state = dict(model_state)
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(trainer.model):
+        getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{i}"])
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    meta = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    trainer.scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+    if meta["world_size"] == dist.get_world_size() and rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if trainer.gpu and rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(meta["next_step"])
+
+
+def load_model_weights(chunks: List[torch.nn.Module], path: str) -> None:
+    """Loads only model weights from a megatron-core distributed checkpoint (any layout).
+
+    Works for this project's checkpoints and for Megatron-LM's torch_dist checkpoints of the
+    same architecture (e.g. converted from Hugging Face with Megatron's conversion tools):
+    tensors are matched by their global ShardedTensor keys.
+    """
+    dist_checkpointing = _import_checkpointing()
+    path = resolve_checkpoint(path)
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint "
+                                "(no metadata.json)")
+    state = model_sharded_state_dict(chunks)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(chunks):
+        getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{i}"])

@@ -1,0 +1,438 @@
+"""The run configuration: one YAML file with dotted command-line overrides.
+
+Sections: model, parallel, loss, data, reference, optimizer, train. Every section is a
+dataclass validated in ``__post_init__``; ``RunConfig.check_world`` checks the layout
+against the world size. Both run before any model is built, and every error names the full
+config key and the numbers involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from adadpo_megatron.mcore.model_config import MODEL_PRESETS, ModelConfig, ParallelConfig
+from adadpo_megatron.ops.loss_config import LossConfig
+from adadpo_megatron.validation import from_mapping, require_choice, require_int, require_number
+
+
+@dataclass
+class DataConfig:
+    """The preference data (see adadpo_megatron/data/preference_data.py for layouts and policies).
+
+    Fields:
+        path: a .json, .jsonl, .parquet or .arrow file, a directory (save_to_disk output or
+            data files), or the name of a dataset in the local Hugging Face cache. Relative
+            paths are relative to the config file.
+        split: the split of a directory or named dataset.
+        format: "auto", "explicit" (prompt/chosen/rejected strings), "conversational"
+            (message lists, rendered with the tokenizer's chat template) or "pretokenized"
+            (prompt_input_ids/chosen_input_ids/rejected_input_ids).
+        tokenizer: "byte" (built in) or the path of a local Hugging Face tokenizer directory.
+        seq_length: every sequence (prompt + response) is padded or truncated to this.
+        max_prompt_length: the longest prompt in tokens (BOS included); None means
+            seq_length // 2.
+        prompt_truncation: "left" keeps BOS and the last tokens of a longer prompt; "drop"
+            drops (and counts) its pair.
+        skip_invalid: skip (and count) bad rows instead of stopping with an error.
+        cache: keep the tokenised data next to the source, so a restart does not re-tokenise.
+        eval_fraction: share of the pairs held out for evaluation, in [0, 0.5]; the split
+            is a seeded random one.
+        eval_seed: seeds the held-out split; None means train.seed. Fix it to vary
+            train.seed (the data order) while holding out the same pairs, e.g. over the
+            seeds of a sweep, or so that a warm-up stage never trains on them.
+    """
+
+    path: str = ""
+    split: str = "train"
+    format: str = "auto"
+    tokenizer: str = "byte"
+    seq_length: int = 128
+    max_prompt_length: Optional[int] = None
+    prompt_truncation: str = "left"
+    skip_invalid: bool = False
+    cache: bool = True
+    eval_fraction: float = 0.0
+    eval_seed: Optional[int] = None
+
+    def __post_init__(self):
+        from adadpo_megatron.data.preference_data import FORMATS
+
+        if not self.path:
+            raise ValueError("data.path is required: a preference data file, directory or "
+                             "cached dataset name")
+        require_choice("data.format", self.format, FORMATS)
+        require_choice("data.prompt_truncation", self.prompt_truncation, ("left", "drop"))
+        require_int("data.seq_length", self.seq_length, low=4)
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.seq_length // 2
+        require_number("data.eval_fraction", self.eval_fraction, low=0.0, high=0.5)
+        if self.eval_seed is not None:
+            require_int("data.eval_seed", self.eval_seed, low=0)
+        if not 1 <= self.max_prompt_length < self.seq_length:
+            raise ValueError(f"data.max_prompt_length={self.max_prompt_length!r} must be in "
+                             f"[1, data.seq_length={self.seq_length})")
+        for key in ("skip_invalid", "cache"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"data.{key}={getattr(self, key)!r} must be true or false")
+
+    def settings(self):
+        from adadpo_megatron.data.preference_data import DataSettings
+
+        return DataSettings(format=self.format, seq_length=self.seq_length,
+                            max_prompt_length=self.max_prompt_length,
+                            prompt_truncation=self.prompt_truncation,
+                            skip_invalid=self.skip_invalid, split=self.split)
+
+
+# Token alignment FP8 GEMMs need, by recipe (MXFP8 scales blocks of 32 along the tokens).
+FP8_SEQUENCE_MULTIPLE = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
+
+REFERENCE_MODES = ("precompute", "resident", "none")
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the reference log-probs come from.
+
+    Fields:
+        mode: "precompute" (read a cache written by adadpo-precompute-reference), "resident"
+            (a frozen copy of the initial policy runs forward-only in each step) or "none"
+            (reference-free losses: simpo, cpo, orpo).
+        cache_path: the precompute cache; None means next to the data file, as
+            ``<data>.reference.pt``.
+        load: a megatron-core distributed checkpoint for the reference's weights; None
+            means the policy's initial weights (model.load, or the initialisation).
+    """
+
+    mode: str = "resident"
+    cache_path: Optional[str] = None
+    load: Optional[str] = None
+
+    def __post_init__(self):
+        require_choice("reference.mode", self.mode, REFERENCE_MODES)
+
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class OptimizerSection:
+    """megatron-core's optimizer and learning-rate schedule.
+
+    Fields:
+        megatron: megatron-core OptimizerConfig fields (optimizer, lr, min_lr, weight_decay,
+            adam_beta1, adam_beta2, adam_eps, clip_grad, use_distributed_optimizer, ...).
+            use_distributed_optimizer defaults to true on GPU; it is refused on CPU.
+        lr_warmup_fraction: share of train.max_steps spent in linear warm-up, in [0, 1).
+        lr_decay_style: "constant", "linear" or "cosine", from the end of warm-up to
+            train.max_steps, down to min_lr.
+    """
+
+    megatron: Dict[str, Any] = field(default_factory=dict)
+    lr_warmup_fraction: float = 0.0
+    lr_decay_style: str = "constant"
+
+    @classmethod
+    def from_section(cls, section: Optional[Dict[str, Any]]) -> OptimizerSection:
+        from megatron.core.optimizer import OptimizerConfig
+
+        section = dict(section or {})
+        ours = {k: section.pop(k) for k in ("lr_warmup_fraction", "lr_decay_style")
+                if k in section}
+        known = {f.name for f in dataclasses.fields(OptimizerConfig)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join('optimizer.' + k for k in unknown)}: "
+                             "neither a megatron-core OptimizerConfig field nor "
+                             "optimizer.lr_warmup_fraction / optimizer.lr_decay_style")
+        return cls(megatron=section, **ours)
+
+    def __post_init__(self):
+        if not 0.0 <= self.lr_warmup_fraction < 1.0:
+            raise ValueError(f"optimizer.lr_warmup_fraction={self.lr_warmup_fraction!r} must "
+                             "be in [0, 1)")
+        require_choice("optimizer.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        require_number("optimizer.lr", self.megatron.get("lr", 1e-5), low=0.0, low_open=True)
+
+
+@dataclass
+class TrainConfig:
+    """The loop.
+
+    Fields:
+        global_batch_size: preference pairs per optimizer step, over all data-parallel ranks.
+        micro_batch_size: pairs per micro-batch (each holds 2x this many sequences).
+        max_steps: optimizer steps.
+        seed: seeds model initialisation and data order.
+        output_dir: where metrics.jsonl and checkpoints/ go, relative to the working
+            directory (input paths elsewhere in the config are relative to the config file).
+        dtype: "float32" or "bfloat16" parameters and compute.
+        save_interval: save a checkpoint every this many steps (and always after the last);
+            0 saves only after the last step.
+        keep_checkpoints: how many checkpoints to keep, >= 1.
+        resume: "auto" (continue from output_dir/checkpoints/latest when it exists), "never",
+            or the path of a checkpoint directory to continue from.
+        eval_interval: evaluate on the held-out pairs every this many steps (and after the
+            last); 0 never evaluates. Needs data.eval_fraction > 0.
+        progress: show a progress bar (step, loss, accuracy, tokens/s, ETA) on the logging
+            rank.
+        tensorboard: write TensorBoard logs to output_dir/tensorboard.
+        stage: "preference" (the configured loss) or "sft" (supervised warm-up: the mean NLL
+            of the chosen responses; needs reference.mode none).
+    """
+
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    max_steps: int = 10
+    seed: int = 1234
+    output_dir: str = "runs/adadpo"
+    dtype: str = "float32"
+    save_interval: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    eval_interval: int = 0
+    progress: bool = True
+    tensorboard: bool = True
+    stage: str = "preference"
+
+    def __post_init__(self):
+        for key in ("global_batch_size", "micro_batch_size", "max_steps", "keep_checkpoints"):
+            require_int(f"train.{key}", getattr(self, key))
+        require_int("train.save_interval", self.save_interval, low=0)
+        require_int("train.eval_interval", self.eval_interval, low=0)
+        require_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
+        require_choice("train.stage", self.stage, ("preference", "sft"))
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ValueError(f"train.resume={self.resume!r} must be 'auto', 'never' or the "
+                             "path of a checkpoint directory")
+
+
+SECTIONS = ("model", "parallel", "loss", "data", "reference", "optimizer", "train")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    loss: LossConfig
+    data: DataConfig
+    reference: ReferenceConfig
+    optimizer: OptimizerSection
+    train: TrainConfig
+    source: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], source: Optional[str] = None) -> RunConfig:
+        raw = dict(raw or {})
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown section(s) {', '.join(unknown)}; the sections are "
+                             f"{', '.join(SECTIONS)}")
+        for name in SECTIONS:
+            if raw.get(name) is not None and not isinstance(raw[name], dict):
+                raise ValueError(f"section {name} must be a mapping, got {raw[name]!r}")
+        config = cls(
+            model=ModelConfig.from_section(raw.get("model")),
+            parallel=from_mapping(ParallelConfig, raw.get("parallel"), "parallel"),
+            loss=from_mapping(LossConfig, raw.get("loss"), "loss"),
+            data=from_mapping(DataConfig, raw.get("data"), "data"),
+            reference=from_mapping(ReferenceConfig, raw.get("reference"), "reference"),
+            optimizer=OptimizerSection.from_section(raw.get("optimizer")),
+            train=from_mapping(TrainConfig, raw.get("train"), "train"),
+            source=source,
+        )
+        config._check_consistency()
+        return config
+
+    def _check_consistency(self) -> None:
+        if self.train.eval_interval and not self.data.eval_fraction:
+            raise ValueError(f"train.eval_interval={self.train.eval_interval} needs "
+                             "data.eval_fraction > 0 (no held-out pairs to evaluate on)")
+        if self.train.stage == "sft":
+            if self.reference.mode != "none":
+                raise ValueError("train.stage=sft trains on the chosen responses alone; set "
+                                 f"reference.mode=none (got {self.reference.mode!r})")
+        elif self.loss.needs_reference and self.reference.mode == "none":
+            raise ValueError(f"loss.loss_type={self.loss.loss_type!r} needs a reference; set "
+                             "reference.mode to precompute or resident")
+        elif not self.loss.needs_reference and self.reference.mode != "none":
+            raise ValueError(f"loss.loss_type={self.loss.loss_type!r} is reference-free; set "
+                             f"reference.mode=none (got {self.reference.mode!r})")
+        t, p = self.model.transformer, self.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if t["num_attention_heads"] % tp:
+            raise ValueError(f"model.num_attention_heads({t['num_attention_heads']}) is not "
+                             f"divisible by parallel.tensor_model_parallel_size({tp})")
+        groups = t.get("num_query_groups") or t["num_attention_heads"]
+        if groups % tp:
+            raise ValueError(f"model.num_query_groups({groups}) is not divisible by "
+                             f"parallel.tensor_model_parallel_size({tp})")
+        stages = pp * (p.virtual_pipeline_model_parallel_size or 1)
+        if t["num_layers"] % stages:
+            raise ValueError(f"model.num_layers({t['num_layers']}) is not divisible by "
+                             f"parallel.pipeline_model_parallel_size({pp}) * "
+                             "parallel.virtual_pipeline_model_parallel_size"
+                             f"({p.virtual_pipeline_model_parallel_size or 1})")
+        fp8 = t.get("fp8")
+        if fp8:
+            if self.train.dtype != "bfloat16":
+                raise ValueError(f"model.fp8={fp8!r} needs train.dtype=bfloat16 (got "
+                                 f"{self.train.dtype!r}): FP8 GEMMs run inside a bf16 model")
+            recipe = t.get("fp8_recipe", "delayed")
+            multiple = FP8_SEQUENCE_MULTIPLE.get(recipe, 16)
+            if self.data.seq_length % multiple:
+                raise ValueError(f"data.seq_length({self.data.seq_length}) must be a multiple "
+                                 f"of {multiple} for model.fp8_recipe={recipe!r}: sequences are "
+                                 "padded to seq_length, and FP8 GEMMs need that alignment")
+        cp = p.context_parallel_size
+        if cp > 1 and self.data.seq_length % (2 * cp):
+            raise ValueError(f"data.seq_length({self.data.seq_length}) is not divisible by "
+                             f"2 * parallel.context_parallel_size({cp})")
+
+    def check_machine(self, *, gpu: bool) -> None:
+        """What this machine must have for the config (GPU, Transformer Engine)."""
+        p = self.parallel
+        fp8 = self.model.transformer.get("fp8")
+        if fp8:
+            if not gpu:
+                raise ValueError(f"model.fp8={fp8!r} needs a GPU with Transformer Engine; "
+                                 "remove model.fp8 to run on CPU")
+            if importlib.util.find_spec("transformer_engine") is None:
+                raise ValueError(f"model.fp8={fp8!r} needs Transformer Engine: "
+                                 "pip install -e '.[te]'")
+        if gpu:
+            return
+        if p.context_parallel_size > 1:
+            raise ValueError(f"parallel.context_parallel_size={p.context_parallel_size} needs "
+                             "Transformer Engine's context-parallel attention, which needs a "
+                             "GPU")
+        if p.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or "
+                             "Apex norms (megatron-core's torch norm refuses it), so a GPU")
+        if self.optimizer.megatron.get("use_distributed_optimizer"):
+            raise ValueError("optimizer.use_distributed_optimizer=true needs a GPU; on CPU "
+                             "megatron-core's plain optimizer is used")
+        if self.train.dtype != "float32":
+            raise ValueError(f"train.dtype={self.train.dtype!r}: CPU runs use float32")
+
+    def check_world(self, world_size: int, *, gpu: bool) -> int:
+        """Checks the layout against the world and the machine; returns the DP size."""
+        dp = self.check_layout(world_size)
+        self.check_machine(gpu=gpu)
+        return dp
+
+    def check_layout(self, world_size: int) -> int:
+        """Checks the parallel layout and batch sizes against the world; returns the DP size."""
+        p, t = self.parallel, self.train
+        tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                      p.context_parallel_size)
+        if world_size % (tp * pp * cp):
+            raise ValueError(f"WORLD_SIZE({world_size}) is not divisible by "
+                             f"parallel.tensor_model_parallel_size({tp}) * "
+                             f"parallel.pipeline_model_parallel_size({pp}) * "
+                             f"parallel.context_parallel_size({cp}) = {tp * pp * cp}")
+        dp = world_size // (tp * pp * cp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(f"train.global_batch_size({t.global_batch_size}) is not divisible "
+                             f"by train.micro_batch_size({t.micro_batch_size}) * "
+                             f"data-parallel size({dp}) = {t.micro_batch_size * dp}")
+        return dp
+
+    def resolve(self, path) -> Optional[Path]:
+        """An input path of the config (data.path, model.load, reference.load,
+        reference.cache_path): relative paths are relative to the config file."""
+        if path is None:
+            return None
+        path = Path(path)
+        if not path.is_absolute() and self.source is not None:
+            path = Path(self.source).parent / path
+        return path
+
+    @property
+    def eval_seed(self) -> int:
+        """The seed of the held-out split: data.eval_seed, else train.seed."""
+        return self.train.seed if self.data.eval_seed is None else self.data.eval_seed
+
+    def data_source(self) -> str:
+        """data.path as a file or directory relative to the config file, else as a name."""
+        resolved = self.resolve(self.data.path)
+        if resolved.exists() or Path(self.data.path).is_absolute():
+            return str(resolved)
+        return self.data.path
+
+    def tokenizer_spec(self) -> str:
+        if self.data.tokenizer == "byte":
+            return "byte"
+        return str(self.resolve(self.data.tokenizer))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 with YAML 1.2's floats: ``1e-3`` is a number, not the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _parse_override(item: str):
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    key, value = item.split("=", 1)
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"override {item!r}: the key must be section.key (e.g. train.seed=1)")
+    return parts, _yaml(value)
+
+
+def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads ``path`` (YAML), applies ``section.key=value`` overrides, validates."""
+    path_obj = Path(path)
+    if not path_obj.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path_obj) as f:
+        try:
+            raw = _yaml(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node: Dict[str, Any] = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    try:
+        return RunConfig.from_dict(raw, source=str(path_obj))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def to_dict(config: RunConfig) -> Dict[str, Any]:
+    """A plain-data view of the config (for logs and fingerprints)."""
+    out: Dict[str, Any] = {}
+    for name in SECTIONS:
+        out[name] = dataclasses.asdict(getattr(config, name))
+    return out
+
+
+__all__: List[str] = ["RunConfig", "load_run_config", "to_dict", "MODEL_PRESETS"]

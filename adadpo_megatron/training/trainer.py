@@ -1,0 +1,427 @@
+"""The training loop: megatron-core's schedules, DDP, optimizer and LR schedule around the step.
+
+    trainer = Trainer(load_run_config("configs/tiny_cpu.yaml"))
+    trainer.setup()          # distributed, parallel_state, data, model(s), optimizer
+    trainer.train()          # max_steps steps, one JSON line per step in metrics.jsonl
+    trainer.close()
+
+Launch under torchrun for more than one process; see adadpo_megatron.training.cli.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from adadpo_megatron.data.micro_batches import (
+    held_out_micro_batches,
+    split_held_out,
+    step_micro_batches,
+)
+from adadpo_megatron.data.preference_data import load_preference_data
+from adadpo_megatron.data.tokenizers import build_tokenizer
+from adadpo_megatron.mcore import cpu_compat
+from adadpo_megatron.mcore.forward_step import (
+    PreferenceForwardStep,
+    ReferenceForwardStep,
+    SFTForwardStep,
+    collect_reference,
+    reduce_reports,
+    require_output_processor_hook,
+)
+from adadpo_megatron.mcore.model import (
+    build_model_chunks,
+    canonical_init_,
+    padded_vocab_size,
+    transformer_config,
+)
+from adadpo_megatron.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
+from adadpo_megatron.training.reference_cache import (
+    attach_precomputed,
+    default_cache_path,
+    load_cache,
+    reference_fingerprint,
+    reference_weights_path,
+)
+from adadpo_megatron.training.run_config import RunConfig
+from adadpo_megatron.training.run_log import RunLog
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient; raised on every rank before the optimizer step."""
+
+
+def init_distributed(gpu: bool) -> None:
+    """Joins torchrun's process group (or makes a one-process one)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT",
+                                                                              "29511"))
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(minutes=10))
+
+
+def _import_megatron_modules() -> None:
+    """Imports what the loop uses, so that cpu_compat.enable() covers all of it."""
+    import megatron.core.distributed  # noqa: F401
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.optimizer  # noqa: F401
+    import megatron.core.pipeline_parallel  # noqa: F401
+
+    from adadpo_megatron.training.checkpoint import _import_checkpointing
+
+    _import_checkpointing()
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.gpu = torch.cuda.is_available()
+        self.model: List[torch.nn.Module] = []
+        self.reference_model: List[torch.nn.Module] = []
+        self.reference_logps: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> Trainer:
+        """Everything for training: the common part, the models, the optimizer."""
+        c = self.config
+        self.setup_common()
+        if c.reference.mode == "precompute":  # before building anything: a stale cache fails
+            self.reference_logps = load_cache(
+                default_cache_path(c), reference_fingerprint(c, self.tokenizer, self.dataset),
+                self.dataset)
+        self.model = self._build(frozen=False)
+        if c.model.load:
+            load_model_weights(self.model, c.resolve(c.model.load))
+        if c.reference.mode == "resident":
+            self.reference_model = self.build_reference()
+        self._build_optimizer()
+        if not self.gpu:
+            cpu_compat.enable()  # covers modules imported while building
+        self.sft = c.train.stage == "sft"
+        fused = c.model.fused_logprobs
+        self.forward_step = (SFTForwardStep(fused=fused) if self.sft
+                             else PreferenceForwardStep(c.loss, fused=fused))
+        self.start_step = 0
+        resume = self._resume_path()
+        if resume is not None:
+            self.start_step = load_checkpoint(self, resume)
+            if self.is_logging_rank:
+                print(f"resumed from {resume} at step {self.start_step}", flush=True)
+        return self
+
+    def _resume_path(self):
+        resume = self.config.train.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.config.train.output_dir)
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint directory")
+        return path
+
+    def setup_common(self) -> None:
+        """Distributed, megatron-core's parallel state, seeds and the tokenised data."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        c = self.config
+        world = (dist.get_world_size() if dist.is_initialized()
+                 else int(os.environ.get("WORLD_SIZE", "1")))
+        self.dp_size = c.check_world(world, gpu=self.gpu)
+        init_distributed(self.gpu)
+        _import_megatron_modules()
+        if not self.gpu:
+            cpu_compat.enable()
+        p = c.parallel
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size,
+        )
+        torch.manual_seed(c.train.seed)
+        if self.gpu:
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(c.train.seed)
+        self.tokenizer = build_tokenizer(c.tokenizer_spec())
+        self.dataset, self.data_report = self._load_data()
+        self.train_set, self.eval_set = split_held_out(self.dataset, c.data.eval_fraction,
+                                                       c.eval_seed)
+        if self.eval_set is not None and len(self.eval_set) < self.dp_size:
+            raise ValueError(f"data.eval_fraction={c.data.eval_fraction} holds out "
+                             f"{len(self.eval_set)} pairs, fewer than the data-parallel size "
+                             f"({self.dp_size})")
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, c.model,
+                                            p.tensor_model_parallel_size)
+        self.dtype = getattr(torch, c.train.dtype)
+        self.forward_backward = get_forward_backward_func()
+        if c.model.fused_logprobs:
+            require_output_processor_hook()
+        self.reference_step = ReferenceForwardStep(fused=c.model.fused_logprobs)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.metrics_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
+
+    def _load_data(self):
+        """Rank 0 reads and tokenises (writing the cache) first; the others then read the
+        cache. A bad row raises the same error on every rank instead of a hang."""
+        c = self.config
+
+        def load():
+            return load_preference_data(c.data_source(), self.tokenizer, c.data.settings(),
+                                        cache=c.data.cache)
+
+        error = [None]
+        if dist.get_rank() == 0:
+            try:
+                result = load()
+            except (ValueError, FileNotFoundError) as err:
+                error = [err]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0]
+        if dist.get_rank() != 0:
+            result = load()
+        if dist.get_rank() == dist.get_world_size() - 1:
+            print(f"data: {c.data_source()}: {result[1]}", flush=True)
+        return result
+
+    def _build(self, frozen: bool) -> List[torch.nn.Module]:
+        """This rank's model chunks: DDP-wrapped for the policy, frozen for a reference."""
+        c = self.config
+        config = transformer_config(c.model, c.parallel, dtype=self.dtype, gpu=self.gpu)
+        chunks = build_model_chunks(c.model, config, self.vocab_size, c.data.seq_length,
+                                    gpu=self.gpu)
+        if self.gpu:
+            for chunk in chunks:
+                chunk.cuda(torch.cuda.current_device())
+        else:
+            canonical_init_(chunks, config, c.train.seed)
+        if frozen:
+            for chunk in chunks:
+                chunk.eval()
+                chunk.requires_grad_(False)
+            return chunks
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self._use_distributed_optimizer(),
+        )
+        return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                        disable_bucketing=i > 0)
+                for i, chunk in enumerate(chunks)]
+
+    def build_reference(self) -> List[torch.nn.Module]:
+        """This rank's frozen reference chunks, with the reference's weights.
+
+        Those of reference.load or model.load when set; otherwise the policy's initial
+        weights: copied from the policy when it is built (whatever the device's
+        initialisation order), else the initialisation itself (precompute, which builds the
+        reference alone, right after seeding, as setup() builds the policy).
+        """
+        chunks = self._build(frozen=True)
+        path = reference_weights_path(self.config)
+        if path:
+            load_model_weights(chunks, path)
+        elif self.model:
+            for reference, policy in zip(chunks, self.model, strict=True):
+                reference.load_state_dict(policy.module.state_dict())
+        return chunks
+
+    def _use_distributed_optimizer(self) -> bool:
+        return bool(self.config.optimizer.megatron.get("use_distributed_optimizer", self.gpu))
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        c, o = self.config, self.config.optimizer
+        fields = {"optimizer": "adam", "lr": 1e-5, "weight_decay": 0.0, "clip_grad": 1.0,
+                  **o.megatron}
+        fields["use_distributed_optimizer"] = self._use_distributed_optimizer()
+        fields.setdefault("min_lr", 0.0)
+        fields["bf16"] = self.dtype == torch.bfloat16
+        fields["params_dtype"] = self.dtype
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(**fields), self.model)
+        warmup = int(o.lr_warmup_fraction * c.train.max_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warmup else fields["lr"], max_lr=fields["lr"],
+            min_lr=fields["min_lr"], lr_warmup_steps=warmup,
+            lr_decay_steps=max(c.train.max_steps, warmup + 1), lr_decay_style=o.lr_decay_style,
+            start_wd=fields["weight_decay"], end_wd=fields["weight_decay"],
+            wd_incr_steps=c.train.max_steps, wd_incr_style="constant")
+        model_config = self.model[0].config
+        model_config.finalize_model_grads_func = finalize_model_grads
+        model_config.grad_scale_func = self.optimizer.scale_loss
+
+    # ------------------------------------------------------------------ the step
+
+    def run_schedule(self, step_func, model, batches, forward_only: bool):
+        """megatron-core's forward-backward over ``batches``; the last stage's reports.
+
+        All micro-batches of one call have the same number of pairs (pipeline stages
+        exchange tensors of a fixed shape).
+        """
+        c = self.config
+        rows = batches[0]["tokens"].shape[0]
+        chunks = model if len(model) > 1 else model[0]
+        iterators = ([iter(batches) for _ in model] if len(model) > 1 else iter(batches))
+        return self.forward_backward(
+            forward_step_func=step_func,
+            data_iterator=iterators,
+            model=chunks,
+            num_microbatches=len(batches),
+            seq_length=c.data.seq_length,
+            micro_batch_size=rows,  # sequences: chosen + rejected (chosen only for sft)
+            forward_only=forward_only,
+        )
+
+    def micro_batches(self, step: int):
+        t = self.config.train
+        batches = step_micro_batches(self.train_set, step, global_batch_size=t.global_batch_size,
+                                     micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank,
+                                     dp_size=self.dp_size, seed=t.seed,
+                                     chosen_only=self.sft)
+        if self.reference_logps is not None:
+            attach_precomputed(batches, self.reference_logps)
+        return batches
+
+    def _attach_reference(self, batches) -> None:
+        """Fills ``ref_logps`` from the resident reference (precomputed ones are already in)."""
+        if not self.reference_model:
+            return
+        reports = self._forward_only_by_size(self.reference_step, self.reference_model, batches)
+        if self.is_last_stage:
+            collect_reference(reports, batches)
+
+    def _forward_only_by_size(self, step_func, model, batches):
+        """run_schedule over batches of possibly different sizes, one call per size run."""
+        reports, start = [], 0
+        while start < len(batches):
+            size = batches[start]["example_ids"].numel()
+            end = start
+            while end < len(batches) and batches[end]["example_ids"].numel() == size:
+                end += 1
+            with torch.no_grad():
+                reports += self.run_schedule(step_func, model, batches[start:end],
+                                             forward_only=True) or []
+            start = end
+        return reports
+
+    def evaluate(self) -> Dict[str, float]:
+        """The step metrics on the held-out pairs, forward-only, prefixed "eval/"."""
+        t = self.config.train
+        batches = held_out_micro_batches(self.eval_set, micro_batch_size=t.micro_batch_size,
+                                         dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                         chosen_only=self.sft)
+        if self.reference_logps is not None:
+            attach_precomputed(batches, self.reference_logps)
+        self._attach_reference(batches)
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            reports = self._forward_only_by_size(self.forward_step, self.model, batches)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        if not self.is_last_stage:
+            return {}
+        metrics = reduce_reports(reports, self.metrics_group,
+                                 self.config.parallel.context_parallel_size)
+        return {f"eval/{name}": value for name, value in metrics.items()}
+
+    def train_step(self, step: int) -> Dict[str, float]:
+        """One optimizer step; returns the step's metrics (complete on the logging rank)."""
+        start = time.perf_counter()
+        batches = self.micro_batches(step)
+        self._attach_reference(batches)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.forward_step.start_step()
+        reports = self.run_schedule(self.forward_step, self.model, batches, forward_only=False)
+        self._stop_if_not_finite(step)
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics: Dict[str, float] = {"step": step}
+        if self.is_last_stage:
+            metrics.update(reduce_reports(reports, self.metrics_group,
+                                          self.config.parallel.context_parallel_size))
+        elapsed = time.perf_counter() - start
+        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       learning_rate=learning_rate, step_time=elapsed)
+        if "tokens" in metrics:
+            metrics["tokens_per_second"] = metrics["tokens"] / elapsed
+        return metrics
+
+    def _stop_if_not_finite(self, step: int) -> None:
+        """Raises NonFiniteError on every rank, before any weight changes, if a loss or a
+        gradient of this step is not finite, naming the step and the micro-batches."""
+        bad_losses = self.forward_step.nonfinite_micro_batches()
+        finite_grads = [torch.isfinite(buffer.grad_data).all()
+                        for chunk in self.model for buffer in chunk.buffers]
+        device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else None
+        flags = torch.stack([torch.tensor(bool(bad_losses), device=device),
+                             ~torch.stack(finite_grads).all().to(device)]).float()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # one collective, on the device NCCL needs
+        if not flags.any():
+            return
+        details = [None] * dist.get_world_size()
+        dist.all_gather_object(details, bad_losses)
+        losses = sorted({(i, tuple(ids)) for rank_details in details for i, ids in rank_details})
+        if losses:
+            where = "; ".join(f"micro-batch {i} (examples {list(ids)})" for i, ids in losses)
+            message = f"step {step}: non-finite loss in {where}"
+        else:
+            message = f"step {step}: the losses were finite but a gradient is not"
+        raise NonFiniteError(f"{message}. Stopped before the optimizer step: the weights are "
+                             "those of the previous step; the last checkpoint is intact.")
+
+    def train(self) -> List[Dict[str, float]]:
+        t = self.config.train
+        history = []
+        log = RunLog(self.config, self.start_step) if self.is_logging_rank else None
+        try:
+            for step in range(self.start_step, t.max_steps):
+                metrics = self.train_step(step)
+                last = step + 1 == t.max_steps
+                if t.eval_interval and (last or (step + 1) % t.eval_interval == 0):
+                    metrics.update(self.evaluate())
+                history.append(metrics)
+                if log is not None:
+                    log.write(metrics)
+                if last or (t.save_interval and (step + 1) % t.save_interval == 0):
+                    save_checkpoint(self, step + 1, keep=t.keep_checkpoints)
+        finally:
+            if log is not None:
+                log.close()
+        return history
+
+    def close(self) -> None:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()

@@ -1,0 +1,52 @@
+"""The package's layers import only downwards, and importing it needs torch alone.
+
+Oracle: the import statements themselves (read with ast), against the rule that
+docs/ARCHITECTURE.md states: ops imports nothing of the package but ``validation``; data
+imports nothing of ops, mcore or training; mcore imports nothing of data or training.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.training import REPO
+
+PACKAGE = REPO / "adadpo_megatron"
+FORBIDDEN = {
+    "ops": ("mcore", "data", "training"),
+    "data": ("ops", "mcore", "training"),
+    "mcore": ("data", "training"),
+}
+
+
+def _imported_modules(path):
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_lower_layers_never_import_upper_ones(layer):
+    files = sorted((PACKAGE / layer).rglob("*.py"))
+    assert files, f"no modules under adadpo_megatron/{layer}"
+    wrong = [f"{path.relative_to(REPO)} imports {module}"
+             for path in files for module in _imported_modules(path)
+             for upper in FORBIDDEN[layer]
+             if module == f"adadpo_megatron.{upper}"
+             or module.startswith(f"adadpo_megatron.{upper}.")]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_importing_the_package_loads_neither_megatron_nor_datasets():
+    code = ("import sys, adadpo_megatron; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'megatron', 'datasets', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,134 @@
+"""adadpo-train end to end under torchrun, and its config errors before any model is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.training import REPO, free_port
+
+CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
+STEPS = 6
+
+
+def _train(tmp_path, name, nproc, *overrides):
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "adadpo_megatron", "--config", CONFIG,
+           f"train.output_dir={out}", f"train.max_steps={STEPS}", "data.eval_fraction=0.1",
+           "train.eval_interval=3", *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    _train(tmp, "single", 1)
+    return tmp / "single"
+
+
+@pytest.fixture(scope="module")
+def single_run(single_run_dir):
+    lines = (single_run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("overrides", [
+    ("parallel.tensor_model_parallel_size=2",),
+    ("parallel.pipeline_model_parallel_size=2",),
+    (),
+], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single_process(single_run, tmp_path, overrides):
+    runs = _train(tmp_path, "two", 2, *overrides)
+    assert len(runs) == len(single_run) == STEPS
+    for got, want in zip(runs, single_run, strict=True):
+        assert got["step"] == want["step"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        assert got.keys() == want.keys()
+        for key in (k for k in want if k.startswith("eval/")):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_plots_and_tensorboard(single_run_dir, tmp_path):
+    run_dir = single_run_dir
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from adadpo_megatron.training.plots import main
+
+    main([str(run_dir), "--out", str(tmp_path / "plots")])
+    for name in ("loss", "rewards", "accuracy", "coefficient"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+@pytest.mark.slow
+def test_metrics_jsonl_has_the_documented_fields(single_run):
+    expected = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/rejected", "logps_mean/chosen",
+                "logps_mean/rejected", "nll/chosen", "adadpo/coef_mean", "adadpo/coef_max",
+                "adadpo/clip_fraction", "adadpo/grad_ratio", "pairs", "tokens", "grad_norm",
+                "learning_rate", "tokens_per_second"}
+    for line in single_run:
+        assert expected <= set(line), expected - set(line)
+        assert line["pairs"] == 16
+    evaluated = [line["step"] for line in single_run if "eval/loss" in line]
+    assert evaluated == [2, 5]
+    # 100 held-out pairs (10% of 1000) in micro-batches of 4: all of them, once
+    assert single_run[2]["eval/pairs"] == 100
+    assert single_run[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    # 10% warm-up of 6 steps rounds to none; then cosine from lr 1e-3 towards min_lr 1e-4
+    rates = [line["learning_rate"] for line in single_run]
+    assert rates[0] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False)) and rates[-1] > 1e-4
+
+
+@pytest.mark.parametrize("world,overrides,message", [
+    ("3", ["parallel.tensor_model_parallel_size=2"],
+     r"WORLD_SIZE\(3\) is not divisible by parallel.tensor_model_parallel_size\(2\)"),
+    ("1", ["train.global_batch_size=10"],
+     r"train.global_batch_size\(10\) is not divisible by train.micro_batch_size\(4\) \* "
+     r"data-parallel size\(1\) = 4"),
+    ("1", ["train.bogus=1"], r"unknown key train.bogus"),
+    ("1", ["model.hidden_sise=3"], r"unknown key\(s\) model.hidden_sise"),
+    ("1", ["parallel.pipeline_model_parallel_size=3"],
+     r"model.num_layers\(4\) is not divisible by parallel.pipeline_model_parallel_size\(3\)"),
+    ("1", ["loss.loss_type=simpo"], r"'simpo' is reference-free; set reference.mode=none"),
+    ("1", ["loss.beta=-1"], r"loss.beta=-1 is out of range"),
+    ("2", ["parallel.context_parallel_size=2"], r"needs Transformer Engine"),
+])
+def test_config_errors_name_the_key_and_numbers(monkeypatch, capsys, world, overrides, message):
+    from adadpo_megatron.training.cli import train_main
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--config", CONFIG, *overrides])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "tiny_cpu.yaml" in err or "WORLD_SIZE" in err
+    import re
+
+    assert re.search(message, err), err
+
+
+@pytest.mark.slow
+def test_precompute_command_then_train(tmp_path):
+    cache = tmp_path / "pairs.reference.pt"
+    common = ["--config", CONFIG, "reference.mode=precompute", f"reference.cache_path={cache}",
+              f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"]
+    for command in (["precompute-reference"], []):
+        result = subprocess.run([sys.executable, "-m", "adadpo_megatron", *command, *common],
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "MASTER_PORT": str(free_port())})
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert cache.is_file()
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)

@@ -1,0 +1,169 @@
+"""Reference log-probs: precompute equals resident, on any layout; stale caches are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adadpo_megatron.data.preference_data import load_preference_data
+from adadpo_megatron.data.tokenizers import ByteTokenizer
+from adadpo_megatron.training.reference_cache import load_cache, reference_fingerprint, save_cache
+from tests.support.distributed import run_distributed
+from tests.support.training import DATA, run_steps, tiny_config
+
+
+def _small_data(path, rows=40):
+    path.write_text("\n".join(DATA.read_text().splitlines()[:rows]) + "\n")
+    return str(path)
+
+
+def _precompute_worker(rank, world, data, cache, overrides):
+    from adadpo_megatron.training.precompute import precompute_reference
+
+    precompute_reference(tiny_config({"data.path": data, "reference.mode": "precompute",
+                                      "reference.cache_path": cache, **overrides}))
+
+
+def _train_worker(rank, world, data, cache, mode, out):
+    config = tiny_config({"data.path": data, "reference.mode": mode,
+                          "reference.cache_path": cache})
+    history, params = run_steps(config, steps=2)
+    if rank == 0:
+        torch.save({"history": history, "params": params}, out)
+
+
+@pytest.fixture(scope="module")
+def precomputed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    data = _small_data(tmp / "pairs.jsonl")
+    cache = str(tmp / "pairs.reference.pt")
+    run_distributed(_precompute_worker, 1, data, cache, {})
+    return tmp, data, cache
+
+
+@pytest.mark.slow
+def test_precompute_and_resident_train_identically(precomputed):
+    tmp, data, cache = precomputed
+    results = {}
+    for mode in ("precompute", "resident"):
+        out = str(tmp / f"{mode}.pt")
+        run_distributed(_train_worker, 1, data, cache, mode, out)
+        results[mode] = torch.load(out, weights_only=False)
+    pre, res = results["precompute"], results["resident"]
+    assert pre["history"][0]["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(),
+                                                      abs=1e-6)
+    for a, b in zip(pre["history"], res["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+    for name, value in res["params"].items():
+        torch.testing.assert_close(pre["params"][name], value, rtol=1e-6, atol=1e-8)
+
+
+def _checkpoint_worker(rank, world, data, out):
+    from adadpo_megatron.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config({"data.path": data, "train.output_dir": out,
+                                   "train.max_steps": 2, "train.progress": False,
+                                   "train.tensorboard": False})).setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def _train_from_worker(rank, world, data, cache, mode, load, out):
+    config = tiny_config({"data.path": data, "reference.mode": mode,
+                          "reference.cache_path": cache, "model.load": load})
+    history, _ = run_steps(config, steps=2)
+    if rank == 0:
+        torch.save(history, out)
+
+
+@pytest.mark.slow
+def test_precompute_uses_the_loaded_weights(tmp_path):
+    """With model.load (the usual start: a warm-up checkpoint) the precomputed reference is
+    that checkpoint, as the resident one is: step 0 is ln 2 and both modes train alike."""
+    data = _small_data(tmp_path / "pairs.jsonl")
+    start = str(tmp_path / "start")
+    run_distributed(_checkpoint_worker, 1, data, start)
+    cache = str(tmp_path / "pairs.reference.pt")
+    run_distributed(_precompute_worker, 1, data, cache, {"model.load": start})
+    histories = {}
+    for mode in ("precompute", "resident"):
+        out = str(tmp_path / f"{mode}.pt")
+        run_distributed(_train_from_worker, 1, data, cache, mode, start, out)
+        histories[mode] = torch.load(out, weights_only=False)
+    ln2 = torch.log(torch.tensor(2.0)).item()
+    assert histories["precompute"][0]["loss"] == pytest.approx(ln2, abs=1e-6)
+    for a, b in zip(histories["precompute"], histories["resident"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2},
+                                    {"parallel.pipeline_model_parallel_size": 2},
+                                    {"train.micro_batch_size": 1}],
+                         ids=["tp2", "pp2", "dp2_mbs1"])
+def test_precompute_on_two_ranks_matches_one(precomputed, tmp_path, layout):
+    _, data, cache = precomputed
+    other = str(tmp_path / "other.pt")
+    run_distributed(_precompute_worker, 2, data, other, layout)
+    one, two = torch.load(cache), torch.load(other)
+    assert one["fingerprint"] == two["fingerprint"]
+    torch.testing.assert_close(two["counts"], one["counts"], rtol=0, atol=0)
+    torch.testing.assert_close(two["logps"], one["logps"], rtol=1e-5, atol=1e-5)
+    assert (one["logps"] < 0).all()
+
+
+def test_stale_cache_is_refused(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    _small_data(data)
+    tokenizer = ByteTokenizer()
+    config = tiny_config({"data.path": str(data)})
+    settings = config.data.settings()
+    dataset, _ = load_preference_data(str(data), tokenizer, settings, cache=False)
+    fingerprint = reference_fingerprint(config, tokenizer, dataset)
+    counts = (dataset.labels != -100).sum(-1).float()
+    cache = tmp_path / "cache.pt"
+    save_cache(cache, fingerprint, torch.zeros(len(dataset), 2), counts)
+    torch.testing.assert_close(load_cache(cache, fingerprint, dataset),
+                               torch.zeros(len(dataset), 2))
+
+    other_truncation = tiny_config({"data.path": str(data), "data.seq_length": 20})
+    with pytest.raises(ValueError, match="stale: its truncation fingerprint differs"):
+        load_cache(cache, reference_fingerprint(other_truncation, tokenizer, dataset), dataset)
+    other_model = tiny_config({"data.path": str(data), "model.hidden_size": 64})
+    with pytest.raises(ValueError, match="reference_model fingerprint differs"):
+        load_cache(cache, reference_fingerprint(other_model, tokenizer, dataset), dataset)
+    other_seed = tiny_config({"data.path": str(data), "train.seed": 8})
+    with pytest.raises(ValueError, match="reference_model"):
+        load_cache(cache, reference_fingerprint(other_seed, tokenizer, dataset), dataset)
+
+    rows = data.read_text().splitlines()
+    row = json.loads(rows[3])
+    rows[3] = json.dumps({**row, "chosen": row["chosen"] + "q"})
+    data.write_text("\n".join(rows) + "\n")
+    edited, _ = load_preference_data(str(data), tokenizer, settings, cache=False)
+    with pytest.raises(ValueError, match="its data fingerprint differs"):
+        load_cache(cache, reference_fingerprint(config, tokenizer, edited), edited)
+    with pytest.raises(FileNotFoundError, match="run adadpo-precompute-reference"):
+        load_cache(tmp_path / "missing.pt", fingerprint, dataset)
+
+
+def _stale_trainer_worker(rank, world, data, cache):
+    from adadpo_megatron.training.trainer import Trainer
+
+    config = tiny_config({"data.path": data, "reference.mode": "precompute",
+                          "reference.cache_path": cache, "data.seq_length": 20})
+    trainer = Trainer(config)
+    with pytest.raises(ValueError, match="stale"):
+        trainer.setup()
+    assert trainer.model == [], "the model was built before the cache was checked"
+
+
+@pytest.mark.slow
+def test_trainer_refuses_a_stale_cache_before_building(precomputed):
+    _, data, cache = precomputed
+    run_distributed(_stale_trainer_worker, 1, data, cache)

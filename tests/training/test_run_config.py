@@ -1,0 +1,77 @@
+"""The run config: shipped recipes, FP8 alignment, the held-out seed, the GPU benchmark shape."""
+
+import pytest
+
+from tests.support.training import REPO
+
+
+@pytest.mark.parametrize("name,world", [("tiny_cpu.yaml", 1), ("demo_sft.yaml", 2),
+                                        ("demo_adadpo.yaml", 2), ("llama3_8b_paper.yaml", 8),
+                                        ("llama3_70b_h100_fp8.yaml", 64)])
+def test_shipped_recipes_are_consistent(name, world):
+    """Every recipe parses and its layout fits the world it is written for."""
+
+    from adadpo_megatron.training.run_config import load_run_config
+
+    config = load_run_config(str(REPO / "configs" / name))
+    dp = config.check_layout(world)
+    assert config.train.global_batch_size % (config.train.micro_batch_size * dp) == 0
+    if name.startswith("llama3_70b"):
+        assert (dp, config.parallel.virtual_pipeline_model_parallel_size) == (2, 5)
+        with pytest.raises(ValueError, match="model.fp8='hybrid' needs a GPU"):
+            config.check_machine(gpu=False)
+
+
+def test_fp8_needs_bf16_and_aligned_sequences():
+
+    from adadpo_megatron.training.run_config import load_run_config
+
+    path = str(REPO / "configs" / "llama3_70b_h100_fp8.yaml")
+    with pytest.raises(ValueError, match="model.fp8='hybrid' needs train.dtype=bfloat16"):
+        load_run_config(path, ["train.dtype=float32"])
+    with pytest.raises(ValueError, match=r"data.seq_length\(2050\) must be a multiple of 16"):
+        load_run_config(path, ["data.seq_length=2050"])
+    with pytest.raises(ValueError, match=r"multiple of 32 for model.fp8_recipe='mxfp8'"):
+        load_run_config(path, ["data.seq_length=2064", "model.fp8_recipe=mxfp8"])
+
+
+def test_eval_seed_fixes_the_held_out_pairs_across_training_seeds():
+    """data.eval_seed decouples the held-out split from train.seed (the data order), so the
+    seeds of a sweep, and a warm-up stage, hold out the same pairs."""
+
+    from adadpo_megatron.data.micro_batches import split_held_out
+    from adadpo_megatron.data.preference_data import load_preference_data
+    from adadpo_megatron.data.tokenizers import ByteTokenizer
+    from adadpo_megatron.training.run_config import load_run_config
+
+    path = str(REPO / "configs" / "demo_adadpo.yaml")
+    base = load_run_config(path, ["train.seed=1"])
+    assert base.eval_seed == 1  # unset: the split follows train.seed, as before
+    data, _ = load_preference_data(base.data_source(), ByteTokenizer(), base.data.settings(),
+                                   cache=False)
+
+    def held_out(*overrides):
+        config = load_run_config(path, list(overrides))
+        return split_held_out(data, config.data.eval_fraction, config.eval_seed)[1].example_ids
+
+    fixed = [held_out(f"train.seed={seed}", "data.eval_seed=7") for seed in (1, 2)]
+    assert fixed[0].tolist() == fixed[1].tolist()
+    assert held_out("train.seed=1").tolist() != held_out("train.seed=2").tolist()
+    with pytest.raises(ValueError, match="data.eval_seed=-1 must be an integer >= 0"):
+        load_run_config(path, ["data.eval_seed=-1"])
+
+
+def test_the_gpu_benchmark_shape_is_a_valid_one_gpu_run():
+    """benchmarks/configs/gpu_step.yaml (bench_step's GPU shape) parses, fits one process and
+    is refused on a CPU with the reason."""
+
+    from adadpo_megatron.training.run_config import load_run_config
+
+    path = REPO / "benchmarks" / "configs" / "gpu_step.yaml"
+    config = load_run_config(str(path))
+    assert config.check_layout(1) == 1
+    assert config.model.transformer["num_layers"] == 2
+    assert config.model.transformer["hidden_size"] == 4096
+    config.check_machine(gpu=True)
+    with pytest.raises(ValueError, match="train.dtype='bfloat16': CPU runs use float32"):
+        config.check_machine(gpu=False)
