@@ -25,10 +25,10 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
+from child_run import run_child
 from resident_memory import reset_peak, rss_bytes
 
 PROVIDERS = ("adadpo", "megatron", "naive")
@@ -150,11 +150,7 @@ def main() -> None:
                    "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
-            result = subprocess.run(cmd, capture_output=True, text=True,
-                                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if result.returncode:
-                sys.exit(f"{provider} failed:\n{result.stderr}")
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            rows.append(run_child(cmd, provider))
 
     print(f"batch={args.batch} seq={args.seq} vocab={args.vocab} dtype={args.dtype} "
           f"device={args.device} repeats={args.repeats} (median); "

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from child_run import run_child
 from resident_memory import reset_peak, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,11 +145,7 @@ def benchmark(config_path: str, vocab: int, steps: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, __file__, "--variant", variant, "--tmp", tmp, "--config",
                    config_path, "--vocab", str(vocab), "--steps", str(steps)]
-            result = subprocess.run(cmd, capture_output=True, text=True,
-                                    env={**os.environ, **malloc_env, "PYTHONWARNINGS": "ignore"})
-            if result.returncode:
-                sys.exit(f"{config_path}: {variant} failed:\n{result.stderr[-3000:]}")
-            return json.loads(result.stdout.strip().splitlines()[-1])
+            return run_child(cmd, f"{config_path}: {variant}", env=malloc_env)
 
     rows = []
     for variant in VARIANTS:

@@ -10,6 +10,11 @@
    again in FP8 (Transformer Engine, hybrid/delayed): step-0 loss (ln 2: the reference is the
    initial policy), finite loss after the step, step time and peak memory. SGD keeps the
    optimizer state small enough for one GPU next to the resident reference.
+3. Packing (data.packing, issue 10): Transformer Engine's THD split for context parallelism
+   against this project's torch version of it (the CPU tests' oracle); then two AdaDPO steps of
+   a 2-layer model of Llama-3-8B widths on the shipped pairs packed as THD (PackedSeqParams,
+   unfused and fused log-probs) against the same pairs padded to seq_length: the step-1 loss
+   (after one update, so the backward counts too) equal to 1e-3 in bf16, and both step times.
 Not run by the test suite (it needs a GPU).
 """
 
@@ -122,6 +127,65 @@ def check_step(rows, fp8: bool):
     trainer.close()
 
 
+def check_thd_split(rows):
+    from adadpo_megatron.mcore.packed_attention import thd_partition_index
+
+    g = torch.Generator().manual_seed(0)
+    mismatches = []
+    for cp in (2, 4):
+        runs = (2 * cp) * torch.randint(1, 40, (9,), generator=g)
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), runs.cumsum(0)]).to(torch.int32)
+        total = int(cu[-1])
+        for rank in range(cp):
+            ours = thd_partition_index(cu, total, cp, rank)  # CPU: the torch version
+            te = thd_partition_index(cu.cuda(), total, cp, rank)  # CUDA: Transformer Engine's
+            if not torch.equal(ours.long(), te.long().cpu()):
+                mismatches.append(f"cp {cp} rank {rank}")
+    rows.append({"check": "THD split: torch vs Transformer Engine", "ms": float("nan"),
+                 "peak_mib": float("nan"),
+                 "result": "ok" if not mismatches else f"FAILED: {', '.join(mismatches)}"})
+
+
+def check_packed_step(rows):
+    from adadpo_megatron.training.run_config import load_run_config
+    from adadpo_megatron.training.trainer import Trainer
+
+    results = {}
+    for name, extra in (("padded", ["data.packing=none"]),
+                        ("thd", ["data.packing=pack"]),
+                        ("thd_fused", ["data.packing=pack", "model.fused_logprobs=true"])):
+        overrides = [
+            "model.preset=llama3-8b", "model.num_layers=2", "model.load=null",
+            "data.seq_length=2048", "data.max_prompt_length=64", "train.dtype=bfloat16",
+            "train.global_batch_size=32", "train.micro_batch_size=4", "train.max_steps=2",
+            "train.progress=false", "train.tensorboard=false", "train.resume=never",
+            f"train.output_dir={tempfile.mkdtemp()}", "optimizer.optimizer=sgd",
+            "optimizer.lr=0.05", "optimizer.use_distributed_optimizer=false", *extra]
+        trainer = Trainer(load_run_config(str(REPO / "configs/tiny_cpu.yaml"),
+                                          overrides)).setup()
+        assert name == "padded" or trainer.packed_format == "thd", trainer.packed_format
+        trainer.train_step(0)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        second = trainer.train_step(1)
+        torch.cuda.synchronize()
+        results[name] = (second["loss"], 1e3 * (time.perf_counter() - start),
+                         second["data/real_token_fraction"])
+        trainer.close()
+        torch.cuda.empty_cache()
+    padded_loss, padded_ms, padded_real = results["padded"]
+    rows.append({"check": "padded step (data.packing=none)", "ms": padded_ms,
+                 "peak_mib": float("nan"),
+                 "result": f"step-1 loss {padded_loss:.5f}, real tokens {padded_real:.3f}"})
+    for name in ("thd", "thd_fused"):
+        loss, ms, real = results[name]
+        ok = abs(loss - padded_loss) < 1e-3
+        rows.append({"check": f"packed THD step ({name})", "ms": ms, "peak_mib": float("nan"),
+                     "result": f"step-1 loss {loss:.5f} vs padded {padded_loss:.5f}, real "
+                               f"tokens {real:.3f}, {padded_ms / ms:.2f}x faster: "
+                               f"{'ok' if ok else 'FAILED'}"})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-fp8", action="store_true")
@@ -137,6 +201,8 @@ def main():
     dist.init_process_group("nccl")
     rows = []
     check_logprobs(rows)
+    check_thd_split(rows)
+    check_packed_step(rows)
     check_step(rows, fp8=False)
     if not args.skip_fp8:
         try:

@@ -28,6 +28,7 @@ data's content, the tokenizer and these settings, so a restart does not re-token
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -56,6 +57,15 @@ class PreferenceDataset:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    @functools.cached_property
+    def lengths(self) -> torch.Tensor:
+        """[N, 2] long: the tokens each sequence occupies, prompt and response (what follows
+        is padding): one past its last labelled position."""
+        positions = torch.arange(self.labels.shape[-1])
+        blocks = [torch.where(block != IGNORE_INDEX, positions, -1).amax(-1) + 1
+                  for block in self.labels.split(4096)]  # bounded temporary memory
+        return torch.cat(blocks) if blocks else torch.zeros(0, 2, dtype=torch.long)
 
     def subset(self, indices: torch.Tensor) -> PreferenceDataset:
         """The pairs at ``indices``, keeping their example ids (rows of the source)."""

@@ -23,11 +23,17 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from adadpo_megatron.mcore.packed_attention import (
+    PACKED_FORMATS,
+    packed_model_inputs,
+    thd_flatten,
+    thd_this_cp_rank,
+)
 from adadpo_megatron.ops.fused_logprobs import fused_hidden_logprobs
 from adadpo_megatron.ops.logprobs import (
     group_or_default,
@@ -55,9 +61,12 @@ def _groups(tp_group, cp_group):
 
 
 def _this_cp_rank(batch: Batch, cp_group) -> Batch:
-    """The batch with its sequence dimension cut to this CP rank's load-balanced chunks."""
+    """The batch with its sequence dimension cut to this CP rank's load-balanced chunks:
+    megatron-core's per-sequence split for rows, per segment for a THD-packed batch."""
     if cp_group is None or dist.get_world_size(cp_group) == 1:
         return batch
+    if "cu_seqlens" in batch:
+        return thd_this_cp_rank(batch, cp_group)
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     sharded = get_batch_on_this_cp_rank({k: batch[k] for k in _SEQUENCE_KEYS},
@@ -66,11 +75,12 @@ def _this_cp_rank(batch: Batch, cp_group) -> Batch:
 
 
 def _model_forward(model, batch: Optional[Batch]):
-    """The policy's and the reference's forward: logits [2m, s, V/TP] on the last stage."""
+    """The policy's and the reference's forward: logits [rows, s, V/TP] on the last stage."""
     tokens = batch["tokens"] if batch is not None else None
     positions = batch["position_ids"] if batch is not None else None
-    # attention_mask None: the causal mask of the layer spec
-    return model(tokens, positions, None)
+    # attention_mask None: the causal mask of the layer spec (rows); packed: see
+    # adadpo_megatron.mcore.packed_attention
+    return model(tokens, positions, **packed_model_inputs(batch))
 
 
 def _fused_model_forward(model, batch: Optional[Batch]):
@@ -78,8 +88,9 @@ def _fused_model_forward(model, batch: Optional[Batch]):
     stage, the logits never materialised (adadpo_megatron.ops.fused_logprobs)."""
     tokens = batch["tokens"] if batch is not None else None
     positions = batch["position_ids"] if batch is not None else None
-    return model(tokens, positions, None, output_processor=LogProbOutputProcessor(),
-                 output_processor_context=batch["labels"] if batch is not None else None)
+    return model(tokens, positions, output_processor=LogProbOutputProcessor(),
+                 output_processor_context=batch["labels"] if batch is not None else None,
+                 **packed_model_inputs(batch))
 
 
 def require_output_processor_hook() -> None:
@@ -128,13 +139,19 @@ class LogProbOutputProcessor:
         return logps.view(s, b).t()
 
 
-def _sequence_sums(output_tensor, batch: Batch, tp_group, cp_group, fused: bool = False):
-    """Per-sequence sums from the last stage's output: logits, or log-probs when fused."""
+def _sequence_sums(output_tensor, batch: Batch, tp_group, cp_group, fused: bool = False,
+                   sides: int = 2):
+    """Per-sequence sums from the last stage's output: logits, or log-probs when fused. A
+    packed batch is reduced per segment: ``sides`` segments per pair, chosen first."""
     if fused:
         token_logps = output_tensor
     else:
         token_logps = vocab_parallel_logprobs(output_tensor, batch["labels"], tp_group=tp_group)
-    return sequence_logprobs(token_logps, batch["loss_mask"], cp_group=cp_group)
+    segments = {}
+    if "segment_ids" in batch:
+        segments = {"segment_ids": batch["segment_ids"],
+                    "num_segments": sides * batch["example_ids"].numel()}
+    return sequence_logprobs(token_logps, batch["loss_mask"], cp_group=cp_group, **segments)
 
 
 def pairs_first_to_chosen_first(batch: Batch) -> Batch:
@@ -161,7 +178,8 @@ def _next_batch(data_iterator) -> Optional[Batch]:
 def _to_device(batch: Optional[Batch], device: torch.device) -> Optional[Batch]:
     if batch is None:
         return None
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 ModelForward = Callable[[torch.nn.Module, Optional[Batch]], torch.Tensor]
@@ -170,14 +188,29 @@ ModelForward = Callable[[torch.nn.Module, Optional[Batch]], torch.Tensor]
 class _ForwardStep:
     """What the policy's and the reference's forward steps share: one code path."""
 
+    sides = 2  # sequences per pair in a micro-batch: chosen and rejected
+
     def __init__(self, *, tp_group=None, cp_group=None,
-                 model_forward: Optional[ModelForward] = None, fused: bool = False):
+                 model_forward: Optional[ModelForward] = None, fused: bool = False,
+                 packed_format: Optional[str] = None):
+        if packed_format is not None and packed_format not in PACKED_FORMATS:
+            raise ValueError(f"packed_format={packed_format!r}; choose one of "
+                             f"{', '.join(PACKED_FORMATS)}")
         self.tp_group, self.cp_group = tp_group, cp_group
         self.fused = fused
+        self.packed_format = packed_format
         if model_forward is None:
             model_forward = _fused_model_forward if fused else _model_forward
         self.model_forward = model_forward
         self.finite_checks: List[tuple] = []
+
+    def schedule_shape(self, batch: Batch) -> Tuple[int, int]:
+        """(micro_batch_size, seq_length) to give megatron-core's schedule for ``batch``:
+        its rows and row length, or (1, all tokens) for a THD-packed batch."""
+        rows, length = batch["tokens"].shape
+        if "segment_ids" in batch and self.packed_format == "thd":
+            return 1, rows * length
+        return rows, length
 
     def start_step(self) -> None:
         """Forgets the previous step's finiteness checks (call before each step)."""
@@ -200,7 +233,16 @@ class _ForwardStep:
 
     def __call__(self, data_iterator, model):
         tp_group, cp_group = _groups(self.tp_group, self.cp_group)
-        batch = _to_device(_next_batch(data_iterator), _device_of(model))
+        batch = _next_batch(data_iterator)
+        if batch is not None and "segment_ids" in batch:
+            if self.packed_format is None:
+                # a wrong guess would let segments attend to each other, silently
+                raise ValueError("a packed micro-batch (with segment_ids) needs the forward "
+                                 "step's packed_format: 'thd' for Transformer Engine layers, "
+                                 "'mask' for megatron-core's local layers")
+            if self.packed_format == "thd":
+                batch = thd_flatten(batch)  # on the CPU, before the copy: no device sync
+        batch = _to_device(batch, _device_of(model))
         if batch is not None:
             batch = _this_cp_rank(batch, cp_group)
         output = self.model_forward(model, batch)
@@ -219,18 +261,25 @@ class PreferenceForwardStep(_ForwardStep):
         fused: compute the log-probs inside GPTModel's output_processor hook, from the
             hidden states, without materialising the logits (the last stage's output is then
             log-probs [2m, s]).
+        packed_format: how attention sees the segments of a packed micro-batch (one with
+            ``segment_ids``, see adadpo_megatron.data.packing): "mask" (an explicit
+            block-diagonal mask; megatron-core's local layers, CPU) or "thd" (PackedSeqParams;
+            Transformer Engine layers); required for packed micro-batches, which are refused
+            without it. Row micro-batches ignore it.
     The batch's ``ref_logps`` [2m] (precomputed or filled in by the resident reference) is
     required by losses that need a reference.
     """
 
     def __init__(self, loss_config: LossConfig, *, tp_group=None, cp_group=None,
-                 model_forward: Optional[ModelForward] = None, fused: bool = False):
+                 model_forward: Optional[ModelForward] = None, fused: bool = False,
+                 packed_format: Optional[str] = None):
         super().__init__(tp_group=tp_group, cp_group=cp_group, model_forward=model_forward,
-                         fused=fused)
+                         fused=fused, packed_format=packed_format)
         self.loss_config = loss_config
 
     def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
-        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused)
+        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused,
+                                      self.sides)
         pairs = sums.shape[0] // 2
         reference = ()
         if self.loss_config.needs_reference:
@@ -254,8 +303,11 @@ class SFTForwardStep(_ForwardStep):
     normalisation gives the mean NLL per response token over the global batch.
     """
 
+    sides = 1
+
     def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
-        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused)
+        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused,
+                                      self.sides)
         nll = -sums.sum()
         self._record_finite(nll, batch)
         tokens = counts.sum()
@@ -276,7 +328,8 @@ class ReferenceForwardStep(_ForwardStep):
 
     def loss_func(self, batch, tp_group, cp_group, output_tensor):
         with torch.no_grad():
-            sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused)
+            sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused,
+                                      self.sides)
         zero = output_tensor.new_zeros(())
         count = torch.tensor(sums.shape[0] // 2, dtype=torch.int, device=sums.device)
         return zero, count, {"ref_logps": sums, "ref_counts": counts}

@@ -31,7 +31,12 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig, tp_size: int) -> int:
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype,
-                       gpu: bool):
+                       gpu: bool, variable_seq_lengths: bool = False):
+    """megatron-core's TransformerConfig for the model and layout.
+
+    ``variable_seq_lengths``: micro-batches of one step differ in length (data.packing
+    longest or pack), so pipeline stages exchange shapes before tensors.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields = dict(model.transformer)
@@ -42,6 +47,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
                     "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
                     "persist_layer_norm"):
             fields[key] = False
+    variable_seq_lengths = variable_seq_lengths and parallel.pipeline_model_parallel_size > 1
+    if variable_seq_lengths:
+        # megatron-core refuses variable lengths with its default MoE dispatcher, even in a
+        # dense model; alltoall is the one it accepts
+        fields.setdefault("moe_token_dispatcher_type", "alltoall")
     if parallel.virtual_pipeline_model_parallel_size:
         # Megatron-LM's defaults for interleaving. Batched p2p would also post two messages to
         # the same peer when PP = 2 (it is both the previous and the next stage), which gloo
@@ -62,18 +72,30 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
         use_cpu_initialization=not gpu,
         # (loss sum, pair count) from loss_func; megatron divides by the global pair count
         calculate_per_token_loss=True,
+        variable_seq_lengths=variable_seq_lengths,
     )
 
 
 def _layer_spec(gpu: bool):
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if gpu:
-        try:
-            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-        except (ImportError, AssertionError):
-            pass
+    if uses_transformer_engine(gpu):
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec()
+
+
+def uses_transformer_engine(gpu: bool) -> bool:
+    """Whether ``build_model_chunks`` builds Transformer Engine layers (a GPU with TE), which
+    take packed micro-batches as THD; megatron-core's local layers take a mask instead."""
+    if not gpu:
+        return False
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    try:
+        gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    except (ImportError, AssertionError):
+        return False
+    return True
 
 
 def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: int, *,

@@ -264,6 +264,8 @@ def sequence_logprobs(
     loss_mask: Tensor,
     *,
     cp_group: Optional[ProcessGroup] = None,
+    segment_ids: Optional[Tensor] = None,
+    num_segments: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Per-sequence sums of response-token log-probs and response-token counts.
 
@@ -272,18 +274,31 @@ def sequence_logprobs(
         loss_mask: [batch, seq_shard], 1 on response tokens, 0 on prompt and padding (bool or
             numeric), sharded exactly like ``token_logps``.
         cp_group: the context-parallel group the sequence is sharded over (any layout,
-            megatron-core's load-balanced one included: a sum does not care which tokens a rank
-            holds); None falls back to megatron-core's context-parallel group when initialised.
+            megatron-core's load-balanced one and Transformer Engine's per-segment THD split
+            included: a sum does not care which tokens a rank holds); None falls back to
+            megatron-core's context-parallel group when initialised.
+        segment_ids: packed rows: [batch, seq_shard] long, the sequence (segment) each token
+            belongs to, in [0, num_segments), negative on padding; sharded like the rest.
+            None: each row is one sequence.
+        num_segments: the number of sequences when ``segment_ids`` is given.
     Returns:
-        (sums [batch] float32, differentiable; counts [batch] float32), equal on every rank of
-        ``cp_group`` and equal to the unsharded sums.
+        (sums [batch or num_segments] float32, differentiable; counts, float32), equal on
+        every rank of ``cp_group`` and equal to the unsharded sums.
     """
     if token_logps.shape != loss_mask.shape or token_logps.dim() != 2:
         raise ValueError(f"token_logps {list(token_logps.shape)} and loss_mask "
                          f"{list(loss_mask.shape)} must both be [batch, seq]")
     cp_group = group_or_default(cp_group, "get_context_parallel_group")
     mask = loss_mask.to(torch.float32)
-    sums = (token_logps.float() * mask).sum(dim=-1)
-    counts = mask.sum(dim=-1)
-    reduced = all_reduce_sum(torch.stack([sums, counts]), cp_group)
+    values = torch.stack([token_logps.float() * mask, mask])  # [2, batch, seq]
+    if segment_ids is None:
+        stats = values.sum(dim=-1)
+    else:
+        if segment_ids.shape != token_logps.shape or num_segments is None:
+            raise ValueError(f"segment_ids {list(segment_ids.shape)} must be shaped like "
+                             f"token_logps {list(token_logps.shape)}, with num_segments")
+        # Padding carries mask 0, so sending it to segment 0 adds nothing there.
+        index = segment_ids.reshape(-1).clamp(min=0)
+        stats = values.new_zeros(2, num_segments).index_add(1, index, values.reshape(2, -1))
+    reduced = all_reduce_sum(stats, cp_group)
     return reduced[0], reduced[1].detach()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,11 @@ class DataConfig:
         eval_seed: seeds the held-out split; None means train.seed. Fix it to vary
             train.seed (the data order) while holding out the same pairs, e.g. over the
             seeds of a sweep, or so that a warm-up stage never trains on them.
+        packing: how sequences become micro-batches (adadpo_megatron/data/packing.py):
+            "pack" (default) packs whole pairs into rows of seq_length tokens, so a step
+            computes real tokens rather than padding; "longest" pads each micro-batch to its
+            longest row only; "none" pads every sequence to seq_length. The gradient is the
+            same in all three (tested); only the time and memory differ.
     """
 
     path: str = ""
@@ -60,9 +66,13 @@ class DataConfig:
     cache: bool = True
     eval_fraction: float = 0.0
     eval_seed: Optional[int] = None
+    packing: str = "pack"
 
     def __post_init__(self):
+        from adadpo_megatron.data.packing import PACKING_MODES
         from adadpo_megatron.data.preference_data import FORMATS
+
+        require_choice("data.packing", self.packing, PACKING_MODES)
 
         if not self.path:
             raise ValueError("data.path is required: a preference data file, directory or "
@@ -291,10 +301,33 @@ class RunConfig:
                 raise ValueError(f"data.seq_length({self.data.seq_length}) must be a multiple "
                                  f"of {multiple} for model.fp8_recipe={recipe!r}: sequences are "
                                  "padded to seq_length, and FP8 GEMMs need that alignment")
+        if p.sequence_parallel and self.data.seq_length % tp:
+            raise ValueError(f"data.seq_length({self.data.seq_length}) is not divisible by "
+                             f"parallel.tensor_model_parallel_size({tp}), which sequence "
+                             "parallelism splits it over")
         cp = p.context_parallel_size
         if cp > 1 and self.data.seq_length % (2 * cp):
             raise ValueError(f"data.seq_length({self.data.seq_length}) is not divisible by "
                              f"2 * parallel.context_parallel_size({cp})")
+
+    def sequence_multiple(self) -> int:
+        """What the length of a longest-padded or packed micro-batch is rounded up to: FP8
+        GEMMs, sequence parallelism (which splits it over TP) and context parallelism (2 x CP)
+        each need a multiple. seq_length is a multiple of it (checked at load)."""
+        p, t = self.parallel, self.model.transformer
+        multiple = self.segment_multiple()
+        if t.get("fp8"):
+            multiple = math.lcm(multiple, FP8_SEQUENCE_MULTIPLE.get(t.get("fp8_recipe", "delayed"),
+                                                                    16))
+        if p.sequence_parallel:
+            multiple = math.lcm(multiple, p.tensor_model_parallel_size)
+        return multiple
+
+    def segment_multiple(self) -> int:
+        """What every packed segment is padded to: 2 x CP, since megatron-core and Transformer
+        Engine split each segment in 2 x CP chunks under context parallelism."""
+        cp = self.parallel.context_parallel_size
+        return 2 * cp if cp > 1 else 1
 
     def check_machine(self, *, gpu: bool) -> None:
         """What this machine must have for the config (GPU, Transformer Engine)."""

@@ -11,8 +11,8 @@ from typing import Dict
 class RunLog:
     """Writes each step's metrics to output_dir/metrics.jsonl (one JSON object a line), to
     TensorBoard (output_dir/tensorboard) and to a progress bar with step, loss, reward
-    accuracy, tokens/s and ETA. On resume, the lines of steps from the resumed one on are
-    dropped, so that every step appears once."""
+    accuracy, tokens/s, the real-token share of the computed tokens and ETA. On resume, the
+    lines of steps from the resumed one on are dropped, so that every step appears once."""
 
     def __init__(self, config, start_step: int):
         t = config.train
@@ -51,6 +51,8 @@ class RunLog:
             if "rewards/accuracies" in metrics:
                 postfix["acc"] = f"{metrics['rewards/accuracies']:.3f}"
             postfix["tok/s"] = f"{metrics.get('tokens_per_second', 0):.0f}"
+            if "data/real_token_fraction" in metrics:
+                postfix["real"] = f"{metrics['data/real_token_fraction']:.2f}"
             if "eval/rewards/accuracies" in metrics:
                 postfix["eval_acc"] = f"{metrics['eval/rewards/accuracies']:.3f}"
             self.bar.set_postfix(postfix, refresh=False)

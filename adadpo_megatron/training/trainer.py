@@ -19,11 +19,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from adadpo_megatron.data.micro_batches import (
-    held_out_micro_batches,
-    split_held_out,
-    step_micro_batches,
-)
+from adadpo_megatron.data.micro_batches import global_batch_indices, split_held_out
+from adadpo_megatron.data.packing import PACKING_MODES, materialize, plan_step, step_token_counts
 from adadpo_megatron.data.preference_data import load_preference_data
 from adadpo_megatron.data.tokenizers import build_tokenizer
 from adadpo_megatron.mcore import cpu_compat
@@ -40,7 +37,9 @@ from adadpo_megatron.mcore.model import (
     canonical_init_,
     padded_vocab_size,
     transformer_config,
+    uses_transformer_engine,
 )
+from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -113,10 +112,10 @@ class Trainer:
         self._build_optimizer()
         if not self.gpu:
             cpu_compat.enable()  # covers modules imported while building
-        self.sft = c.train.stage == "sft"
-        fused = c.model.fused_logprobs
-        self.forward_step = (SFTForwardStep(fused=fused) if self.sft
-                             else PreferenceForwardStep(c.loss, fused=fused))
+        fused, packed = c.model.fused_logprobs, self.packed_format
+        self.forward_step = (SFTForwardStep(fused=fused, packed_format=packed) if self.sft
+                             else PreferenceForwardStep(c.loss, fused=fused,
+                                                        packed_format=packed))
         self.start_step = 0
         resume = self._resume_path()
         if resume is not None:
@@ -175,11 +174,16 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         if c.model.fused_logprobs:
             require_output_processor_hook()
-        self.reference_step = ReferenceForwardStep(fused=c.model.fused_logprobs)
+        self.sft = c.train.stage == "sft"
+        self.packed_format = default_packed_format(uses_transformer_engine(self.gpu))
+        self.reference_step = ReferenceForwardStep(fused=c.model.fused_logprobs,
+                                                   packed_format=self.packed_format)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         self.metrics_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
+        if self.is_logging_rank:
+            print(f"packing: {self._packing_report()}", flush=True)
 
     def _load_data(self):
         """Rank 0 reads and tokenises (writing the cache) first; the others then read the
@@ -208,7 +212,8 @@ class Trainer:
     def _build(self, frozen: bool) -> List[torch.nn.Module]:
         """This rank's model chunks: DDP-wrapped for the policy, frozen for a reference."""
         c = self.config
-        config = transformer_config(c.model, c.parallel, dtype=self.dtype, gpu=self.gpu)
+        config = transformer_config(c.model, c.parallel, dtype=self.dtype, gpu=self.gpu,
+                                    variable_seq_lengths=c.data.packing != "none")
         chunks = build_model_chunks(c.model, config, self.vocab_size, c.data.seq_length,
                                     gpu=self.gpu)
         if self.gpu:
@@ -281,11 +286,11 @@ class Trainer:
     def run_schedule(self, step_func, model, batches, forward_only: bool):
         """megatron-core's forward-backward over ``batches``; the last stage's reports.
 
-        All micro-batches of one call have the same number of pairs (pipeline stages
-        exchange tensors of a fixed shape).
+        All micro-batches of one call have the same shape (pipeline stages exchange tensors
+        of a fixed shape), except with data.packing longest or pack, where the stages
+        exchange shapes first (variable_seq_lengths).
         """
-        c = self.config
-        rows = batches[0]["tokens"].shape[0]
+        rows, length = step_func.schedule_shape(batches[0])
         chunks = model if len(model) > 1 else model[0]
         iterators = ([iter(batches) for _ in model] if len(model) > 1 else iter(batches))
         return self.forward_backward(
@@ -293,20 +298,58 @@ class Trainer:
             data_iterator=iterators,
             model=chunks,
             num_microbatches=len(batches),
-            seq_length=c.data.seq_length,
-            micro_batch_size=rows,  # sequences: chosen + rejected (chosen only for sft)
+            seq_length=length,
+            micro_batch_size=rows,  # sequences (rows) per micro-batch, or 1 for THD
             forward_only=forward_only,
         )
 
-    def micro_batches(self, step: int):
-        t = self.config.train
-        batches = step_micro_batches(self.train_set, step, global_batch_size=t.global_batch_size,
-                                     micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank,
-                                     dp_size=self.dp_size, seed=t.seed,
-                                     chosen_only=self.sft)
+    def plan(self, dataset, indices, micro_batch_size: int, mode: Optional[str] = None):
+        """Every data-parallel rank's micro-batches for the pairs ``indices``, laid out as
+        ``mode`` (default data.packing) says."""
+        c = self.config
+        return plan_step(dataset.lengths, indices, mode=mode or c.data.packing,
+                         dp_size=self.dp_size,
+                         micro_batch_size=micro_batch_size, seq_length=c.data.seq_length,
+                         multiple=c.sequence_multiple(), segment_multiple=c.segment_multiple(),
+                         sides=1 if self.sft else 2,
+                         min_micro_batches=self._min_micro_batches())
+
+    def _min_micro_batches(self) -> int:
+        p = self.config.parallel
+        return p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size else 1
+
+    def _materialize(self, dataset, plan):
+        batches = [materialize(dataset, mb, pad_id=self.tokenizer.pad_id, chosen_only=self.sft)
+                   for mb in plan[self.dp_rank]]
         if self.reference_logps is not None:
             attach_precomputed(batches, self.reference_logps)
         return batches
+
+    def micro_batches(self, step: int):
+        """This rank's micro-batches for ``step`` and the step's real-token share."""
+        t = self.config.train
+        indices = global_batch_indices(step, len(self.train_set), t.global_batch_size, t.seed)
+        plan = self.plan(self.train_set, indices, t.micro_batch_size)
+        real, computed = step_token_counts(plan)
+        return self._materialize(self.train_set, plan), real / computed
+
+    def _packing_report(self) -> str:
+        """The real-token share of each packing mode on the first steps of the loaded data."""
+        t = self.config.train
+        steps = range(min(t.max_steps, 8))
+        shares = {}
+        for mode in PACKING_MODES:
+            real = computed = 0
+            for step in steps:
+                indices = global_batch_indices(step, len(self.train_set), t.global_batch_size,
+                                               t.seed)
+                r, c = step_token_counts(self.plan(self.train_set, indices, t.micro_batch_size,
+                                                   mode))
+                real, computed = real + r, computed + c
+            shares[mode] = real / computed
+        text = ", ".join(f"{mode} {share:.2f}" for mode, share in shares.items())
+        return (f"real tokens per computed token over the first {len(steps)} steps: {text} "
+                f"(data.packing={self.config.data.packing})")
 
     def _attach_reference(self, batches) -> None:
         """Fills ``ref_logps`` from the resident reference (precomputed ones are already in)."""
@@ -317,12 +360,16 @@ class Trainer:
             collect_reference(reports, batches)
 
     def _forward_only_by_size(self, step_func, model, batches):
-        """run_schedule over batches of possibly different sizes, one call per size run."""
+        """run_schedule over batches of possibly different shapes: one call per run of one
+        shape, or one call when pipeline stages exchange shapes (variable_seq_lengths)."""
         reports, start = [], 0
+        # without pipeline stages nothing is exchanged, so any shapes share one call
+        variable = (model[0].config.variable_seq_lengths
+                    or self.config.parallel.pipeline_model_parallel_size == 1)
         while start < len(batches):
-            size = batches[start]["example_ids"].numel()
+            shape = batches[start]["tokens"].shape
             end = start
-            while end < len(batches) and batches[end]["example_ids"].numel() == size:
+            while end < len(batches) and (variable or batches[end]["tokens"].shape == shape):
                 end += 1
             with torch.no_grad():
                 reports += self.run_schedule(step_func, model, batches[start:end],
@@ -333,11 +380,8 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         """The step metrics on the held-out pairs, forward-only, prefixed "eval/"."""
         t = self.config.train
-        batches = held_out_micro_batches(self.eval_set, micro_batch_size=t.micro_batch_size,
-                                         dp_rank=self.dp_rank, dp_size=self.dp_size,
-                                         chosen_only=self.sft)
-        if self.reference_logps is not None:
-            attach_precomputed(batches, self.reference_logps)
+        plan = self.plan(self.eval_set, range(len(self.eval_set)), t.micro_batch_size)
+        batches = self._materialize(self.eval_set, plan)
         self._attach_reference(batches)
         for chunk in self.model:
             chunk.eval()
@@ -355,7 +399,7 @@ class Trainer:
     def train_step(self, step: int) -> Dict[str, float]:
         """One optimizer step; returns the step's metrics (complete on the logging rank)."""
         start = time.perf_counter()
-        batches = self.micro_batches(step)
+        batches, real_token_fraction = self.micro_batches(step)
         self._attach_reference(batches)
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -373,6 +417,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        learning_rate=learning_rate, step_time=elapsed)
+        metrics["data/real_token_fraction"] = real_token_fraction
         if "tokens" in metrics:
             metrics["tokens_per_second"] = metrics["tokens"] / elapsed
         return metrics

@@ -76,10 +76,11 @@ def test_metrics_jsonl_has_the_documented_fields(single_run):
                 "rewards/accuracies", "logps/chosen", "logps/rejected", "logps_mean/chosen",
                 "logps_mean/rejected", "nll/chosen", "adadpo/coef_mean", "adadpo/coef_max",
                 "adadpo/clip_fraction", "adadpo/grad_ratio", "pairs", "tokens", "grad_norm",
-                "learning_rate", "tokens_per_second"}
+                "learning_rate", "tokens_per_second", "data/real_token_fraction"}
     for line in single_run:
         assert expected <= set(line), expected - set(line)
         assert line["pairs"] == 16
+        assert 0 < line["data/real_token_fraction"] <= 1
     evaluated = [line["step"] for line in single_run if "eval/loss" in line]
     assert evaluated == [2, 5]
     # 100 held-out pairs (10% of 1000) in micro-batches of 4: all of them, once

@@ -137,7 +137,8 @@ def _loss_type_worker(rank, world, out_path):
             return token.sum(-1), batch["loss_mask"].sum(-1)
 
         # the step's pairs, as one batch, through plain full-vocab float64 log_softmax
-        ids = torch.cat([b["example_ids"] for b in trainer.micro_batches(0)])
+        batches, _ = trainer.micro_batches(0)
+        ids = torch.cat([b["example_ids"] for b in batches])
         batch = collate(trainer.dataset, ids)
         policy, counts = sums(trainer.model[0].module, batch)
         ref = sums(trainer.reference_model[0], batch)[0] if needs_reference else None
