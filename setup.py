@@ -43,6 +43,8 @@ setup(
             "adadpo-precompute-reference=adadpo_megatron.training.cli:precompute_main",
             "adadpo-plot=adadpo_megatron.training.plots:main",
             "adadpo-summary=adadpo_megatron.training.summary:main",
+            "adadpo-import-hf=adadpo_megatron.training.hf_checkpoints:import_main",
+            "adadpo-export-hf=adadpo_megatron.training.hf_export:export_main",
         ],
     },
     classifiers=[

@@ -1,6 +1,9 @@
 """Analytical GPU memory per rank of a recipe (an estimate, not a measurement).
 
-    python benchmarks/memory_estimate.py configs/llama3_70b_h100_fp8.yaml
+    python benchmarks/memory_estimate.py configs/llama3_70b_h100_fp8.yaml 64
+    # without the model's directory on this machine, its preset stands in for model.hf:
+    python benchmarks/memory_estimate.py configs/llama3_70b_h100_fp8.yaml 64 \
+        model.hf=null model.preset=llama3-70b
 
 Counts, for the most loaded pipeline rank (first or last stage):
     parameters    exact from the architecture (embedding, QKV with query groups, output
@@ -40,8 +43,8 @@ def estimate(config) -> dict:
     kv = t.get("kv_channels") or h // heads
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     vpp = p.virtual_pipeline_model_parallel_size or 1
-    vocab = padded_vocab_size(128256 if "llama3" in (config.model.preset or "") else 32000,
-                              config.model, tp)
+    vocab = config.model.vocab_size or padded_vocab_size(
+        128256 if "llama3" in (config.model.preset or "") else 32000, config.model, tp)
     glu = 2 if t.get("gated_linear_unit") else 1
     linear_per_layer = h * (heads * kv + 2 * groups * kv) + heads * kv * h + h * glu * ffn + \
         ffn * h
@@ -88,11 +91,10 @@ def report(config, world_size: int) -> str:
 
 
 def main():
-    if len(sys.argv) < 2:
-        sys.exit("usage: memory_estimate.py CONFIG.yaml [WORLD_SIZE]")
-    config = load_run_config(sys.argv[1])
-    world = int(sys.argv[2]) if len(sys.argv) > 2 else {
-        "llama3-70b": 64, "llama3-8b": 8}.get(config.model.preset, 1)
+    if len(sys.argv) < 3:
+        sys.exit("usage: memory_estimate.py CONFIG.yaml WORLD_SIZE [section.key=value ...]")
+    config = load_run_config(sys.argv[1], sys.argv[3:])
+    world = int(sys.argv[2])
     print(report(config, world))
 
 

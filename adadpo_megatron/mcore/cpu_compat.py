@@ -13,6 +13,8 @@ and, outside the proxy,
 
 - makes the CUDA RNG tracker's ``fork()`` a no-op (dropout then draws from the default CPU
   generator; the CPU recipes use no dropout),
+- keeps ``tensor.cuda()`` on the CPU inside ``LanguageModule.setup_embeddings_and_output_layer``
+  (tied embeddings with pipeline parallelism copy the output layer's weight there),
 - replaces ``clip_grad_by_total_norm_fp32`` as the optimizer sees it with the same maths
   minus its ``'torch.cuda.FloatTensor'`` assertion (we clip here rather than patching the
   check inside megatron's function; the distributed optimizer, which asserts the same
@@ -167,6 +169,31 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+@contextlib.contextmanager
+def _tensor_cuda_stays_on_cpu():
+    """``tensor.cuda()`` returns the tensor itself while inside (a CPU-only run)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _on_cpu(method):
+    """``method`` with ``tensor.cuda()`` kept on the CPU for the length of the call."""
+    if getattr(method, "_adadpo_cpu", False):
+        return method
+
+    def wrapped(*args, **kwargs):
+        with _tensor_cuda_stays_on_cpu():
+            return method(*args, **kwargs)
+
+    wrapped._adadpo_cpu = True
+    wrapped.__name__ = method.__name__
+    return wrapped
+
+
 def enable() -> int:
     """Applies the CPU redirects to every loaded megatron.core module.
 
@@ -180,6 +207,7 @@ def enable() -> int:
         raise RuntimeError("adadpo_megatron.mcore.cpu_compat is for CPU-only runs, but a GPU is "
                            "visible; megatron-core runs on GPUs as it is")
     import megatron.core
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.tensor_parallel import random as megatron_random
 
@@ -194,6 +222,10 @@ def enable() -> int:
             patched += 1
     megatron_random.CudaRNGStatesTracker.fork = _no_fork
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    # tied embeddings under pipeline parallelism: the last stage's copy is moved with
+    # weight.data.cuda() before the first/last-stage all-reduce
+    LanguageModule.setup_embeddings_and_output_layer = _on_cpu(
+        LanguageModule.setup_embeddings_and_output_layer)
     return patched
 
 

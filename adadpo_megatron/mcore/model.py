@@ -30,6 +30,20 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig, tp_size: int) -> int:
     return padded
 
 
+def model_vocab_size(tokenizer_vocab: int, model: ModelConfig, tp_size: int) -> int:
+    """The model's vocabulary: model.vocab_size (a Hugging Face model's own, which may hold
+    more rows than its tokenizer has tokens) or the tokenizer's, padded."""
+    if model.vocab_size is None:
+        return padded_vocab_size(tokenizer_vocab, model, tp_size)
+    if tokenizer_vocab > model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens, more than the model's "
+                         f"vocabulary ({model.vocab_size}); use the model's own tokenizer")
+    if model.vocab_size % tp_size:
+        raise ValueError(f"the model's vocabulary ({model.vocab_size}) is not divisible by "
+                         f"parallel.tensor_model_parallel_size({tp_size})")
+    return model.vocab_size
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype,
                        gpu: bool, variable_seq_lengths: bool = False):
     """megatron-core's TransformerConfig for the model and layout.
@@ -120,6 +134,8 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
             share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
             position_embedding_type=model.position_embedding_type,
             rotary_base=model.rotary_base,
+            rope_scaling=model.rope_scaling,
+            rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=vp_stage,
         )
         if not gpu:
@@ -128,7 +144,7 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
     return chunks
 
 
-def _global_names(chunk: torch.nn.Module):
+def global_parameter_names(chunk: torch.nn.Module):
     """(global parameter name, parameter): local layer indices replaced by global ones."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -161,7 +177,7 @@ def canonical_init_(chunks: List[torch.nn.Module], config, seed: int) -> None:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
-        for name, param in _global_names(chunk):
+        for name, param in global_parameter_names(chunk):
             if not getattr(param, "tensor_model_parallel", False) or param.dim() != 2:
                 continue
             dim = param.partition_dim

@@ -9,9 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from adadpo_megatron.validation import require_choice, require_int
+
+
+def _from_hf(section: Dict[str, Any], base: Optional[Path]) -> Dict[str, Any]:
+    """The model section a Hugging Face config.json implies; a user key that contradicts it
+    is an error naming both values."""
+    from adadpo_megatron.mcore.hf_mapping import read_architecture
+
+    directory = Path(section["hf"])
+    if not directory.is_absolute() and base is not None:
+        directory = base / directory
+    arch = read_architecture(directory)
+    implied = {**arch.model_section(), "vocab_size": arch.vocab_size}
+    for key in HF_ARCHITECTURE_KEYS:
+        if key in section and key in implied and section[key] != implied[key]:
+            raise ValueError(f"model.{key}={section[key]!r} contradicts model.hf's "
+                             f"{directory / 'config.json'} ({implied[key]!r}); remove "
+                             f"model.{key}")
+    return implied
 
 # Model presets: megatron-core TransformerConfig fields plus GPTModel arguments.
 MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
@@ -30,11 +49,24 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
                        position_embedding_type="rope", rotary_base=500000,
                        layernorm_epsilon=1e-5),
 }
+# Llama 3.1 (and 3.3 for 70B): the same shapes with rope scaling, factor 8.
+MODEL_PRESETS["llama3.1-8b"] = dict(MODEL_PRESETS["llama3-8b"], rope_scaling=True,
+                                    rope_scaling_factor=8.0)
+MODEL_PRESETS["llama3.1-70b"] = dict(MODEL_PRESETS["llama3-70b"], rope_scaling=True,
+                                     rope_scaling_factor=8.0)
 
 # Keys of the model section that are GPTModel arguments or ours, not TransformerConfig fields.
 MODEL_EXTRA_KEYS = ("preset", "position_embedding_type", "rotary_base",
                     "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-                    "activation", "load", "fused_logprobs")
+                    "activation", "load", "fused_logprobs", "rope_scaling",
+                    "rope_scaling_factor", "hf", "vocab_size")
+# What model.hf decides; the user may still set everything else (parallelism, precision, ...).
+HF_ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                        "kv_channels", "ffn_hidden_size", "normalization", "layernorm_epsilon",
+                        "gated_linear_unit", "activation", "add_bias_linear", "add_qkv_bias",
+                        "position_embedding_type", "rotary_base",
+                        "share_embeddings_and_output_weights", "rope_scaling",
+                        "rope_scaling_factor", "vocab_size")
 ACTIVATIONS = ("gelu", "swiglu", "relu")
 
 
@@ -56,6 +88,16 @@ class ModelConfig:
             initialisation.
         fused_logprobs: compute log-probs from the last hidden states inside GPTModel's
             output_processor hook, never materialising the logits.
+        rope_scaling: Llama 3.1-style RoPE scaling (megatron-core's; low_freq_factor 1,
+            high_freq_factor 4, original context 8192). A Llama 3.1/3.2/3.3 checkpoint without
+            it gives wrong log-probs beyond short contexts.
+        rope_scaling_factor: its factor (8 for Llama 3.1 and 3.3, 32 for 3.2).
+        hf: a local Hugging Face model directory (config.json + safetensors) of the Llama
+            family (llama, mistral, qwen2): the architecture comes from its config.json, the
+            weights from its safetensors (imported once into output_dir/hf_import), and
+            data.tokenizer defaults to it. Setting an architecture key to another value than
+            config.json's is an error.
+        vocab_size: the model's own vocabulary (set by model.hf); None pads the tokenizer's.
     """
 
     preset: Optional[str] = None
@@ -67,9 +109,16 @@ class ModelConfig:
     activation: str = "gelu"
     load: Optional[str] = None
     fused_logprobs: bool = False
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    hf: Optional[str] = None
+    vocab_size: Optional[int] = None
 
     @classmethod
-    def from_section(cls, section: Optional[Dict[str, Any]]) -> ModelConfig:
+    def from_section(cls, section: Optional[Dict[str, Any]],
+                     base: Optional[Path] = None) -> ModelConfig:
+        """The section, with a preset's or model.hf's values under the user's. ``base`` is
+        the directory relative model.hf paths start from (the config file's)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         section = dict(section or {})
@@ -77,7 +126,12 @@ class ModelConfig:
         if preset is not None and preset not in MODEL_PRESETS:
             raise ValueError(f"model.preset={preset!r} is not a preset; choose one of "
                              f"{', '.join(MODEL_PRESETS)}")
-        merged = {**MODEL_PRESETS.get(preset, {}), **section}
+        defaults = dict(MODEL_PRESETS.get(preset, {}))
+        if section.get("hf"):
+            if preset is not None:
+                raise ValueError("set model.preset or model.hf, not both")
+            defaults = _from_hf(section, base)
+        merged = {**defaults, **section}
         known = {f.name for f in dataclasses.fields(TransformerConfig)}
         extra = {k: merged.pop(k) for k in list(merged) if k in MODEL_EXTRA_KEYS}
         unknown = sorted(set(merged) - known)

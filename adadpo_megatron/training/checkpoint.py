@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,12 +63,25 @@ def latest_checkpoint(output_dir: str) -> Optional[Path]:
     return path
 
 
+MEGATRON_LATEST = "latest_checkpointed_iteration.txt"
+
+
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint directory, or a run's output_dir or checkpoints/ dir (its latest)."""
+    """The checkpoint directory meant by ``path``: a checkpoint itself; a run's output_dir or
+    its checkpoints/ (their ``latest``); or a Megatron-LM / Megatron-Bridge checkpoint root,
+    whose latest_checkpointed_iteration.txt names an ``iter_NNNNNNN`` folder (or
+    ``release``)."""
     path = Path(path)
     for root in (path, path / "checkpoints"):
         if (root / LATEST).is_file():
             return root / (root / LATEST).read_text().strip()
+    if (path / MEGATRON_LATEST).is_file():
+        text = (path / MEGATRON_LATEST).read_text().strip()
+        name = "release" if text == "release" else f"iter_{int(text):07d}"
+        if not (path / name).is_dir():
+            raise FileNotFoundError(f"{path / MEGATRON_LATEST} names {name}, which is not in "
+                                    f"{path}")
+        return path / name
     return path
 
 
@@ -93,9 +106,14 @@ def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
                 "cuda": torch.cuda.get_rng_state_all() if trainer.gpu else None},
                tmp / f"rng_rank{rank}.pt")
     if rank == 0:
+        c = trainer.config
+        # where the weights' architecture and tokenizer came from, resolved, for
+        # adadpo-export-hf (the config's own paths are relative to its file)
+        sources = {"hf": str(c.resolve(c.model.hf).resolve()) if c.model.hf else None,
+                   "tokenizer": c.tokenizer_spec()}
         torch.save({"next_step": next_step, "scheduler": trainer.scheduler.state_dict(),
-                    "config": to_dict(trainer.config), "world_size": dist.get_world_size()},
-                   tmp / STATE_FILE)
+                    "config": to_dict(c), "sources": sources,
+                    "world_size": dist.get_world_size()}, tmp / STATE_FILE)
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -154,6 +172,40 @@ def load_model_weights(chunks: List[torch.nn.Module], path: str) -> None:
         raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint "
                                 "(no metadata.json)")
     state = model_sharded_state_dict(chunks)
+    check_tensor_shapes(state, path)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(chunks):
         getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{i}"])
+
+
+def _sharded_tensors(state) -> Iterator:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for value in nested_values(state):
+        if isinstance(value, ShardedTensorFactory):
+            built = value.build_fn(value.key, value.data, value.replica_id,
+                                   value.flattened_range)
+            values = nested_values(built) if isinstance(built, dict) else built
+            yield from (v for v in values if isinstance(v, ShardedTensor))
+        elif isinstance(value, ShardedTensor):
+            yield value
+
+
+def check_tensor_shapes(state, path: Path) -> None:
+    """Refuses a checkpoint whose tensors do not have the model's global shapes (vocabulary
+    rows, hidden size, layer count, heads), naming the tensor and both shapes. megatron-core
+    itself would load a smaller tensor into a larger one without a word. Every rank checks
+    its own tensors, so every rank stops, before any weight is loaded."""
+    dist_checkpointing = _import_checkpointing()
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    for tensor in _sharded_tensors(state):
+        if tensor.key not in saved:
+            raise ValueError(f"{path}: has no tensor {tensor.key!r}, which the model needs "
+                             f"(shape {tuple(tensor.global_shape)}); is it a checkpoint of "
+                             "this architecture?")
+        want, have = tuple(tensor.global_shape), tuple(saved[tensor.key].global_shape)
+        if want != have:
+            raise ValueError(f"{path}: tensor {tensor.key!r} has shape {have} in the "
+                             f"checkpoint but {want} in the model; the model section (or the "
+                             "tokenizer's vocabulary) does not match the checkpoint")

@@ -32,7 +32,11 @@ def _digest(obj) -> str:
 def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict[str, str]:
     """Per-part digests; a cache is valid only if every part matches."""
     weights = reference_weights_path(config)
-    if weights is None:  # the policy's initial weights: canonical init from this seed
+    if weights is None and config.model.hf:  # imported from a Hugging Face directory
+        from adadpo_megatron.training.hf_checkpoints import hf_fingerprint
+
+        init = {"kind": "hf", **hf_fingerprint(config.resolve(config.model.hf))}
+    elif weights is None:  # the policy's initial weights: canonical init from this seed
         init = {"kind": "canonical", "seed": config.train.seed}
     else:
         from adadpo_megatron.training.checkpoint import resolve_checkpoint

@@ -248,8 +248,13 @@ class RunConfig:
         for name in SECTIONS:
             if raw.get(name) is not None and not isinstance(raw[name], dict):
                 raise ValueError(f"section {name} must be a mapping, got {raw[name]!r}")
+        hf = (raw.get("model") or {}).get("hf")
+        if hf and "tokenizer" not in (raw.get("data") or {}):
+            # the model's own tokenizer (and chat template), unless the user names another
+            raw["data"] = {**(raw.get("data") or {}), "tokenizer": hf}
+        base = Path(source).parent if source is not None else None
         config = cls(
-            model=ModelConfig.from_section(raw.get("model")),
+            model=ModelConfig.from_section(raw.get("model"), base),
             parallel=from_mapping(ParallelConfig, raw.get("parallel"), "parallel"),
             loss=from_mapping(LossConfig, raw.get("loss"), "loss"),
             data=from_mapping(DataConfig, raw.get("data"), "data"),

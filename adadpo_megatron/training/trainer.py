@@ -35,7 +35,7 @@ from adadpo_megatron.mcore.forward_step import (
 from adadpo_megatron.mcore.model import (
     build_model_chunks,
     canonical_init_,
-    padded_vocab_size,
+    model_vocab_size,
     transformer_config,
     uses_transformer_engine,
 )
@@ -107,6 +107,8 @@ class Trainer:
         self.model = self._build(frozen=False)
         if c.model.load:
             load_model_weights(self.model, c.resolve(c.model.load))
+        elif c.model.hf:
+            self._import_hf(self.model)
         if c.reference.mode == "resident":
             self.reference_model = self.build_reference()
         self._build_optimizer()
@@ -168,8 +170,8 @@ class Trainer:
             raise ValueError(f"data.eval_fraction={c.data.eval_fraction} holds out "
                              f"{len(self.eval_set)} pairs, fewer than the data-parallel size "
                              f"({self.dp_size})")
-        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, c.model,
-                                            p.tensor_model_parallel_size)
+        self.vocab_size = model_vocab_size(self.tokenizer.vocab_size, c.model,
+                                           p.tensor_model_parallel_size)
         self.dtype = getattr(torch, c.train.dtype)
         self.forward_backward = get_forward_backward_func()
         if c.model.fused_logprobs:
@@ -252,7 +254,16 @@ class Trainer:
         elif self.model:
             for reference, policy in zip(chunks, self.model, strict=True):
                 reference.load_state_dict(policy.module.state_dict())
+        elif self.config.model.hf:
+            self._import_hf(chunks)
         return chunks
+
+    def _import_hf(self, chunks) -> None:
+        """model.hf's weights, imported once into output_dir/hf_import and cached there."""
+        from adadpo_megatron.training.hf_checkpoints import IMPORT_DIR, import_into
+
+        c = self.config
+        import_into(chunks, c.resolve(c.model.hf), Path(c.train.output_dir) / IMPORT_DIR)
 
     def _use_distributed_optimizer(self) -> bool:
         return bool(self.config.optimizer.megatron.get("use_distributed_optimizer", self.gpu))

@@ -51,13 +51,13 @@ def gather_full_parameters(trainer):
     """
     from megatron.core import parallel_state
 
-    from adadpo_megatron.mcore.model import _global_names
+    from adadpo_megatron.mcore.model import global_parameter_names
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(tp_group)
     local = {}
     for chunk in trainer.model:
-        for name, param in _global_names(chunk.module):
+        for name, param in global_parameter_names(chunk.module):
             value = param.detach().clone()
             if getattr(param, "tensor_model_parallel", False) and tp > 1:
                 pieces = [torch.empty_like(value) for _ in range(tp)]

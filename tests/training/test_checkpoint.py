@@ -215,3 +215,69 @@ def test_non_finite_step_stops_on_every_rank_before_the_weights_change(tmp_path,
     else:
         assert message.startswith("step 1: the losses were finite but a gradient is not")
     assert "Stopped before the optimizer step" in message
+
+
+def _mismatch_worker(rank, world, tmp, result_path):
+    from adadpo_megatron.training.trainer import Trainer
+
+    saved = Trainer(tiny_config({"train.output_dir": f"{tmp}/a"})).setup()
+    saved.train()  # one step, then the final checkpoint
+    saved.close()
+    checkpoint = f"{tmp}/a/checkpoints/step_0000001"
+    errors = {}
+    for name, overrides in (("vocabulary", {"model.make_vocab_size_divisible_by": 512}),
+                            ("hidden", {"model.hidden_size": 48}),
+                            ("layers", {"model.num_layers": 2})):
+        try:
+            Trainer(tiny_config({**overrides, "model.load": checkpoint,
+                                 "train.output_dir": f"{tmp}/{name}"})).setup()
+        except ValueError as err:
+            errors[name] = str(err)
+        finally:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+    if rank == world - 1:
+        torch.save(errors, result_path)
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_naming_the_tensor(tmp_path):
+    """megatron-core alone loads a smaller vocabulary into a larger one without a word."""
+    out = tmp_path / "errors.pt"
+    run_distributed(_mismatch_worker, 2, str(tmp_path), str(out))
+    errors = torch.load(out)
+    assert "'embedding.word_embeddings.weight' has shape (384, 32) in the checkpoint but " \
+           "(512, 32) in the model" in errors["vocabulary"]
+    assert "shape (384, 32) in the checkpoint but (384, 48)" in errors["hidden"]
+    assert "has shape (4," in errors["layers"] and "but (2," in errors["layers"]
+
+
+def _megatron_root_worker(rank, world, tmp, result_path):
+    from adadpo_megatron.training.trainer import Trainer
+    from tests.support.training import gather_full_parameters
+
+    trained = Trainer(tiny_config({"train.output_dir": f"{tmp}/a"})).setup()
+    trained.train()
+    expected = gather_full_parameters(trained)
+    trained.close()
+    if rank == 0:  # a Megatron-LM checkpoint root: the tracker file and iter_* folders
+        root = os.path.join(tmp, "megatron_root")
+        os.makedirs(root)
+        shutil.copytree(f"{tmp}/a/checkpoints/step_0000001", f"{root}/iter_0000001")
+        with open(f"{root}/latest_checkpointed_iteration.txt", "w") as f:
+            f.write("1\n")
+    torch.distributed.barrier()
+    fresh = Trainer(tiny_config({"model.load": f"{tmp}/megatron_root",
+                                 "train.output_dir": f"{tmp}/b"})).setup()
+    params = gather_full_parameters(fresh)
+    fresh.close()
+    if rank == 0:
+        torch.save({"expected": expected, "params": params}, result_path)
+
+
+def test_model_load_follows_a_megatron_lm_checkpoint_root(tmp_path):
+    out = tmp_path / "root.pt"
+    run_distributed(_megatron_root_worker, 1, str(tmp_path), str(out))
+    result = torch.load(out)
+    for name, value in result["expected"].items():
+        assert torch.equal(result["params"][name], value), name

@@ -4,16 +4,41 @@ import pytest
 
 from tests.support.training import REPO
 
+# Meta-Llama-3-8B-Instruct's and Meta-Llama-3-70B-Instruct's config.json (their published
+# shapes), standing in for the recipes' model.hf directories, which this machine has not.
+LLAMA3 = {"model_type": "llama", "vocab_size": 128256, "rms_norm_eps": 1e-5,
+          "rope_theta": 500000.0, "num_key_value_heads": 8, "tie_word_embeddings": False,
+          "max_position_embeddings": 8192, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+LLAMA3_SHAPES = {
+    "llama3_8b_paper.yaml": dict(hidden_size=4096, intermediate_size=14336,
+                                 num_hidden_layers=32, num_attention_heads=32),
+    "llama3_70b_h100_fp8.yaml": dict(hidden_size=8192, intermediate_size=28672,
+                                     num_hidden_layers=80, num_attention_heads=64),
+}
+
+
+def recipe_model_overrides(name, tmp_path):
+    """model.hf=<a directory holding the recipe model's config.json>, for the Llama-3 ones."""
+    import json
+
+    if name not in LLAMA3_SHAPES:
+        return []
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({**LLAMA3, **LLAMA3_SHAPES[name]}))
+    return [f"model.hf={directory}"]
+
 
 @pytest.mark.parametrize("name,world", [("tiny_cpu.yaml", 1), ("demo_sft.yaml", 2),
                                         ("demo_adadpo.yaml", 2), ("llama3_8b_paper.yaml", 8),
                                         ("llama3_70b_h100_fp8.yaml", 64)])
-def test_shipped_recipes_are_consistent(name, world):
-    """Every recipe parses and its layout fits the world it is written for."""
+def test_shipped_recipes_are_consistent(name, world, tmp_path):
+    """Every recipe parses and its layout fits the world it is written for (the Llama-3
+    recipes' model.hf directories replaced by config.json files of the same shapes)."""
 
     from adadpo_megatron.training.run_config import load_run_config
 
-    config = load_run_config(str(REPO / "configs" / name))
+    config = load_run_config(str(REPO / "configs" / name), recipe_model_overrides(name, tmp_path))
     dp = config.check_layout(world)
     assert config.train.global_batch_size % (config.train.micro_batch_size * dp) == 0
     if name.startswith("llama3_70b"):
@@ -22,17 +47,18 @@ def test_shipped_recipes_are_consistent(name, world):
             config.check_machine(gpu=False)
 
 
-def test_fp8_needs_bf16_and_aligned_sequences():
+def test_fp8_needs_bf16_and_aligned_sequences(tmp_path):
 
     from adadpo_megatron.training.run_config import load_run_config
 
     path = str(REPO / "configs" / "llama3_70b_h100_fp8.yaml")
+    model = recipe_model_overrides("llama3_70b_h100_fp8.yaml", tmp_path)
     with pytest.raises(ValueError, match="model.fp8='hybrid' needs train.dtype=bfloat16"):
-        load_run_config(path, ["train.dtype=float32"])
+        load_run_config(path, [*model, "train.dtype=float32"])
     with pytest.raises(ValueError, match=r"data.seq_length\(2050\) must be a multiple of 16"):
-        load_run_config(path, ["data.seq_length=2050"])
+        load_run_config(path, [*model, "data.seq_length=2050"])
     with pytest.raises(ValueError, match=r"multiple of 32 for model.fp8_recipe='mxfp8'"):
-        load_run_config(path, ["data.seq_length=2064", "model.fp8_recipe=mxfp8"])
+        load_run_config(path, [*model, "data.seq_length=2064", "model.fp8_recipe=mxfp8"])
 
 
 def test_eval_seed_fixes_the_held_out_pairs_across_training_seeds():

@@ -1,0 +1,152 @@
+"""Hugging Face models in: ``model.hf`` and ``adadpo-import-hf``.
+
+    adadpo-import-hf /models/Llama-3.1-8B-Instruct ckpt/llama31_8b            # one process
+    torchrun --nproc_per_node 8 -m adadpo_megatron.training.hf_checkpoints \\
+        /models/Llama-3.3-70B-Instruct ckpt/llama33_70b --pp 8                 # 1/8 each
+
+The result is a megatron-core torch_dist checkpoint of the model's weights, keyed by global
+tensor names, so it loads on any TP/PP/VPP layout (``model.load``). Each process builds only
+its own shard of the layout it runs on and fills it from the safetensors one tensor at a time
+(adadpo_megatron.mcore.hf_mapping): with 8 pipeline stages a 70B import needs an eighth of
+the model per process.
+
+``model.hf: DIR`` in a run does the same on the run's own layout the first time, and caches
+the checkpoint in ``<output_dir>/hf_import`` with the source's fingerprint, which later runs
+(and resumes) load instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+IMPORT_DIR = "hf_import"
+SOURCE_FILE = "hf_source.json"
+
+
+def hf_fingerprint(directory) -> Dict[str, object]:
+    """What identifies a Hugging Face model directory's weights: its config.json's digest and
+    the names and sizes of its safetensors files (and index)."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir()
+                   if p.name.endswith((".safetensors", ".safetensors.index.json")))
+    return {"config": hashlib.sha256((directory / "config.json").read_bytes()).hexdigest(),
+            "files": {p.name: p.stat().st_size for p in files}}
+
+
+def save_model_weights(chunks: List[torch.nn.Module], path: Path,
+                       marker: Optional[Dict[str, object]] = None) -> None:
+    """Writes the chunks' weights as a torch_dist checkpoint at ``path`` (every rank its
+    shards), atomically: written beside it and renamed when every rank is done. ``marker`` is
+    saved as ``hf_source.json``."""
+    from adadpo_megatron.training.checkpoint import _import_checkpointing, model_sharded_state_dict
+
+    dist_checkpointing = _import_checkpointing()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if marker is not None:
+            (tmp / SOURCE_FILE).write_text(json.dumps(marker, indent=1))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def import_into(chunks: List[torch.nn.Module], directory, cache: Path) -> None:
+    """model.hf's weights into this rank's chunks: from ``cache`` when it was imported from
+    the same source, else from the safetensors (then cached)."""
+    from adadpo_megatron.mcore.hf_mapping import load_hf_weights, read_architecture
+    from adadpo_megatron.training.checkpoint import load_model_weights
+
+    fingerprint = hf_fingerprint(directory)
+    marker = Path(cache) / SOURCE_FILE
+    if marker.is_file() and json.loads(marker.read_text())["fingerprint"] == fingerprint:
+        load_model_weights(chunks, str(cache))
+        return
+    load_hf_weights(chunks, directory, read_architecture(directory))
+    save_model_weights(chunks, Path(cache), marker=_source(directory))
+
+
+def _source(directory) -> Dict[str, object]:
+    """What hf_source.json records: where the weights came from (so that adadpo-export-hf
+    finds the architecture and tokenizer again) and the source's fingerprint."""
+    return {"directory": str(Path(directory).resolve()),
+            "fingerprint": hf_fingerprint(directory)}
+
+
+def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None) -> Path:
+    """adadpo-import-hf: ``directory``'s weights as a torch_dist checkpoint at ``out``, built
+    on a TP x PP layout of this world (pp defaults to the world size over tp)."""
+    from megatron.core import parallel_state
+
+    from adadpo_megatron.mcore import cpu_compat
+    from adadpo_megatron.mcore.hf_mapping import load_hf_weights, read_architecture
+    from adadpo_megatron.mcore.model import build_model_chunks, transformer_config
+    from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
+    from adadpo_megatron.training.trainer import _import_megatron_modules, init_distributed
+
+    gpu = torch.cuda.is_available()
+    arch = read_architecture(directory)
+    init_distributed(gpu)
+    world = dist.get_world_size()
+    pp = pp or world // tp
+    if tp * pp != world:
+        raise ValueError(f"--tp {tp} x --pp {pp} != WORLD_SIZE({world})")
+    if arch.num_layers % pp:
+        raise ValueError(f"{directory}: {arch.num_layers} layers are not divisible by --pp {pp}")
+    _import_megatron_modules()
+    if not gpu:
+        cpu_compat.enable()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp)
+    try:
+        model = ModelConfig.from_section({"hf": str(directory)})
+        dtype = torch.bfloat16 if "bfloat16" in arch.dtype else torch.float32
+        config = transformer_config(model, ParallelConfig(tp, pp), dtype=dtype, gpu=gpu)
+        chunks = build_model_chunks(model, config, arch.vocab_size, 4096, gpu=gpu)
+        load_hf_weights(chunks, directory, arch)
+        save_model_weights(chunks, Path(out), marker=_source(directory))
+    finally:
+        parallel_state.destroy_model_parallel()
+    if dist.get_rank() == 0:
+        print(f"wrote {out}: {arch.model_type}, {arch.num_layers} layers, vocabulary "
+              f"{arch.vocab_size}; use it as model.load", flush=True)
+    return Path(out)
+
+
+def import_main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="adadpo-import-hf",
+        description="A local Hugging Face Llama-family model as a megatron-core torch_dist "
+                    "checkpoint (model.load); under torchrun each process holds its shard.")
+    parser.add_argument("directory", help="config.json + safetensors, as save_pretrained wrote")
+    parser.add_argument("out", help="the checkpoint directory to write")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to build with")
+    parser.add_argument("--pp", type=int, default=None,
+                        help="pipeline stages to build with (default: world size / tp)")
+    args = parser.parse_args(argv)
+    try:
+        import_checkpoint(args.directory, args.out, tp=args.tp, pp=args.pp)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"adadpo-import-hf: error: {err}\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import_main()

@@ -1,0 +1,280 @@
+"""adadpo-export-hf: a checkpoint as a Hugging Face model directory that transformers (and
+vLLM) load.
+
+    adadpo-export-hf runs/llama31_8b_adadpo out/llama31_8b_adadpo      # a run: its latest
+    adadpo-export-hf runs/x/checkpoints/step_0000100 out/x_step100     # one checkpoint
+
+Writes config.json, model-0000k-of-0000n.safetensors with model.safetensors.index.json,
+generation_config.json and the tokenizer's files. One CPU process, from a checkpoint of any
+TP/PP/VPP layout (its tensors are stored under global names), reading a layer at a time, so
+it never holds more than one layer besides the shard being written.
+
+Tensors are read with torch.distributed.checkpoint directly (no process group, no GPU, no
+megatron-core model), one region at a time. The architecture comes from the run's model
+section (saved in every checkpoint); when the run started from ``model.hf`` (or the
+checkpoint is an adadpo-import-hf one), its config.json, generation config and tokenizer are
+carried over, so the export differs from the source only in the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+from adadpo_megatron.training.hf_checkpoints import SOURCE_FILE
+
+SHARD_BYTES = 5 * 1024**3
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def _source_of(checkpoint: Path) -> Tuple[Optional[Path], Optional[dict], Optional[Path]]:
+    """(Hugging Face source directory, saved run config, tokenizer directory) of a
+    checkpoint, as far as it records them."""
+    from adadpo_megatron.training.checkpoint import STATE_FILE
+
+    if (checkpoint / SOURCE_FILE).is_file():
+        source = Path(json.loads((checkpoint / SOURCE_FILE).read_text())["directory"])
+        return source, None, source
+    if not (checkpoint / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint}: neither a run checkpoint ({STATE_FILE}) nor "
+                                f"a Hugging Face import ({SOURCE_FILE})")
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    sources = state.get("sources") or {}
+    hf, tokenizer = sources.get("hf"), sources.get("tokenizer")
+    return (Path(hf) if hf else None, state["config"],
+            Path(tokenizer) if tokenizer and tokenizer != "byte" else None)
+
+
+def _architecture(source: Optional[Path], run: Optional[dict]):
+    """The HFArchitecture of the checkpoint: the source's, or one written from the run's
+    model section (a Llama layout, checked)."""
+    from adadpo_megatron.mcore.hf_mapping import HFArchitecture, read_architecture
+
+    if source is not None and (source / "config.json").is_file():
+        return read_architecture(source)
+    model = run["model"]
+    t = model["transformer"]
+    llama_like = (t.get("normalization") == "RMSNorm" and t.get("gated_linear_unit")
+                  and model["activation"] == "swiglu" and t.get("add_bias_linear") is False
+                  and model["position_embedding_type"] == "rope")
+    if not llama_like:
+        raise ValueError("the run's model is not a Llama layout (RMSNorm, SwiGLU, RoPE, no "
+                         "linear biases), so it has no Hugging Face Llama equivalent")
+    heads = t["num_attention_heads"]
+    return HFArchitecture(
+        model_type="qwen2" if t.get("add_qkv_bias") else "llama",
+        num_layers=t["num_layers"], hidden_size=t["hidden_size"], num_attention_heads=heads,
+        num_query_groups=t.get("num_query_groups") or heads,
+        head_dim=t.get("kv_channels") or t["hidden_size"] // heads,
+        ffn_hidden_size=t["ffn_hidden_size"], vocab_size=0,  # set from the checkpoint
+        rms_norm_eps=t.get("layernorm_epsilon", 1e-5), rope_theta=float(model["rotary_base"]),
+        tied=bool(model["share_embeddings_and_output_weights"]),
+        qkv_bias=bool(t.get("add_qkv_bias")),
+        rope_scaling_factor=model["rope_scaling_factor"] if model.get("rope_scaling") else None,
+        max_position_embeddings=run["data"]["seq_length"], dtype="float32")
+
+
+class _RegionPlanner:
+    """A torch.distributed.checkpoint load planner that reads one region of each tensor
+    (a layer of a layer-stacked tensor) into a tensor of the region's shape: what
+    megatron-core's loader refuses (it wants whole tensors) and DCP's plain-tensor path
+    cannot address. Built on DCP's own planner helpers."""
+
+    @staticmethod
+    def make(regions):
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import (
+            create_read_items_for_chunk_list,
+        )
+
+        class Planner(DefaultLoadPlanner):
+            def create_local_plan(self):
+                items = []
+                for fqn, (offsets, sizes) in regions.items():
+                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets),
+                                                 sizes=torch.Size(sizes))
+                    items += create_read_items_for_chunk_list(
+                        fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+                return LoadPlan(items)
+
+            def lookup_tensor(self, index):
+                return self.state_dict[index.fqn]
+
+        return Planner()
+
+
+def _read(checkpoint: Path, regions) -> Dict[str, torch.Tensor]:
+    """{key: tensor of the region} for regions {key: (offsets, sizes, dtype)}."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {key: torch.empty(sizes, dtype=dtype) for key, (_, sizes, dtype) in regions.items()}
+    planner = _RegionPlanner.make({k: (o, s) for k, (o, s, _) in regions.items()})
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint)), planner=planner,
+             no_dist=True)
+    return state
+
+
+def tensor_metadata(checkpoint: Path) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    """{global name: (shape, dtype)} of the model tensors in a torch_dist checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    return {key: (tuple(meta.size), meta.properties.dtype) for key, meta in metadata.items()
+            if isinstance(meta, TensorStorageMetadata)
+            and key.startswith(("embedding.", "decoder.", "output_layer."))}
+
+
+def _layer_slices(checkpoint: Path, metadata, num_layers: int
+                  ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(global name, full tensor) of every tensor, the layer-stacked ones (decoder.layers.*,
+    [layers, ...]) one layer at a time, all of a layer's tensors in one read."""
+    stacked = {k: v for k, v in metadata.items() if k.startswith("decoder.layers.")}
+    for key, (shape, dtype) in sorted(metadata.items()):
+        if key not in stacked:
+            yield key, _read(checkpoint, {key: ((0,) * len(shape), shape, dtype)})[key]
+    for layer in range(num_layers):
+        regions = {key: ((layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:], dtype)
+                   for key, (shape, dtype) in stacked.items()}
+        for key, value in sorted(_read(checkpoint, regions).items()):
+            yield f"decoder.layers.{layer}.{key[len('decoder.layers.'):]}", value[0]
+
+
+def _write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out: Path,
+                  shard_bytes: int) -> Dict[str, str]:
+    """Safetensors shards of at most ``shard_bytes`` (a tensor never split) and their index."""
+    from safetensors.torch import save_file
+
+    pending: Dict[str, torch.Tensor] = {}
+    size, shards = 0, []
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            shards.append(pending)
+            save_file(pending, str(out / f"shard-{len(shards)}.tmp"), metadata={"format": "pt"})
+            pending, size = {}, 0
+
+    total = 0
+    for name, tensor in tensors:
+        tensor = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if pending and size + nbytes > shard_bytes:
+            flush()
+        pending[name] = tensor.clone()
+        size += nbytes
+        total += nbytes
+    flush()
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        final = (f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
+                 else "model.safetensors")
+        (out / f"shard-{i}.tmp").rename(out / final)
+        weight_map.update({name: final for name in shard})
+        shard.clear()  # the tensors are on disk
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+            indent=2))
+    return weight_map
+
+
+def export_checkpoint(path, out, *, dtype: Optional[str] = None,
+                      shard_bytes: int = SHARD_BYTES) -> Path:
+    """Writes the Hugging Face directory ``out`` for the checkpoint (or run) ``path``."""
+    from adadpo_megatron.mcore.hf_mapping import hf_tensors
+    from adadpo_megatron.training.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(path)
+    if not (checkpoint / "metadata.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a megatron-core distributed checkpoint")
+    source, run, tokenizer = _source_of(checkpoint)
+    arch = _architecture(source, run)
+    metadata = tensor_metadata(checkpoint)
+    vocab = metadata["embedding.word_embeddings.weight"][0][0]
+    if arch.vocab_size == 0:
+        from dataclasses import replace
+
+        arch = replace(arch, vocab_size=vocab)
+    cast = getattr(torch, dtype) if dtype else None
+
+    def hf_items():
+        for name, value in _layer_slices(checkpoint, metadata, arch.num_layers):
+            for hf_name, tensor in hf_tensors(name, value, arch):
+                yield hf_name, tensor.to(cast) if cast is not None else tensor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_shards(hf_items(), out, shard_bytes)
+    _write_config(out, arch, source, dtype or _dtype_name(metadata))
+    for name in _TOKENIZER_FILES + ("generation_config.json",):
+        for folder in (tokenizer, source):
+            if folder is not None and (folder / name).is_file():
+                shutil.copy2(folder / name, out / name)
+                break
+    if not (out / "generation_config.json").is_file():
+        from transformers import AutoConfig, GenerationConfig
+
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
+    return out
+
+
+def _dtype_name(metadata) -> str:
+    return str(next(iter(metadata.values()))[1]).replace("torch.", "")
+
+
+def _write_config(out: Path, arch, source: Optional[Path], dtype: str) -> None:
+    if source is not None and (source / "config.json").is_file():
+        config = json.loads((source / "config.json").read_text())
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        return
+    import transformers
+
+    rope = {"rope_type": "default", "rope_theta": arch.rope_theta}
+    if arch.rope_scaling_factor is not None:
+        rope = {"rope_type": "llama3", "rope_theta": arch.rope_theta,
+                "factor": arch.rope_scaling_factor, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config_class = transformers.Qwen2Config if arch.qkv_bias else transformers.LlamaConfig
+    config = config_class(
+        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+        intermediate_size=arch.ffn_hidden_size, num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_query_groups, head_dim=arch.head_dim,
+        rms_norm_eps=arch.rms_norm_eps, tie_word_embeddings=arch.tied,
+        max_position_embeddings=max(arch.max_position_embeddings, 8192 + 1),
+        rope_parameters=rope, dtype=dtype)
+    config.save_pretrained(out)
+
+
+def export_main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="adadpo-export-hf",
+        description="A checkpoint (or a run's latest) as a Hugging Face model directory.")
+    parser.add_argument("checkpoint", help="a run's output_dir, its checkpoints/, a checkpoint, "
+                                           "or a Megatron-LM checkpoint root")
+    parser.add_argument("out", help="the Hugging Face directory to write")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="cast the weights (default: as stored)")
+    parser.add_argument("--shard-gb", type=float, default=5.0, help="largest shard, GiB")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype,
+                                shard_bytes=int(args.shard_gb * 1024**3))
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"adadpo-export-hf: error: {err}\n")
+    print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    export_main()

@@ -1,0 +1,105 @@
+"""The Hugging Face <-> megatron-core mapping on its own: config.json reading and refusals,
+the fused QKV and GLU layouts, and TP sharding (oracle: the inverse operations and
+megatron-core's layout as written in the module docstring)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adadpo_megatron.mcore.hf_mapping import (
+    _fuse_qkv,
+    _split_qkv,
+    read_architecture,
+    shard_of,
+)
+from tests.support.training import _unshard
+
+LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 160,
+         "vocab_size": 384, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+         "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                             "rope_theta": 500000.0}}
+
+
+def write_config(tmp_path, **changes):
+    config = {**LLAMA, **changes}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_llama31_config_reads_as_the_model_section(tmp_path):
+    arch = read_architecture(write_config(tmp_path))
+    section = arch.model_section()
+    assert (section["num_query_groups"], section["kv_channels"], section["rotary_base"]) == \
+        (2, 16, 500000.0)
+    assert section["rope_scaling"] is True and section["rope_scaling_factor"] == 8.0
+    assert section["add_qkv_bias"] is False and arch.vocab_size == 384
+    # transformers 4.x layout: rope_theta and rope_scaling at the top level
+    legacy = write_config(tmp_path, rope_parameters=None, rope_theta=10000.0,
+                          rope_scaling={"type": "llama3", "factor": 32.0})
+    assert read_architecture(legacy).model_section()["rope_scaling_factor"] == 32.0
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"model_type": "gpt2"}, r"model_type 'gpt2' is not supported; adadpo-megatron maps llama"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
+     r"rope low_freq_factor=2.0; megatron-core's llama3 rope scaling fixes it at 1.0"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type 'yarn'"),
+    ({"model_type": "mistral", "sliding_window": 4096}, r"sliding_window=4096"),
+    ({"hidden_act": "gelu"}, r"hidden_act 'gelu'"),
+])
+def test_what_the_mapping_does_not_cover_is_refused_by_name(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        read_architecture(write_config(tmp_path, **changes))
+
+
+def test_a_contradicting_model_key_names_both_values(tmp_path):
+    from adadpo_megatron.mcore.model_config import ModelConfig
+
+    directory = write_config(tmp_path)
+    config = ModelConfig.from_section({"hf": str(directory)})
+    assert config.rope_scaling and config.vocab_size == 384
+    assert config.transformer["num_layers"] == 2
+    with pytest.raises(ValueError, match=r"model.hidden_size=128 contradicts model.hf's .*"
+                                         r"config.json \(64\)"):
+        ModelConfig.from_section({"hf": str(directory), "hidden_size": 128})
+    # what config.json does not decide stays the user's
+    assert ModelConfig.from_section({"hf": str(directory), "fused_logprobs": True}).fused_logprobs
+
+
+def test_fused_qkv_groups_queries_with_their_key_and_value(tmp_path):
+    arch = read_architecture(write_config(tmp_path))
+    d = arch.head_dim
+    q = torch.arange(4 * d, dtype=torch.float32)[:, None].expand(-1, 3)  # heads 0..3
+    k = 100 + torch.arange(2 * d, dtype=torch.float32)[:, None].expand(-1, 3)
+    v = 200 + torch.arange(2 * d, dtype=torch.float32)[:, None].expand(-1, 3)
+    fused = _fuse_qkv(q, k, v, arch)
+    # group 0: query heads 0 and 1, key head 0, value head 0; then group 1
+    expected = torch.cat([q[:2 * d], k[:d], v[:d], q[2 * d:], k[d:], v[d:]])
+    assert torch.equal(fused, expected)
+    assert all(torch.equal(a, b) for a, b in zip(_split_qkv(fused, arch), (q, k, v),
+                                                  strict=True))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_tp_shards_reassemble_to_the_full_tensor(stride):
+    full = torch.randn(16, 5)
+    param = torch.nn.Parameter(torch.empty(8, 5))
+    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, stride
+    shards = [shard_of(full, param, rank, 2) for rank in range(2)]
+    assert torch.equal(_unshard(shards, 0, stride), full)
+    if stride == 2:  # GLU: each rank holds its slice of the gate, then of the up projection
+        gate, up = full.chunk(2)
+        assert torch.equal(shards[1], torch.cat([gate[4:], up[4:]]))
+
+
+def test_llama31_presets_carry_rope_scaling():
+    from adadpo_megatron.mcore.model_config import ModelConfig
+
+    for preset, scaled in (("llama3-8b", False), ("llama3.1-8b", True), ("llama3.1-70b", True)):
+        config = ModelConfig.from_section({"preset": preset})
+        assert config.rope_scaling is scaled and config.rope_scaling_factor == 8.0, preset

@@ -1,0 +1,365 @@
+"""Hugging Face Llama-family models in: model.hf and adadpo-import-hf, against transformers.
+
+Oracle: transformers' own forward of the same tiny model (built here, weights scaled so that
+the logits are far from uniform), on the same token ids, in float32. Sequences of ~200 tokens
+make Llama 3.1's rope scaling matter (checked: without it the log-probs are off).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.support.distributed import run_distributed
+from tests.support.training import TINY
+
+pytestmark = pytest.mark.slow
+
+SEQ = 256
+ARCHITECTURES = {
+    "llama3": dict(model_type="llama", rope_theta=500000.0),
+    "llama31": dict(model_type="llama", rope_theta=500000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}),
+    "llama32_tied": dict(model_type="llama", rope_theta=500000.0, tie_word_embeddings=True,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+    "qwen2": dict(model_type="qwen2", rope_theta=1000000.0),
+    "mistral": dict(model_type="mistral", rope_theta=1000000.0, sliding_window=None),
+}
+
+
+def make_hf_model(directory, name, seed=0):
+    """A tiny model of ``name``'s architecture, saved as save_pretrained writes it."""
+    import transformers
+
+    spec = dict(ARCHITECTURES[name])
+    model_type = spec.pop("model_type")
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                    "mistral": transformers.MistralConfig}
+    config = config_class[model_type](
+        vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, **spec)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(4.0)  # std 0.08: logits far from uniform
+            else:
+                param.add_(0.1 * torch.randn(param.shape))  # norms and biases not all equal
+    model.save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def make_tokenizer():
+    """A word-level tokenizer of 300 tokens plus BOS and EOS (ids below the model's 384)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(300)}
+    vocab.update({"<s>": 300, "</s>": 301})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+def make_pairs(path, pairs=8, seed=0):
+    """Pretokenized pairs of ~100-token prompts and responses (byte ids)."""
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as f:
+        for _ in range(pairs):
+            ids = torch.randint(0, 256, (300,), generator=g).tolist()
+            f.write(json.dumps({"prompt_input_ids": ids[:100], "chosen_input_ids": ids[100:200],
+                                "rejected_input_ids": ids[200:300]}) + "\n")
+    return str(path)
+
+
+def hf_config(tmp, name, data, model=None, **overrides):
+    """The tiny test run with its model section replaced by ``model`` (default model.hf)."""
+    from adadpo_megatron.training.run_config import RunConfig
+
+    raw = copy.deepcopy(TINY)
+    raw["model"] = model if model is not None else {"hf": str(tmp / name)}
+    settings = {"data.path": data, "data.tokenizer": "byte", "data.seq_length": SEQ,
+                "data.max_prompt_length": 128, "data.packing": "none",
+                "train.output_dir": str(tmp / f"run_{name}"), **overrides}
+    for key, value in settings.items():
+        section, field = key.split(".", 1)
+        raw.setdefault(section, {})[field] = value
+    return RunConfig.from_dict(raw)
+
+
+def policy_token_logps(trainer):
+    """(per-token log-probs [4, S] of the trainer's policy through this project's path, the
+    padded batch of the first 4 pairs they are of)."""
+    from adadpo_megatron.data.micro_batches import collate
+    from adadpo_megatron.mcore.forward_step import _model_forward
+    from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
+
+    batch = collate(trainer.dataset, torch.arange(4))
+    model = trainer.model[0].module
+    model.eval()
+    with torch.no_grad():
+        return vocab_parallel_logprobs(_model_forward(model, batch), batch["labels"]), batch
+
+
+def transformers_token_logps(directory, batch):
+    """The oracle: transformers' forward of the model in ``directory``, log_softmax, gather."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(batch["tokens"]).logits.float()
+    labels = batch["labels"].clamp(min=0)[..., None]
+    return torch.log_softmax(logits, -1).gather(-1, labels).squeeze(-1), logits
+
+
+def _token_logps_worker(rank, world, tmp, name, data, out, oracle=None):
+    import pathlib
+
+    from adadpo_megatron.training.trainer import Trainer
+
+    tmp = pathlib.Path(tmp)
+    trainer = Trainer(hf_config(tmp, name, data)).setup()
+    try:
+        ours, batch = policy_token_logps(trainer)
+    finally:
+        trainer.close()
+    theirs, _ = transformers_token_logps(tmp / (oracle or name), batch)
+    mask = batch["labels"] != -100
+    torch.save({"ours": ours[mask], "theirs": theirs[mask]}, out)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hf")
+    for name in ARCHITECTURES:
+        make_hf_model(tmp / name, name)
+    return tmp, make_pairs(tmp / "pairs.jsonl")
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_imported_model_gives_transformers_log_probs(hf_models, name):
+    tmp, data = hf_models
+    out = tmp / f"{name}.pt"
+    run_distributed(_token_logps_worker, 1, str(tmp), name, data, str(out))
+    result = torch.load(out)
+    assert result["ours"].numel() > 400
+    torch.testing.assert_close(result["ours"], result["theirs"], rtol=1e-5, atol=1e-5)
+    assert result["theirs"].std() > 0.5, "the logits are far from uniform"
+
+
+def test_without_rope_scaling_a_llama31_model_is_wrong(hf_models):
+    """The check above can fail: the same 3.1 model read as plain Llama 3 differs."""
+    tmp, data = hf_models
+    plain = tmp / "llama31_unscaled"
+    shutil.copytree(tmp / "llama31", plain)
+    config = json.loads((plain / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    (plain / "config.json").write_text(json.dumps(config))
+    out = tmp / "unscaled.pt"
+    # ours reads the copy without rope scaling; the oracle is the 3.1 model as it is
+    run_distributed(_token_logps_worker, 1, str(tmp), "llama31_unscaled", data, str(out),
+                    "llama31")
+    result = torch.load(out)
+    assert (result["ours"] - result["theirs"]).abs().max() > 1e-3
+
+
+def _layout_worker(rank, world, tmp, name, data, overrides, out):
+    import pathlib
+
+    from adadpo_megatron.training.trainer import Trainer
+
+    tmp = pathlib.Path(tmp)
+    config = hf_config(tmp, name, data, **{"data.eval_fraction": 0.5,
+                                           "train.output_dir": str(tmp / f"run_{world}_{name}"),
+                                           **overrides})
+    trainer = Trainer(config).setup()
+    try:
+        metrics = trainer.evaluate()
+    finally:
+        trainer.close()
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, metrics)
+    if rank == 0:
+        torch.save(max(everyone, key=len), out)
+
+
+@pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2},
+                                    {"parallel.pipeline_model_parallel_size": 2}],
+                         ids=["tp2", "pp2"])
+def test_import_on_two_ranks_equals_one(hf_models, tmp_path, layout):
+    tmp, data = hf_models
+    results = []
+    for world, overrides in ((1, {}), (2, layout)):
+        out = tmp_path / f"{world}.pt"
+        run_distributed(_layout_worker, world, str(tmp), "llama32_tied", data, overrides,
+                        str(out))
+        results.append(torch.load(out))
+    one, two = results
+    for key in ("eval/logps/chosen", "eval/logps/rejected"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert one["eval/loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+def _import_command_worker(rank, world, tmp, name, data, out):
+    import pathlib
+
+    from adadpo_megatron.training.hf_checkpoints import import_checkpoint
+    from adadpo_megatron.training.trainer import Trainer
+    from tests.support.training import gather_full_parameters
+
+    tmp = pathlib.Path(tmp)
+    import_checkpoint(tmp / name, tmp / "imported", pp=world)
+    from adadpo_megatron.mcore.hf_mapping import read_architecture
+
+    architecture = {k: v for k, v in read_architecture(tmp / name).model_section().items()}
+    results = {}
+    for key, model in (("hf", None), ("load", {**architecture, "vocab_size": 384,
+                                               "load": str(tmp / "imported")})):
+        config = hf_config(tmp, name, data, model=model,
+                           **{"train.output_dir": str(tmp / f"run_{key}")})
+        trainer = Trainer(config).setup()
+        try:
+            results[key] = gather_full_parameters(trainer)
+        finally:
+            trainer.close()
+    if rank == 0:
+        torch.save(results, out)
+
+
+def test_import_command_writes_what_model_hf_loads(hf_models, tmp_path):
+    """adadpo-import-hf on 2 pipeline ranks, loaded with model.load on 1, equals model.hf."""
+    tmp, data = hf_models
+    out = tmp_path / "imported.pt"
+    run_distributed(_import_command_worker, 2, str(tmp), "qwen2", data, str(out))
+    results = torch.load(out)
+    assert results["hf"].keys() == results["load"].keys()
+    for name, value in results["hf"].items():
+        assert torch.equal(results["load"][name], value), name
+    assert (tmp / "run_hf" / "hf_import" / "hf_source.json").is_file()
+
+
+def _import_export_worker(rank, world, tmp, name, layout, out_dir):
+    import pathlib
+
+    from adadpo_megatron.training.hf_checkpoints import import_checkpoint
+    from adadpo_megatron.training.hf_export import export_checkpoint
+
+    tmp = pathlib.Path(tmp)
+    imported = tmp / f"imported_{layout}"
+    import_checkpoint(tmp / name, imported, tp=2 if layout == "tp2" else 1)
+    if rank == 0:  # export is one process, whatever layout wrote the checkpoint
+        export_checkpoint(imported, out_dir, shard_bytes=40_000)
+
+
+def _safetensors(directory):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def test_import_then_export_gives_back_the_tensors_bit_for_bit(hf_models, tmp_path):
+    """On one process, TP=2 and PP=2; the export is sharded with an index."""
+    tmp, _ = hf_models
+    original = _safetensors(tmp / "qwen2")
+    for layout, world in (("single", 1), ("tp2", 2), ("pp2", 2)):
+        out = tmp_path / layout
+        run_distributed(_import_export_worker, world, str(tmp), "qwen2", layout, str(out))
+        exported = _safetensors(out)
+        assert exported.keys() == original.keys(), layout
+        for key, value in original.items():
+            assert torch.equal(exported[key], value), (layout, key)
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(original)
+        assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def _train_and_export_worker(rank, world, tmp, name, data, out_dir, result_path):
+    import pathlib
+
+    from adadpo_megatron.training.hf_export import export_checkpoint
+    from adadpo_megatron.training.trainer import Trainer
+
+    tmp = pathlib.Path(tmp)
+    config = hf_config(tmp, name, data, **{"train.output_dir": str(tmp / "trained"),
+                                           "train.max_steps": 2, "optimizer.lr": 0.5})
+    trainer = Trainer(config).setup()
+    try:
+        trainer.train()  # saves the final checkpoint
+        ours, batch = policy_token_logps(trainer)
+    finally:
+        trainer.close()
+    export_checkpoint(tmp / "trained", out_dir)  # the run directory: its latest checkpoint
+    torch.save({"ours": ours, "batch": batch}, result_path)
+
+
+def test_a_trained_policy_exports_to_transformers(hf_models, tmp_path):
+    """Train from model.hf, export the run, load it with transformers: the trained policy's
+    log-probs, and the source's config (rope scaling, tied embeddings) carried over."""
+    tmp, data = hf_models
+    out, result = tmp_path / "exported", tmp_path / "trained.pt"
+    run_distributed(_train_and_export_worker, 1, str(tmp), "llama32_tied", data, str(out),
+                    str(result))
+    trained = torch.load(result, weights_only=False)
+    batch = trained["batch"]
+    theirs, logits = transformers_token_logps(out, batch)
+    mask = batch["labels"] != -100
+    torch.testing.assert_close(trained["ours"][mask], theirs[mask], rtol=1e-5, atol=1e-5)
+    _, before = transformers_token_logps(tmp / "llama32_tied", batch)
+    assert not torch.allclose(before, logits, atol=1e-3), "the export holds the trained weights"
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["rope_parameters"]["factor"] == 32.0
+
+
+def test_the_readme_three_commands_on_a_tiny_llama(hf_models, tmp_path):
+    """python -m adadpo_megatron with model.hf, then adadpo-export-hf, then transformers."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from tests.support.training import free_port
+
+    tmp, data = hf_models
+    config = copy.deepcopy(TINY)
+    config["model"] = {"hf": str(tmp / "llama31")}
+    # data.tokenizer unset: model.hf's own tokenizer, which the export carries over
+    config["data"] = {"path": data, "seq_length": SEQ, "max_prompt_length": 128}
+    config["train"].update(max_steps=2, output_dir=str(tmp_path / "run"), progress=False,
+                           tensorboard=False)
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    for command in ([sys.executable, "-m", "adadpo_megatron", "--config", str(config_path)],
+                    [sys.executable, "-m", "adadpo_megatron.training.hf_export",
+                     str(tmp_path / "run"), str(tmp_path / "exported")]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32)
+    source = AutoModelForCausalLM.from_pretrained(tmp / "llama31", dtype=torch.float32)
+    tokens = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        moved = (exported(tokens).logits - source(tokens).logits).abs().max()
+    assert moved > 1e-3, "two AdaDPO steps changed the exported weights"
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert tokenizer.eos_token_id == 301 and len(tokenizer) == 302
+    assert GenerationConfig.from_pretrained(tmp_path / "exported") is not None
+    assert (tmp_path / "run" / "hf_import" / "hf_source.json").is_file()
