@@ -163,8 +163,10 @@ def _simpo(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
 
 
 def _rdpo(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
+    # Park et al. 2024: the length-penalised reward is beta * rho + alpha * |y|, so a longer
+    # chosen response starts ahead and is pushed less towards length
     z = (c.beta * (w * s.chosen_rho - s.rejected_rho)
-         - c.rdpo_alpha * (s.chosen_lengths - s.rejected_lengths))
+         + c.rdpo_alpha * (s.chosen_lengths - s.rejected_lengths))
     return _sigmoid_loss(z, c.label_smoothing)
 
 
@@ -287,12 +289,28 @@ def preference_loss(
     return losses, metrics
 
 
+def implicit_rewards(stats: PairStats, config: LossConfig) -> Tuple[Tensor, Tensor]:
+    """Each loss's own implicit reward of the chosen and rejected responses, [P] each, as TRL
+    reports it, so that rewards/accuracies is the share of pairs the loss itself ranks right:
+    dpo and rdpo beta * rho, ipo beta * rho / n, simpo beta * m, cpo beta * pi, orpo
+    lambda * m (without the AdaDPO coefficient, which scales the gradient, not the ranking)."""
+    t = config.loss_type
+    if t == "ipo":
+        return (config.beta * stats.chosen_rho / stats.chosen_lengths,
+                config.beta * stats.rejected_rho / stats.rejected_lengths)
+    if t == "simpo":
+        return config.beta * stats.chosen_mean, config.beta * stats.rejected_mean
+    if t == "orpo":
+        return config.orpo_lambda * stats.chosen_mean, config.orpo_lambda * stats.rejected_mean
+    # dpo, rdpo: beta * rho; cpo (reference-free, rho = pi): beta * pi
+    return config.beta * stats.chosen_rho, config.beta * stats.rejected_rho
+
+
 def _metrics(stats: PairStats, w: Tensor, log_r: Optional[Tensor], losses: Tensor,
              config: LossConfig) -> Dict[str, Tensor]:
     stats = replace(stats, chosen_logps=stats.chosen_logps.detach(),
                     rejected_logps=stats.rejected_logps.detach())
-    chosen_rewards = config.beta * stats.chosen_rho
-    rejected_rewards = config.beta * stats.rejected_rho
+    chosen_rewards, rejected_rewards = implicit_rewards(stats, config)
     # The measured balance, (|dL/ds_w| / q_w) / (|dL/ds_l| / q_l), where q is the (mean or
     # sum) probability and s the loss's score: for every loss type it equals w / r_policy
     # (the tests check this against autograd), so k when unclipped in policy space.
@@ -326,5 +344,6 @@ __all__ = [
     "PREFERENCE_TERMS",
     "adadpo_coefficient",
     "coefficient_log_ratio",
+    "implicit_rewards",
     "preference_loss",
 ]

@@ -43,7 +43,8 @@ class LossConfig:
         label_smoothing: eps in [0, 0.5), the conservative-DPO smoothing of the sigmoid
             losses (dpo, simpo, rdpo, cpo).
         simpo_gamma: SimPO's target reward margin gamma (finite).
-        rdpo_alpha: R-DPO's length-penalty weight alpha, >= 0.
+        rdpo_alpha: R-DPO's length weight alpha, >= 0: the score gains alpha (n_w - n_l)
+            (Park et al. 2024: the reward is beta * rho + alpha * |y|).
         nll_weight: weight of the chosen-response NLL term (-m_w) added to the loss, >= 0;
             None means the loss type's own default: 1.0 for cpo and orpo, 0 otherwise.
         orpo_lambda: ORPO's weight lambda on the odds-ratio term, >= 0.

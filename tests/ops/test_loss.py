@@ -301,3 +301,38 @@ def test_shape_errors():
         preference_loss(pc, pr, nc, nr[:5], rc, rr, config=LossConfig())
     with pytest.raises(ValueError, match=r"policy_chosen_logps must have shape \[P\]"):
         preference_loss(pc[None], pr, nc, nr, rc, rr, config=LossConfig())
+
+
+def test_rdpo_follows_park_et_al():
+    """Park et al. 2024 (and SimPO's table of objectives): the length-penalised reward is
+    beta * rho + alpha * |y|, so z = beta (rho_w - rho_l) + alpha (|y_w| - |y_l|). Written here
+    from the paper, not from the project's spec, with unequal lengths and alpha != 0."""
+    pc, pr, nc, nr, rc, rr = make_batch(seed=12)
+    assert (nc != nr).all()
+    beta, alpha = 0.3, 0.05
+    cfg = config_for("rdpo", adaptive=False, rdpo_alpha=alpha, beta=beta)
+    losses, _ = call(cfg, pc, pr, nc, nr, rc, rr)
+    z = beta * ((pc - rc) - (pr - rr)) + alpha * (nc - nr)
+    torch.testing.assert_close(losses, torch.nn.functional.softplus(-z))
+    # a longer chosen response lowers the loss (less push towards length), as the paper says
+    longer, _ = call(cfg, pc, pr, nc + 10, nr, rc, rr)
+    assert (longer < losses).all()
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo", "rdpo", "cpo", "orpo"])
+def test_reward_accuracy_is_the_share_the_loss_itself_ranks_right(loss_type):
+    """TRL's implicit rewards, per loss (ADADPO.md): the accuracy counts the pairs whose own
+    score favours the chosen response."""
+    pc, pr, nc, nr, rc, rr = make_batch(num_pairs=40, seed=13)
+    cfg = config_for(loss_type, beta=0.4, orpo_lambda=0.7)
+    _, m = call(cfg, pc, pr, nc, nr, rc, rr)
+    rho_c, rho_r = (pc - rc, pr - rr) if cfg.needs_reference else (pc, pr)
+    reward = {"dpo": (0.4 * rho_c, 0.4 * rho_r), "rdpo": (0.4 * rho_c, 0.4 * rho_r),
+              "ipo": (0.4 * rho_c / nc, 0.4 * rho_r / nr), "simpo": (0.4 * pc / nc, 0.4 * pr / nr),
+              "cpo": (0.4 * pc, 0.4 * pr), "orpo": (0.7 * pc / nc, 0.7 * pr / nr)}[loss_type]
+    chosen, rejected = reward
+    assert m["rewards/chosen"].item() == pytest.approx(chosen.mean().item(), rel=1e-12)
+    assert m["rewards/rejected"].item() == pytest.approx(rejected.mean().item(), rel=1e-12)
+    assert m["rewards/accuracies"].item() == pytest.approx(
+        (chosen > rejected).double().mean().item())
+    assert 0.0 < m["rewards/accuracies"].item() < 1.0, "the check is not vacuous"

@@ -66,7 +66,7 @@ def reference_pair_loss(pw, pl, nw, nl, rw, rl, cfg, w: Optional[float] = None) 
     elif t == "simpo":
         loss = sigmoid_loss(beta * (w * mw - ml) - cfg.simpo_gamma)
     elif t == "rdpo":
-        loss = sigmoid_loss(beta * (w * rho_w - rho_l) - cfg.rdpo_alpha * (nw - nl))
+        loss = sigmoid_loss(beta * (w * rho_w - rho_l) + cfg.rdpo_alpha * (nw - nl))
     elif t == "cpo":
         loss = sigmoid_loss(beta * (w * pw - pl))
     elif t == "orpo":
