@@ -96,24 +96,12 @@ def collate(dataset: PreferenceDataset, indices: torch.Tensor, chosen_only: bool
     }
 
 
-def held_out_micro_batches(dataset: PreferenceDataset, *, micro_batch_size: int,
-                           dp_rank: int, dp_size: int, chosen_only: bool = False
-                           ) -> List[Batch]:
-    """This data-parallel rank's micro-batches covering every held-out pair exactly once.
-
-    Rank r takes the r-th of dp_size contiguous blocks (their sizes differ by at most one
-    pair); its last micro-batch may hold fewer than micro_batch_size pairs. So the held-out
-    metrics are the same on every layout.
-    """
-    mine = torch.tensor_split(torch.arange(len(dataset)), dp_size)[dp_rank]
-    return [collate(dataset, mine[i: i + micro_batch_size], chosen_only)
-            for i in range(0, len(mine), micro_batch_size)]
-
-
 def step_micro_batches(dataset: PreferenceDataset, step: int, *, global_batch_size: int,
                        micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                        chosen_only: bool = False) -> List[Batch]:
-    """This data-parallel rank's micro-batches for one optimizer step.
+    """This data-parallel rank's padded micro-batches for one optimizer step, for loops built
+    by hand (examples/megatron_loop.py); the trainer plans every layout with
+    adadpo_megatron.data.packing.
 
     Rank r takes the r-th contiguous block of the global batch; a pair is never split.
     """

@@ -78,14 +78,14 @@ def import_into(chunks: List[torch.nn.Module], directory, cache: Path) -> None:
         load_model_weights(chunks, str(cache))
         return
     load_hf_weights(chunks, directory, read_architecture(directory))
-    save_model_weights(chunks, Path(cache), marker=_source(directory))
+    save_model_weights(chunks, Path(cache), marker=_source(directory, fingerprint))
 
 
-def _source(directory) -> Dict[str, object]:
+def _source(directory, fingerprint: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """What hf_source.json records: where the weights came from (so that adadpo-export-hf
     finds the architecture and tokenizer again) and the source's fingerprint."""
     return {"directory": str(Path(directory).resolve()),
-            "fingerprint": hf_fingerprint(directory)}
+            "fingerprint": fingerprint or hf_fingerprint(directory)}
 
 
 def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None) -> Path:
