@@ -15,6 +15,8 @@
    a 2-layer model of Llama-3-8B widths on the shipped pairs packed as THD (PackedSeqParams,
    unfused and fused log-probs) against the same pairs padded to seq_length: the step-1 loss
    (after one update, so the backward counts too) equal to 1e-3 in bf16, and both step times.
+4. The loss family (issue 12): every loss type on CUDA in float32 against the CPU in float64,
+   losses and gradients; LD-DPO and WPO through packed THD steps against padded ones.
 Not run by the test suite (it needs a GPU).
 """
 
@@ -146,21 +148,22 @@ def check_thd_split(rows):
                  "result": "ok" if not mismatches else f"FAILED: {', '.join(mismatches)}"})
 
 
-def check_packed_step(rows):
+def _packed_vs_padded(rows, label, variants, loss_overrides=()):
+    """Two steps of a 2-layer Llama-3-8B-width model per variant; every variant's step-1 loss
+    against the padded one's."""
     from adadpo_megatron.training.run_config import load_run_config
     from adadpo_megatron.training.trainer import Trainer
 
     results = {}
-    for name, extra in (("padded", ["data.packing=none"]),
-                        ("thd", ["data.packing=pack"]),
-                        ("thd_fused", ["data.packing=pack", "model.fused_logprobs=true"])):
+    for name, extra in (("padded", ["data.packing=none"]), *variants):
         overrides = [
             "model.preset=llama3-8b", "model.num_layers=2", "model.load=null",
             "data.seq_length=2048", "data.max_prompt_length=64", "train.dtype=bfloat16",
             "train.global_batch_size=32", "train.micro_batch_size=4", "train.max_steps=2",
             "train.progress=false", "train.tensorboard=false", "train.resume=never",
             f"train.output_dir={tempfile.mkdtemp()}", "optimizer.optimizer=sgd",
-            "optimizer.lr=0.05", "optimizer.use_distributed_optimizer=false", *extra]
+            "optimizer.lr=0.05", "optimizer.use_distributed_optimizer=false",
+            *loss_overrides, *extra]
         trainer = Trainer(load_run_config(str(REPO / "configs/tiny_cpu.yaml"),
                                           overrides)).setup()
         assert name == "padded" or trainer.packed_format == "thd", trainer.packed_format
@@ -174,16 +177,64 @@ def check_packed_step(rows):
         trainer.close()
         torch.cuda.empty_cache()
     padded_loss, padded_ms, padded_real = results["padded"]
-    rows.append({"check": "padded step (data.packing=none)", "ms": padded_ms,
+    rows.append({"check": f"{label}padded step (data.packing=none)", "ms": padded_ms,
                  "peak_mib": float("nan"),
                  "result": f"step-1 loss {padded_loss:.5f}, real tokens {padded_real:.3f}"})
-    for name in ("thd", "thd_fused"):
+    for name, _ in variants:
         loss, ms, real = results[name]
         ok = abs(loss - padded_loss) < 1e-3
-        rows.append({"check": f"packed THD step ({name})", "ms": ms, "peak_mib": float("nan"),
+        rows.append({"check": f"{label}packed THD step ({name})", "ms": ms,
+                     "peak_mib": float("nan"),
                      "result": f"step-1 loss {loss:.5f} vs padded {padded_loss:.5f}, real "
                                f"tokens {real:.3f}, {padded_ms / ms:.2f}x faster: "
                                f"{'ok' if ok else 'FAILED'}"})
+
+
+def check_packed_step(rows):
+    _packed_vs_padded(rows, "", (("thd", ["data.packing=pack"]),
+                                 ("thd_fused", ["data.packing=pack",
+                                                "model.fused_logprobs=true"])))
+
+
+def check_loss_family(rows):
+    """Every loss type on CUDA float32 against the CPU in float64 (per-pair losses and
+    gradients), then LD-DPO (its tail mask on packed THD segments) and WPO (log sum p^2 from
+    bf16 logits) through packed THD steps against padded ones."""
+    from adadpo_megatron.ops.loss import preference_loss
+    from adadpo_megatron.ops.loss_config import LOSS_TYPES, NOT_ADAPTIVE, LossConfig
+
+    g = torch.Generator().manual_seed(0)
+    pairs = 256
+    nc = torch.randint(20, 2000, (pairs,), generator=g)
+    nr = torch.randint(20, 2000, (pairs,), generator=g)
+    pc = -(0.2 + 2.8 * torch.rand(pairs, generator=g, dtype=torch.float64)) * nc
+    pr = -(0.2 + 2.8 * torch.rand(pairs, generator=g, dtype=torch.float64)) * nr
+    rc, rr = pc + 3 * torch.randn(pairs, generator=g), pr + 3 * torch.randn(pairs, generator=g)
+    worst, failed = 0.0, []
+    for loss_type in LOSS_TYPES:
+        cfg = LossConfig(loss_type=loss_type, beta=0.05, adaptive=loss_type not in NOT_ADAPTIVE,
+                         label_smoothing=0.1 if loss_type in ("exo_pair", "robust") else 0.0)
+        out = []
+        for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
+            a = pc.to(device, dtype).requires_grad_()
+            b = pr.to(device, dtype).requires_grad_()
+            ref = (rc.to(device, dtype), rr.to(device, dtype)) if cfg.needs_reference else ()
+            losses, _ = preference_loss(a, b, nc.to(device), nr.to(device), *ref, config=cfg)
+            grads = torch.autograd.grad(losses.sum(), (a, b), allow_unused=True,
+                                        materialize_grads=True)
+            out.append(torch.cat([losses.detach(), *grads]).double().cpu())
+        error = ((out[1] - out[0]).abs() / (out[0].abs() + 1e-6)).max().item()
+        worst = max(worst, error)
+        if not (error < 1e-4 and torch.isfinite(out[1]).all()):
+            failed.append(loss_type)
+    rows.append({"check": f"{len(LOSS_TYPES)} loss types: CUDA fp32 vs CPU fp64",
+                 "ms": float("nan"), "peak_mib": float("nan"),
+                 "result": f"worst relative error {worst:.1e}: "
+                           f"{'ok' if not failed else 'FAILED ' + ', '.join(failed)}"})
+    _packed_vs_padded(rows, "LD-DPO ", (("thd", ["data.packing=pack"]),),
+                      ("loss.ld_alpha=0.5",))
+    _packed_vs_padded(rows, "WPO ", (("thd", ["data.packing=pack"]),),
+                      ("loss.use_weighting=true", "loss.adaptive=false"))
 
 
 def main():
@@ -203,6 +254,7 @@ def main():
     check_logprobs(rows)
     check_thd_split(rows)
     check_packed_step(rows)
+    check_loss_family(rows)
     check_step(rows, fp8=False)
     if not args.skip_fp8:
         try:

@@ -34,20 +34,25 @@ from adadpo_megatron.mcore.packed_attention import (
     thd_flatten,
     thd_this_cp_rank,
 )
+from adadpo_megatron.ops.batch_statistics import RewardRunningMean
 from adadpo_megatron.ops.fused_logprobs import fused_hidden_logprobs
 from adadpo_megatron.ops.logprobs import (
     group_or_default,
     group_size,
-    sequence_logprobs,
+    sequence_sums,
+    shared_length_tail_mask,
+    vocab_parallel_log_sum_sq_probs,
     vocab_parallel_logprobs,
 )
-from adadpo_megatron.ops.loss import preference_loss
-from adadpo_megatron.ops.loss_config import LossConfig
+from adadpo_megatron.ops.loss import LengthTails, preference_loss
+from adadpo_megatron.ops.loss_config import BATCH_SORTED_LOSS_TYPES, LossConfig
 
 Batch = Dict[str, torch.Tensor]
 MAX_REDUCED = ("adadpo/coef_max",)
-COUNTS = ("pairs", "tokens")
-_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+COUNTS = ("pairs", "tokens", "adadpo/grad_ratio_pairs")
+# metric -> the count metric its mean is weighted by (default: the pairs)
+WEIGHTED_BY = {"adadpo/grad_ratio": "adadpo/grad_ratio_pairs"}
+_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "ld_tail_mask")
 
 
 def _groups(tp_group, cp_group):
@@ -60,6 +65,18 @@ def _groups(tp_group, cp_group):
     return tp_group, cp_group
 
 
+def _data_parallel_group(dp_group):
+    """``dp_group``, else megatron-core's data-parallel group without context parallelism
+    (CP ranks hold the same pairs), else None."""
+    if dp_group is not None or not (dist.is_available() and dist.is_initialized()):
+        return dp_group
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_data_parallel_group(with_context_parallel=False)
+
+
 def _this_cp_rank(batch: Batch, cp_group) -> Batch:
     """The batch with its sequence dimension cut to this CP rank's load-balanced chunks:
     megatron-core's per-sequence split for rows, per segment for a THD-packed batch."""
@@ -69,7 +86,7 @@ def _this_cp_rank(batch: Batch, cp_group) -> Batch:
         return thd_this_cp_rank(batch, cp_group)
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    sharded = get_batch_on_this_cp_rank({k: batch[k] for k in _SEQUENCE_KEYS},
+    sharded = get_batch_on_this_cp_rank({k: batch[k] for k in _SEQUENCE_KEYS if k in batch},
                                         is_hybrid_cp=False, cp_group=cp_group)
     return {**batch, **sharded}
 
@@ -139,19 +156,42 @@ class LogProbOutputProcessor:
         return logps.view(s, b).t()
 
 
-def _sequence_sums(output_tensor, batch: Batch, tp_group, cp_group, fused: bool = False,
-                   sides: int = 2):
-    """Per-sequence sums from the last stage's output: logits, or log-probs when fused. A
-    packed batch is reduced per segment: ``sides`` segments per pair, chosen first."""
+def _sequence_statistics(output_tensor, batch: Batch, tp_group, cp_group, fused: bool = False,
+                         sides: int = 2, wpo: bool = False) -> Dict[str, torch.Tensor]:
+    """Per-sequence statistics from the last stage's output (logits, or log-probs when
+    fused), in one CP all-reduce: ``logps`` (differentiable) and ``lengths`` under the loss
+    mask; with an ``ld_tail_mask`` in the batch, ``tail_logps`` and ``tail_lengths``; with
+    ``wpo``, ``wpo_logps``, the detached sum of log p - log sum_v p_v^2 (WPO). A packed batch
+    is reduced per segment: ``sides`` segments per pair, chosen first."""
     if fused:
         token_logps = output_tensor
     else:
         token_logps = vocab_parallel_logprobs(output_tensor, batch["labels"], tp_group=tp_group)
+    mask = batch["loss_mask"].to(torch.float32)
+    channels = {"logps": token_logps * mask, "lengths": mask}
+    if "ld_tail_mask" in batch:
+        tail = batch["ld_tail_mask"].to(torch.float32)
+        channels.update(tail_logps=token_logps * tail, tail_lengths=tail)
+    if wpo:
+        log_sum_sq = vocab_parallel_log_sum_sq_probs(output_tensor, tp_group=tp_group)
+        channels["wpo_logps"] = (token_logps.detach() - log_sum_sq) * mask
     segments = {}
     if "segment_ids" in batch:
         segments = {"segment_ids": batch["segment_ids"],
                     "num_segments": sides * batch["example_ids"].numel()}
-    return sequence_logprobs(token_logps, batch["loss_mask"], cp_group=cp_group, **segments)
+    sums = sequence_sums(torch.stack(list(channels.values())), cp_group=cp_group, **segments)
+    out = dict(zip(channels, sums, strict=True))
+    for name in ("lengths", "tail_lengths", "wpo_logps"):
+        if name in out:
+            out[name] = out[name].detach()
+    return out
+
+
+def _ld_weighted(stats: Dict[str, torch.Tensor], ld_alpha: Optional[float]) -> torch.Tensor:
+    """LD-DPO's sums: shared + alpha * tail (the plain sums without ld_alpha)."""
+    if ld_alpha is None:
+        return stats["logps"]
+    return stats["logps"] - (1.0 - ld_alpha) * stats["tail_logps"]
 
 
 def pairs_first_to_chosen_first(batch: Batch) -> Batch:
@@ -192,13 +232,14 @@ class _ForwardStep:
 
     def __init__(self, *, tp_group=None, cp_group=None,
                  model_forward: Optional[ModelForward] = None, fused: bool = False,
-                 packed_format: Optional[str] = None):
+                 packed_format: Optional[str] = None, ld_alpha: Optional[float] = None):
         if packed_format is not None and packed_format not in PACKED_FORMATS:
             raise ValueError(f"packed_format={packed_format!r}; choose one of "
                              f"{', '.join(PACKED_FORMATS)}")
         self.tp_group, self.cp_group = tp_group, cp_group
         self.fused = fused
         self.packed_format = packed_format
+        self.ld_alpha = ld_alpha
         if model_forward is None:
             model_forward = _fused_model_forward if fused else _model_forward
         self.model_forward = model_forward
@@ -240,8 +281,12 @@ class _ForwardStep:
                 raise ValueError("a packed micro-batch (with segment_ids) needs the forward "
                                  "step's packed_format: 'thd' for Transformer Engine layers, "
                                  "'mask' for megatron-core's local layers")
-            if self.packed_format == "thd":
-                batch = thd_flatten(batch)  # on the CPU, before the copy: no device sync
+        if batch is not None and self.ld_alpha is not None:
+            # on the whole micro-batch, before the CP split: positions are per sequence
+            batch = {**batch, "ld_tail_mask": shared_length_tail_mask(
+                batch["loss_mask"], batch["example_ids"].numel(), batch.get("segment_ids"))}
+        if batch is not None and "segment_ids" in batch and self.packed_format == "thd":
+            batch = thd_flatten(batch)  # on the CPU, before the copy: no device sync
         batch = _to_device(batch, _device_of(model))
         if batch is not None:
             batch = _this_cp_rank(batch, cp_group)
@@ -255,41 +300,83 @@ class PreferenceForwardStep(_ForwardStep):
     Args:
         loss_config: the preference loss.
         tp_group, cp_group: process groups; None falls back to megatron-core's parallel_state.
+        dp_group: the data-parallel group (without CP) that aot and aot_unpaired sort their
+            batch over; None falls back to megatron-core's. Unused by the other losses.
         model_forward: ``(model, batch) -> output``; the default calls
             ``model(tokens, position_ids, None)`` as GPTModel takes it. Any model whose last
             stage returns vocab-parallel logits [2m, s, V/TP] works.
         fused: compute the log-probs inside GPTModel's output_processor hook, from the
             hidden states, without materialising the logits (the last stage's output is then
-            log-probs [2m, s]).
+            log-probs [2m, s]). Not with ``loss_config.use_weighting`` (WPO reads the logits).
         packed_format: how attention sees the segments of a packed micro-batch (one with
             ``segment_ids``, see adadpo_megatron.data.packing): "mask" (an explicit
             block-diagonal mask; megatron-core's local layers, CPU) or "thd" (PackedSeqParams;
             Transformer Engine layers); required for packed micro-batches, which are refused
             without it. Row micro-batches ignore it.
     The batch's ``ref_logps`` [2m] (precomputed or filled in by the resident reference) is
-    required by losses that need a reference.
+    required by losses that need a reference. bco_pair's running reward mean lives here:
+    call ``finish_step`` after each optimizer step, and save ``state_dict``.
     """
 
     def __init__(self, loss_config: LossConfig, *, tp_group=None, cp_group=None,
-                 model_forward: Optional[ModelForward] = None, fused: bool = False,
-                 packed_format: Optional[str] = None):
+                 dp_group=None, model_forward: Optional[ModelForward] = None,
+                 fused: bool = False, packed_format: Optional[str] = None):
         super().__init__(tp_group=tp_group, cp_group=cp_group, model_forward=model_forward,
-                         fused=fused, packed_format=packed_format)
+                         fused=fused, packed_format=packed_format,
+                         ld_alpha=loss_config.ld_alpha)
+        if fused and loss_config.use_weighting:
+            raise ValueError("loss.use_weighting=true (WPO) reads log sum_v p_v^2 from the "
+                             "logits, which model.fused_logprobs=true never materialises; "
+                             "set model.fused_logprobs=false")
         self.loss_config = loss_config
+        self.dp_group = dp_group
+        self.running_mean = RewardRunningMean()
+
+    def start_step(self) -> None:
+        super().start_step()
+        self.running_mean.discard()
+
+    def finish_step(self, *, replicas: int = 1, device=None) -> None:
+        """After an optimizer step, on every rank: folds the step's bco_pair rewards into the
+        running mean (one all-reduce over all ranks; nothing without bco_pair).
+        ``replicas``: tensor- times context-parallel size, the ranks that compute each pair's
+        loss."""
+        if any(t == "bco_pair" for t, _ in self.loss_config.terms):
+            self.running_mean.commit(replicas=replicas, device=device)
+
+    def state_dict(self) -> Dict[str, Dict[str, float]]:
+        return {"bco_running_mean": self.running_mean.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Dict[str, float]]) -> None:
+        if "bco_running_mean" in state:
+            self.running_mean.load_state_dict(state["bco_running_mean"])
 
     def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
-        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused,
-                                      self.sides)
+        c = self.loss_config
+        stats = _sequence_statistics(output_tensor, batch, tp_group, cp_group, self.fused,
+                                     self.sides, wpo=c.use_weighting)
+        sums, counts = stats["logps"], stats["lengths"]
         pairs = sums.shape[0] // 2
         reference = ()
-        if self.loss_config.needs_reference:
+        if c.needs_reference:
             if "ref_logps" not in batch:
-                raise ValueError(f"loss_type={self.loss_config.loss_type!r} needs reference "
+                raise ValueError(f"loss_type={c.loss_type!r} needs reference "
                                  "log-probs, but the micro-batch has no 'ref_logps'")
             ref = batch["ref_logps"].to(sums.dtype)
             reference = (ref[:pairs], ref[pairs:])
+        extra = {}
+        if c.ld_alpha is not None:
+            tail, tail_n = stats["tail_logps"], stats["tail_lengths"]
+            extra["tails"] = LengthTails(tail[:pairs], tail[pairs:], tail_n[:pairs],
+                                         tail_n[pairs:])
+        if c.use_weighting:
+            weights = torch.exp(stats["wpo_logps"] / counts.clamp(min=1))
+            extra["wpo_weights"] = (weights[:pairs], weights[pairs:])
+        if BATCH_SORTED_LOSS_TYPES & {t for t, _ in c.terms}:
+            extra["batch_group"] = _data_parallel_group(self.dp_group)
         losses, metrics = preference_loss(sums[:pairs], sums[pairs:], counts[:pairs],
-                                          counts[pairs:], *reference, config=self.loss_config)
+                                          counts[pairs:], *reference, config=c,
+                                          running_mean=self.running_mean, **extra)
         self._record_finite(losses, batch)
         count = torch.tensor(pairs, dtype=torch.int, device=sums.device)
         return losses.sum(), count, _report(metrics, pairs)
@@ -306,8 +393,9 @@ class SFTForwardStep(_ForwardStep):
     sides = 1
 
     def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
-        sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused,
-                                      self.sides)
+        stats = _sequence_statistics(output_tensor, batch, tp_group, cp_group, self.fused,
+                                     self.sides)
+        sums, counts = stats["logps"], stats["lengths"]
         nll = -sums.sum()
         self._record_finite(nll, batch)
         tokens = counts.sum()
@@ -322,17 +410,19 @@ class SFTForwardStep(_ForwardStep):
 class ReferenceForwardStep(_ForwardStep):
     """forward_step(data_iterator, model) for the frozen reference, run forward-only.
 
-    Same arguments as PreferenceForwardStep but the loss. Its report holds ``ref_logps``
-    [2m], the per-sequence sums, and ``ref_counts``.
+    Same arguments as PreferenceForwardStep but the loss, plus ``ld_alpha`` (the loss's
+    LD-DPO weight: the sums are then shared + ld_alpha * tail). Its report holds
+    ``ref_logps`` [2m], the per-sequence sums, and ``ref_counts``.
     """
 
     def loss_func(self, batch, tp_group, cp_group, output_tensor):
         with torch.no_grad():
-            sums, counts = _sequence_sums(output_tensor, batch, tp_group, cp_group, self.fused,
-                                      self.sides)
+            stats = _sequence_statistics(output_tensor, batch, tp_group, cp_group, self.fused,
+                                         self.sides)
+        sums = _ld_weighted(stats, self.ld_alpha)
         zero = output_tensor.new_zeros(())
         count = torch.tensor(sums.shape[0] // 2, dtype=torch.int, device=sums.device)
-        return zero, count, {"ref_logps": sums, "ref_counts": counts}
+        return zero, count, {"ref_logps": sums, "ref_counts": stats["lengths"]}
 
 
 def _device_of(model) -> torch.device:
@@ -345,6 +435,9 @@ def _report(metrics: Dict[str, torch.Tensor], pairs: int) -> Dict[str, torch.Ten
         value = value.detach().float()
         if name in MAX_REDUCED or name in COUNTS:  # reduced by max, or summed as they are
             report[name] = torch.stack([value, torch.ones_like(value)])
+        elif name in WEIGHTED_BY:
+            weight = metrics[WEIGHTED_BY[name]].detach().float()
+            report[name] = torch.stack([value * weight, weight])
         else:
             report[name] = torch.stack([value * pairs, torch.full_like(value, pairs)])
     return report
@@ -354,10 +447,11 @@ def reduce_reports(reports: Iterable[Dict[str, torch.Tensor]], group=None,
                    context_parallel_size: int = 1) -> Dict[str, float]:
     """Metrics of one step: micro-batch reports reduced over micro-batches and ``group``.
 
-    Means are weighted by pairs; ``adadpo/coef_max`` is a maximum; ``pairs`` and ``tokens``
-    are totals (summed over data-parallel ranks, counted once over the
-    ``context_parallel_size`` ranks that each report the same pairs). Call on the last
-    pipeline stage with the data-and-context-parallel group.
+    Means are weighted by pairs (``adadpo/grad_ratio`` by the pairs it is defined on, and
+    left out where there are none); ``adadpo/coef_max`` is a maximum; the COUNTS are totals
+    (summed over data-parallel ranks, counted once over the ``context_parallel_size`` ranks
+    that each report the same pairs). Call on the last pipeline stage with the
+    data-and-context-parallel group.
     """
     reports = list(reports)
     if not reports:
@@ -374,7 +468,7 @@ def reduce_reports(reports: Iterable[Dict[str, torch.Tensor]], group=None,
             out[name] = maxed[i].item()
         elif name in COUNTS:
             out[name] = summed[i, 0].item() / context_parallel_size
-        else:
+        elif summed[i, 1] > 0:
             out[name] = (summed[i, 0] / summed[i, 1]).item()
     return out
 

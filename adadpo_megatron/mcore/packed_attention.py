@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 Batch = Dict[str, torch.Tensor]
 PACKED_FORMATS = ("thd", "mask")
-_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
+_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids",
+                  "ld_tail_mask")
 
 
 def default_packed_format(transformer_engine: bool) -> str:
@@ -66,7 +67,8 @@ def thd_flatten(batch: Batch) -> Batch:
     cu_seqlens = thd_cu_seqlens(batch["segment_ids"])
     out = dict(batch)
     for key in _SEQUENCE_KEYS:
-        out[key] = batch[key].reshape(1, -1)
+        if key in batch:
+            out[key] = batch[key].reshape(1, -1)
     out["cu_seqlens"] = cu_seqlens
     out["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return out
@@ -120,7 +122,8 @@ def thd_this_cp_rank(batch: Batch, cp_group) -> Batch:
     index = thd_partition_index(batch["cu_seqlens"], total, cp_size, dist.get_rank(cp_group))
     out = dict(batch)
     for key in _SEQUENCE_KEYS:
-        out[key] = batch[key].index_select(1, index)
+        if key in batch:
+            out[key] = batch[key].index_select(1, index)
     return out
 
 

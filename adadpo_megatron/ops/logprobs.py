@@ -259,6 +259,39 @@ def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup]) -> Tensor:
     return _AllReduceSum.apply(tensor, group)
 
 
+def sequence_sums(
+    values: Tensor,
+    *,
+    cp_group: Optional[ProcessGroup] = None,
+    segment_ids: Optional[Tensor] = None,
+    num_segments: Optional[int] = None,
+) -> Tensor:
+    """Per-sequence sums of several per-token channels, in one CP all-reduce.
+
+    Args:
+        values: [C, batch, seq_shard] float: C per-token channels, already masked.
+        cp_group, segment_ids, num_segments: as for ``sequence_logprobs``.
+    Returns:
+        [C, batch or num_segments] float32, differentiable, equal on every rank of
+        ``cp_group`` and equal to the unsharded sums.
+    """
+    cp_group = group_or_default(cp_group, "get_context_parallel_group")
+    values = values.float()
+    if segment_ids is None:
+        stats = values.sum(dim=-1)
+    else:
+        if segment_ids.shape != values.shape[1:] or num_segments is None:
+            raise ValueError(f"segment_ids {list(segment_ids.shape)} must be shaped like "
+                             f"the per-token values {list(values.shape[1:])}, with "
+                             "num_segments")
+        # Padding carries mask 0, so sending it to segment 0 adds nothing there.
+        index = segment_ids.reshape(-1).clamp(min=0)
+        channels = values.shape[0]
+        stats = values.new_zeros(channels, num_segments).index_add(
+            1, index, values.reshape(channels, -1))
+    return all_reduce_sum(stats, cp_group)
+
+
 def sequence_logprobs(
     token_logps: Tensor,
     loss_mask: Tensor,
@@ -288,17 +321,75 @@ def sequence_logprobs(
     if token_logps.shape != loss_mask.shape or token_logps.dim() != 2:
         raise ValueError(f"token_logps {list(token_logps.shape)} and loss_mask "
                          f"{list(loss_mask.shape)} must both be [batch, seq]")
-    cp_group = group_or_default(cp_group, "get_context_parallel_group")
     mask = loss_mask.to(torch.float32)
-    values = torch.stack([token_logps.float() * mask, mask])  # [2, batch, seq]
-    if segment_ids is None:
-        stats = values.sum(dim=-1)
-    else:
-        if segment_ids.shape != token_logps.shape or num_segments is None:
-            raise ValueError(f"segment_ids {list(segment_ids.shape)} must be shaped like "
-                             f"token_logps {list(token_logps.shape)}, with num_segments")
-        # Padding carries mask 0, so sending it to segment 0 adds nothing there.
-        index = segment_ids.reshape(-1).clamp(min=0)
-        stats = values.new_zeros(2, num_segments).index_add(1, index, values.reshape(2, -1))
-    reduced = all_reduce_sum(stats, cp_group)
+    reduced = sequence_sums(torch.stack([token_logps.float() * mask, mask]), cp_group=cp_group,
+                            segment_ids=segment_ids, num_segments=num_segments)
     return reduced[0], reduced[1].detach()
+
+
+def shared_length_tail_mask(loss_mask: Tensor, num_pairs: int,
+                            segment_ids: Optional[Tensor] = None) -> Tensor:
+    """LD-DPO's tail: 1 on the response tokens that lie beyond the first min(n_w, n_l)
+    response tokens of their sequence, n_w and n_l being the response lengths of its pair.
+
+    Computed on a whole (not context-parallel sharded) micro-batch in the chosen-first layout:
+    sequence j and sequence j + num_pairs are a pair.
+
+    Args:
+        loss_mask: [rows, seq], 1 on response tokens.
+        num_pairs: P; the micro-batch holds 2P sequences.
+        segment_ids: packed rows: [rows, seq], the sequence of each token (contiguous within
+            a row), negative on padding; None: row r is sequence r.
+    Returns:
+        [rows, seq] float32.
+    """
+    mask = loss_mask.to(torch.float32).reshape(-1)
+    if segment_ids is None:
+        rows, length = loss_mask.shape
+        sequence = torch.arange(rows, device=mask.device).repeat_interleave(length)
+    else:
+        sequence = segment_ids.reshape(-1)
+    valid = sequence >= 0
+    mask = mask * valid
+    index = sequence.clamp(min=0)
+    lengths = mask.new_zeros(2 * num_pairs).index_add(0, index, mask)
+    counted = torch.cumsum(mask, 0)
+    # the count before a sequence's first token: the smallest (count - mask) over its tokens
+    before = torch.full_like(lengths, float("inf")).scatter_reduce(
+        0, index[valid], (counted - mask)[valid], reduce="amin")
+    position = counted - before[index]  # 1-based position among the response tokens
+    shared = torch.minimum(lengths[:num_pairs], lengths[num_pairs:]).repeat(2)
+    return (mask * (position > shared[index])).view(loss_mask.shape)
+
+
+def vocab_parallel_log_sum_sq_probs(logits: Tensor, *, tp_group: Optional[ProcessGroup] = None,
+                                    chunk_size: Optional[int] = None) -> Tensor:
+    """log sum_v p_v^2 per token under vocab-parallel logits, no gradient (WPO's weights).
+
+    log sum exp(2 (x - M)) - 2 log sum exp(x - M) with M the token's global maximum: one MAX
+    and one SUM all-reduce over ``tp_group``, float32 chunks as in
+    ``vocab_parallel_logprobs``.
+
+    Args:
+        logits: [..., vocab/TP], this rank's vocabulary block.
+    Returns:
+        float32 [...], detached.
+    """
+    tp_group = group_or_default(tp_group, "get_tensor_model_parallel_group")
+    with torch.no_grad():
+        logits2d = logits.reshape(-1, logits.shape[-1])
+        num_rows, vocab_shard = logits2d.shape
+        rows = _chunk_rows(num_rows, vocab_shard, chunk_size, logits2d.device)
+        row_max = torch.empty(num_rows, dtype=torch.float32, device=logits2d.device)
+        for start in range(0, num_rows, rows):
+            row_max[start: start + rows] = logits2d[start: start + rows].float().amax(-1)
+        if group_size(tp_group) > 1:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+        sums = torch.empty(2, num_rows, dtype=torch.float32, device=logits2d.device)
+        for start in range(0, num_rows, rows):
+            x = logits2d[start: start + rows].float() - row_max[start: start + rows, None]
+            sums[0, start: start + rows] = x.exp().sum(-1)
+            sums[1, start: start + rows] = x.mul_(2.0).exp_().sum(-1)
+        if group_size(tp_group) > 1:
+            dist.all_reduce(sums, group=tp_group)
+        return (sums[1].log() - 2.0 * sums[0].log()).view(logits.shape[:-1])

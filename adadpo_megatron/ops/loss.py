@@ -1,14 +1,16 @@
 """AdaDPO and the pairwise preference losses, on per-pair sequence statistics.
 
-Pure torch: no torch.distributed, no megatron import. The inputs are whole-sequence
-statistics (sums of response-token log-probs and response-token counts), already reduced
-over tensor- and context-parallel ranks; see ``adadpo_megatron.ops.logprobs``.
+Pure torch and no megatron import. The inputs are whole-sequence statistics (sums of
+response-token log-probs and response-token counts), already reduced over tensor- and
+context-parallel ranks; see ``adadpo_megatron.ops.logprobs``. The two losses that sort the
+batch (aot, aot_unpaired) gather their per-pair values over the data-parallel group through
+``adadpo_megatron.ops.batch_statistics``; every other loss is per pair.
 
 The AdaDPO rule (Chen et al., arXiv 2605.28440): scale the preferred side of the loss by
 ``w = sg(min(k * P_w / P_l, C))`` so that the gradients on the two probabilities have
 equal magnitude. With the default reduction "mean" (Stable AdaDPO) the ratio is built from
-per-token geometric-mean probabilities ``exp(mean log-prob)``. The exact formulas this
-project uses are in ADADPO.md and the README.
+per-token geometric-mean probabilities ``exp(mean log-prob)``. Here w multiplies the chosen
+side's reward in every loss; the formulas are in ADADPO.md and the README's table.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from adadpo_megatron.ops.loss_config import LossConfig
+from adadpo_megatron.ops.batch_statistics import (
+    RewardRunningMean,
+    aot_partners,
+    unpaired_partners,
+)
+from adadpo_megatron.ops.loss_config import MEAN_SCORED_LOSS_TYPES, LossConfig
 
 Tensor = torch.Tensor
 
@@ -70,6 +77,68 @@ class PairStats:
         return self.rejected_logps
 
 
+@dataclass(frozen=True)
+class LengthTails:
+    """LD-DPO's split of each response: the log-prob sums and token counts, [P] each, of the
+    response tokens beyond the shorter response of the pair (min(n_w, n_l) tokens)."""
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+
+
+def length_desensitised(stats: PairStats, tails: LengthTails, alpha: float) -> PairStats:
+    """LD-DPO (Liu et al. 2024): each sum becomes shared + alpha * tail, and each count the
+    matching n_shared + alpha * n_tail, so that means stay per-token means. The reference
+    sums in ``stats`` are already weighted (the reference forward step does it)."""
+    k = 1.0 - alpha
+    return replace(stats,
+                   chosen_logps=stats.chosen_logps - k * tails.chosen_logps,
+                   rejected_logps=stats.rejected_logps - k * tails.rejected_logps,
+                   chosen_lengths=stats.chosen_lengths - k * tails.chosen_lengths,
+                   rejected_lengths=stats.rejected_lengths - k * tails.rejected_lengths)
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """What a loss reads from the rest of the batch, fixed before the per-pair terms run
+    (constants to autograd). Each field [P] unless stated, None where no loss needs it.
+
+    Fields:
+        bco_delta: 0-dim, bco_pair's running reward mean.
+        aot_ref_chosen, aot_ref_rejected: the reference sums of each pair's AOT partner.
+        unpaired_rejected: the rejected log-ratio sorted to our chosen's rank (aot_unpaired).
+        unpaired_chosen: the chosen log-ratio sorted to our rejected's rank (aot_unpaired).
+    """
+
+    bco_delta: Optional[Tensor] = None
+    aot_ref_chosen: Optional[Tensor] = None
+    aot_ref_rejected: Optional[Tensor] = None
+    unpaired_rejected: Optional[Tensor] = None
+    unpaired_chosen: Optional[Tensor] = None
+
+
+def batch_context(stats: PairStats, config: LossConfig, *, group=None,
+                  running_mean: Optional[RewardRunningMean] = None) -> BatchContext:
+    """The BatchContext of ``config``'s losses; gathers over ``group`` (data parallel) for
+    aot and aot_unpaired."""
+    types = {t for t, _ in config.terms}
+    fields = {}
+    if "bco_pair" in types:
+        fields["bco_delta"] = (running_mean.delta(stats.chosen_logps)
+                               if config.bco_running_mean and running_mean is not None
+                               else stats.chosen_logps.new_zeros(()))
+    if "aot" in types:
+        fields["aot_ref_chosen"], fields["aot_ref_rejected"] = aot_partners(
+            stats.chosen_logps - stats.rejected_logps, stats.ref_chosen_logps,
+            stats.ref_rejected_logps, group)
+    if "aot_unpaired" in types:
+        fields["unpaired_rejected"], fields["unpaired_chosen"] = unpaired_partners(
+            stats.chosen_rho, stats.rejected_rho, group)
+    return BatchContext(**fields)
+
+
 # --------------------------------------------------------------------------- coefficient
 
 
@@ -84,8 +153,8 @@ def _orpo_log_odds(mean_logps: Tensor) -> Tensor:
     return m - _log1mexp(m)
 
 
-def coefficient_log_ratio(stats: PairStats, config: LossConfig, *, space: Optional[str] = None
-                          ) -> Tensor:
+def coefficient_log_ratio(stats: PairStats, config: LossConfig, *, space: Optional[str] = None,
+                          loss_type: Optional[str] = None) -> Tensor:
     """log r, the log of the probability ratio the AdaDPO coefficient is built from.
 
     Reduction "mean": ``m_w - m_l``; "sum": ``pi_w - pi_l``; space "ratio" subtracts the same
@@ -96,15 +165,17 @@ def coefficient_log_ratio(stats: PairStats, config: LossConfig, *, space: Option
         stats: per-pair statistics, [P].
         config: the loss configuration.
         space: overrides ``config.coefficient_space`` ("policy" or "ratio").
+        loss_type: the loss the coefficient is for; default ``config.primary_type``.
     Returns:
         [P], in the dtype of ``stats``.
     """
     space = space or config.coefficient_space
+    loss_type = loss_type or config.primary_type
     if config.coefficient_reduction == "mean":
         log_r = stats.chosen_mean - stats.rejected_mean
     else:
         log_r = stats.chosen_logps - stats.rejected_logps
-    if config.loss_type == "orpo":
+    if loss_type == "orpo":
         m_w = stats.chosen_mean.clamp(max=_ORPO_MAX_MEAN_LOGP)
         m_l = stats.rejected_mean.clamp(max=_ORPO_MAX_MEAN_LOGP)
         log_r = log_r + _log1mexp(m_w) - _log1mexp(m_l)
@@ -133,61 +204,194 @@ def adadpo_coefficient(log_ratio: Tensor, *, clip: float = 2.0, gradient_ratio: 
     return torch.exp(log_w)
 
 
+def coefficients(stats: PairStats, config: LossConfig) -> Dict[str, Tensor]:
+    """{loss type: w [P]} for every preference term (ones where adaptive is off). Only orpo's
+    differs from the others (its score is a log-odds)."""
+    out, shared = {}, None
+    for loss_type, _ in config.terms:
+        if loss_type == "sft":
+            continue
+        if not config.adaptive:
+            out[loss_type] = torch.ones_like(stats.chosen_logps)
+        elif loss_type == "orpo":
+            out[loss_type] = adadpo_coefficient(
+                coefficient_log_ratio(stats, config, loss_type="orpo"), clip=config.clip,
+                gradient_ratio=config.gradient_ratio)
+        else:
+            if shared is None:
+                shared = adadpo_coefficient(
+                    coefficient_log_ratio(stats, config, loss_type=loss_type),
+                    clip=config.clip, gradient_ratio=config.gradient_ratio)
+            out[loss_type] = shared
+    return out
+
+
 # --------------------------------------------------------------------------- losses
 
-# Each preference term maps (stats, w, config) to the per-pair loss before the NLL term.
-PreferenceTerm = Callable[[PairStats, Tensor, LossConfig], Tensor]
+# Each preference term maps (stats, w, config, batch context) to the per-pair loss [P].
+PreferenceTerm = Callable[[PairStats, Tensor, LossConfig, BatchContext], Tensor]
 
 
-def _sigmoid_loss(z: Tensor, label_smoothing: float) -> Tensor:
-    """-(1 - eps) log sigma(z) - eps log sigma(-z), stable for any finite z."""
+def _smoothed(z: Tensor, eps: float) -> Tensor:
+    """-(1 - eps) log sigma(z) - eps log sigma(-z) (conservative DPO), stable for any z."""
     loss = -F.logsigmoid(z)
-    if label_smoothing:
-        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+    if eps:
+        loss = (1.0 - eps) * loss - eps * F.logsigmoid(-z)
     return loss
 
 
-def _dpo(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
-    z = c.beta * (w * s.chosen_rho - s.rejected_rho)
-    return _sigmoid_loss(z, c.label_smoothing)
+def _z(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
+    """DPO's logit beta * (w rho_w - rho_l): w multiplies the chosen side's reward."""
+    return c.beta * (w * s.chosen_rho - s.rejected_rho)
 
 
-def _ipo(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
+def _dpo(s, w, c, ctx):
+    return _smoothed(_z(s, w, c), c.label_smoothing)
+
+
+def _hinge(s, w, c, ctx):  # SLiC (Zhao et al. 2023)
+    return torch.relu(1.0 - _z(s, w, c))
+
+
+def _ipo(s, w, c, ctx):
+    # on per-token log-ratios, as TRL and the IPO authors do for variable lengths
     h = w * s.chosen_rho / s.chosen_lengths - s.rejected_rho / s.rejected_lengths
     return (h - 1.0 / (2.0 * c.beta)) ** 2
 
 
-def _simpo(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
+def _exo_pair(s, w, c, ctx):
+    # EXO (Ji et al. 2024, Eq. 16): KL(softmax(z) || (1 - eps, eps)) over {chosen, rejected}
+    z, eps = _z(s, w, c), c.label_smoothing
+    log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)
+    return (torch.exp(log_qw) * (log_qw - math.log1p(-eps))
+            + torch.exp(log_ql) * (log_ql - math.log(eps)))
+
+
+def _nca_pair(s, w, c, ctx):  # NCA (Chen et al. 2024), decoupled chosen and rejected terms
+    x_w, x_l = c.beta * w * s.chosen_rho, c.beta * s.rejected_rho
+    return -F.logsigmoid(x_w) - 0.5 * F.logsigmoid(-x_w) - 0.5 * F.logsigmoid(-x_l)
+
+
+def _robust(s, w, c, ctx):
+    # rDPO (Chowdhury et al. 2024): unbiased under label noise eps
+    z, eps = _z(s, w, c), c.label_smoothing
+    return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+def _bco_pair(s, w, c, ctx):  # BCO (Jung et al. 2024): rewards shifted by their running mean
+    x_w, x_l = c.beta * w * s.chosen_rho, c.beta * s.rejected_rho
+    return -F.logsigmoid(x_w - ctx.bco_delta) - F.logsigmoid(-(x_l - ctx.bco_delta))
+
+
+def _sppo_hard(s, w, c, ctx):  # SPPO (Wu et al. 2024) with hard 0/1 win probabilities
+    target = 0.5 / c.beta
+    return (w * s.chosen_rho - target) ** 2 + (s.rejected_rho + target) ** 2
+
+
+def _aot(s, w, c, ctx):
+    # AOT (Melnyk et al. 2024), paired: this pair's policy log-ratio meets the reference
+    # log-ratio of the same rank; w multiplies the chosen reward against that reference.
+    delta = (w * (s.chosen_logps - ctx.aot_ref_chosen)
+             - (s.rejected_logps - ctx.aot_ref_rejected))
+    return _smoothed(c.beta * delta, c.label_smoothing)
+
+
+def _aot_unpaired(s, w, c, ctx):
+    # Sorted chosen and rejected log-ratios meet rank by rank. A pair's chosen response is
+    # in one term and its rejected one in another; each pair carries both terms with the
+    # partners held constant, and subtracts half of their (detached) value, so the values
+    # sum to the batch's loss while each response gets its full gradient.
+    a = _smoothed(c.beta * (s.chosen_rho - ctx.unpaired_rejected), c.label_smoothing)
+    b = _smoothed(c.beta * (ctx.unpaired_chosen - s.rejected_rho), c.label_smoothing)
+    return a + b - 0.5 * (a + b).detach()
+
+
+def _apo_zero(s, w, c, ctx):  # APO-zero (D'Oosterlinck et al. 2024, Eq. 7)
+    return 1.0 - torch.sigmoid(c.beta * w * s.chosen_rho) + torch.sigmoid(c.beta * s.rejected_rho)
+
+
+def _apo_down(s, w, c, ctx):  # APO-down (Eq. 8); adaptive is refused, w is 1
+    return (torch.sigmoid(c.beta * s.chosen_rho)
+            + 1.0 - torch.sigmoid(c.beta * (s.chosen_rho - s.rejected_rho)))
+
+
+def _discopop(s, w, c, ctx):
+    # DiscoPOP (Chris Lu et al. 2024, Eq. 5): logistic and exponential losses blended by
+    # sigma(z / tau); the exponential part in log space, finite where exp(-z) overflows.
+    z, tau = _z(s, w, c), c.discopop_tau
+    return (-F.logsigmoid(z) * torch.sigmoid(-z / tau)
+            + torch.exp(-z + F.logsigmoid(z / tau)))
+
+
+def _sigmoid_norm(s, w, c, ctx):  # DPO on per-token log-ratios
+    z = c.beta * (w * s.chosen_rho / s.chosen_lengths - s.rejected_rho / s.rejected_lengths)
+    return -F.logsigmoid(z)
+
+
+def _simpo(s, w, c, ctx):
     z = c.beta * (w * s.chosen_mean - s.rejected_mean) - c.simpo_gamma
-    return _sigmoid_loss(z, c.label_smoothing)
+    return _smoothed(z, c.label_smoothing)
 
 
-def _rdpo(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
+def _rdpo(s, w, c, ctx):
     # Park et al. 2024: the length-penalised reward is beta * rho + alpha * |y|, so a longer
     # chosen response starts ahead and is pushed less towards length
-    z = (c.beta * (w * s.chosen_rho - s.rejected_rho)
-         + c.rdpo_alpha * (s.chosen_lengths - s.rejected_lengths))
-    return _sigmoid_loss(z, c.label_smoothing)
+    z = _z(s, w, c) + c.rdpo_alpha * (s.chosen_lengths - s.rejected_lengths)
+    return _smoothed(z, c.label_smoothing)
 
 
-def _cpo(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
+def _cpo(s, w, c, ctx):
     z = c.beta * (w * s.chosen_logps - s.rejected_logps)
-    return _sigmoid_loss(z, c.label_smoothing)
+    return _smoothed(z, c.label_smoothing)
 
 
-def _orpo(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
+def _orpo(s, w, c, ctx):
     z = w * _orpo_log_odds(s.chosen_mean) - _orpo_log_odds(s.rejected_mean)
     return -c.orpo_lambda * F.logsigmoid(z)
 
 
 PREFERENCE_TERMS: Dict[str, PreferenceTerm] = {
     "dpo": _dpo,
+    "hinge": _hinge,
     "ipo": _ipo,
+    "exo_pair": _exo_pair,
+    "nca_pair": _nca_pair,
+    "robust": _robust,
+    "bco_pair": _bco_pair,
+    "sppo_hard": _sppo_hard,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
+    "apo_zero": _apo_zero,
+    "apo_down": _apo_down,
+    "discopop": _discopop,
+    "sigmoid_norm": _sigmoid_norm,
     "simpo": _simpo,
     "rdpo": _rdpo,
     "cpo": _cpo,
     "orpo": _orpo,
 }
+
+
+def preference_terms(stats: PairStats, ws: Dict[str, Tensor], config: LossConfig,
+                     ctx: BatchContext) -> Optional[Tensor]:
+    """The weighted sum of the preference terms (every loss type but sft), [P]; None when
+    the mix has none."""
+    total = None
+    for loss_type, weight in config.terms:
+        if loss_type == "sft":
+            continue
+        term = weight * PREFERENCE_TERMS[loss_type](stats, ws[loss_type], config, ctx)
+        total = term if total is None else total + term
+    return total
+
+
+def chosen_nll(stats: PairStats, config: LossConfig) -> Tensor:
+    """Per-pair NLL of the chosen response, [P], whose mean over the micro-batch's pairs is
+    the configured average: "pair" -m_w; "token" -pi_w * P / sum(n_w), the mean over every
+    chosen token of the micro-batch (TRL's convention)."""
+    if config.nll_reduction == "pair":
+        return -stats.chosen_mean
+    return -stats.chosen_logps * (stats.chosen_lengths.numel() / stats.chosen_lengths.sum())
 
 
 # --------------------------------------------------------------------------- public entry
@@ -223,6 +427,10 @@ def preference_loss(
     ref_rejected_logps: Optional[Tensor] = None,
     *,
     config: LossConfig,
+    tails: Optional[LengthTails] = None,
+    wpo_weights: Optional[Tuple[Tensor, Tensor]] = None,
+    batch_group=None,
+    running_mean: Optional[RewardRunningMean] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Per-pair preference losses with the AdaDPO coefficient, and their metrics.
 
@@ -231,17 +439,27 @@ def preference_loss(
         policy_rejected_logps: [P] the same for y_l.
         chosen_lengths: [P] number of response tokens of y_w (> 0), any numeric dtype.
         rejected_lengths: [P] the same for y_l.
-        ref_chosen_logps: [P] the reference's sums for y_w; required by dpo, ipo and rdpo,
-            refused by the reference-free simpo, cpo and orpo.
+        ref_chosen_logps: [P] the reference's sums for y_w (LD-weighted under ld_alpha);
+            required when a loss of the mix needs a reference, refused otherwise.
         ref_rejected_logps: [P] the same for y_l.
         config: the loss configuration.
+        tails: LD-DPO's tail sums of the policy, required exactly when ``config.ld_alpha``
+            is set.
+        wpo_weights: (chosen [P], rejected [P]) WPO's detached sequence weights, required
+            exactly when ``config.use_weighting``.
+        batch_group: the data-parallel group that aot and aot_unpaired sort over; None sorts
+            this process's pairs alone.
+        running_mean: bco_pair's running reward mean: read for delta, and this micro-batch's
+            rewards are added to its pending step sum.
     Returns:
         losses: [P] per-pair losses, not reduced, in float32 (float64 inputs stay float64).
         metrics: detached 0-dim tensors named as in TRL and ADADPO.md: means over the pairs,
-            except ``adadpo/coef_max`` (max), ``pairs`` and ``tokens`` (counts).
+            except ``adadpo/coef_max`` (max), ``pairs``, ``tokens`` and
+            ``adadpo/grad_ratio_pairs`` (counts), and ``adadpo/grad_ratio`` (the mean over
+            the pairs whose two gradients are nonzero, ``adadpo/grad_ratio_pairs`` of them).
     Raises:
-        ValueError: a missing or unexpected reference, mismatched shapes, or an empty
-            response (naming the pair index).
+        ValueError: a missing or unexpected reference, tails or weights, mismatched shapes,
+            or an empty response (naming the pair index).
     """
     dtype = torch.promote_types(getattr(policy_chosen_logps, "dtype", torch.float32),
                                 torch.float32)
@@ -266,84 +484,152 @@ def preference_loss(
             f"loss_type={config.loss_type!r} is reference-free: pass no reference log-probs "
             "(reference: none), so that no reference forward is wasted"
         )
+    if (tails is not None) != (config.ld_alpha is not None):
+        raise ValueError("pass tails exactly when loss.ld_alpha is set (LD-DPO)")
+    if (wpo_weights is not None) != config.use_weighting:
+        raise ValueError("pass wpo_weights exactly when loss.use_weighting is true (WPO)")
     rc = rr = None
     if given[0]:
         rc = _as_pair_tensor("ref_chosen_logps", ref_chosen_logps, num_pairs, dtype).detach()
         rr = _as_pair_tensor("ref_rejected_logps", ref_rejected_logps, num_pairs, dtype).detach()
-    stats = PairStats(pc, pr, nc, nr, rc, rr)
+    plain = PairStats(pc, pr, nc, nr, rc, rr)
+    stats = plain
+    if tails is not None:
+        tails = LengthTails(*(_as_pair_tensor(f"tails.{name}", getattr(tails, name), num_pairs,
+                                              dtype)
+                              for name in ("chosen_logps", "rejected_logps", "chosen_lengths",
+                                           "rejected_lengths")))
+        stats = length_desensitised(plain, tails, config.ld_alpha)
 
-    if config.adaptive:
-        log_r = coefficient_log_ratio(stats, config)
-        w = adadpo_coefficient(log_r, clip=config.clip, gradient_ratio=config.gradient_ratio)
-    else:
-        log_r = None
-        w = torch.ones_like(pc)
+    ctx = batch_context(stats, config, group=batch_group, running_mean=running_mean)
+    ws = coefficients(stats, config)
+    losses = preference_terms(stats, ws, config, ctx)
+    sft_weight = sum(weight for t, weight in config.terms if t == "sft")
+    nll = chosen_nll(plain, config)
+    if sft_weight:
+        losses = sft_weight * nll if losses is None else losses + sft_weight * nll
+    if wpo_weights is not None:
+        chosen_w = _as_pair_tensor("wpo_weights[0]", wpo_weights[0], num_pairs, dtype)
+        rejected_w = _as_pair_tensor("wpo_weights[1]", wpo_weights[1], num_pairs, dtype)
+        losses = losses * (chosen_w * rejected_w).detach()
+    if config.effective_nll_weight:
+        losses = losses + config.effective_nll_weight * nll
 
-    losses = PREFERENCE_TERMS[config.loss_type](stats, w, config)
-    nll_weight = config.effective_nll_weight
-    if nll_weight:
-        losses = losses + nll_weight * (-stats.chosen_mean)
-
-    with torch.no_grad():
-        metrics = _metrics(stats, w, log_r, losses, config)
+    if running_mean is not None and "bco_pair" in {t for t, _ in config.terms}:
+        running_mean.accumulate(torch.stack([config.beta * stats.chosen_rho,
+                                             config.beta * stats.rejected_rho]))
+    metrics = _metrics(stats, plain, ws, ctx, losses, nll, config)
     return losses, metrics
 
 
 def implicit_rewards(stats: PairStats, config: LossConfig) -> Tuple[Tensor, Tensor]:
-    """Each loss's own implicit reward of the chosen and rejected responses, [P] each, as TRL
-    reports it, so that rewards/accuracies is the share of pairs the loss itself ranks right:
-    dpo and rdpo beta * rho, ipo beta * rho / n, simpo beta * m, cpo beta * pi, orpo
-    lambda * m (without the AdaDPO coefficient, which scales the gradient, not the ranking)."""
-    t = config.loss_type
-    if t == "ipo":
+    """The primary loss's own implicit reward of the chosen and rejected responses, [P] each,
+    as TRL reports it, so that rewards/accuracies is the share of pairs the loss itself ranks
+    right: beta * rho for the DPO family (reference-free: beta * pi), beta * rho / n for ipo
+    and sigmoid_norm, beta * m for simpo, lambda * m for orpo (without the AdaDPO
+    coefficient, which scales the gradient, not the ranking)."""
+    t = config.primary_type
+    if t in ("ipo", "sigmoid_norm"):
         return (config.beta * stats.chosen_rho / stats.chosen_lengths,
                 config.beta * stats.rejected_rho / stats.rejected_lengths)
     if t == "simpo":
         return config.beta * stats.chosen_mean, config.beta * stats.rejected_mean
     if t == "orpo":
         return config.orpo_lambda * stats.chosen_mean, config.orpo_lambda * stats.rejected_mean
-    # dpo, rdpo: beta * rho; cpo (reference-free, rho = pi): beta * pi
     return config.beta * stats.chosen_rho, config.beta * stats.rejected_rho
 
 
-def _metrics(stats: PairStats, w: Tensor, log_r: Optional[Tensor], losses: Tensor,
-             config: LossConfig) -> Dict[str, Tensor]:
+def measured_balance(stats: PairStats, ws: Dict[str, Tensor], config: LossConfig,
+                     ctx: BatchContext) -> Tuple[Tensor, Tensor]:
+    """The balance AdaDPO aims at, measured with autograd on the preference terms.
+
+    ``(|dL/ds_w| / q_w) / (|dL/ds_l| / q_l)`` per pair, the ratio of the gradients on the two
+    probabilities q (per-token geometric mean for reduction "mean", whole sequence for
+    "sum"), with s the primary loss's score: the mean log-prob for the length-normalised
+    losses, the sum otherwise. Equal to k where the balance is exact and w unclipped.
+
+    Returns:
+        (ratio [P], defined [P] bool): a pair where either gradient is 0 (a satisfied hinge, a
+        saturated sigmoid) has no balance to measure.
+    """
+    with torch.enable_grad():
+        pc = stats.chosen_logps.detach().clone().requires_grad_()
+        pr = stats.rejected_logps.detach().clone().requires_grad_()
+        total = preference_terms(replace(stats, chosen_logps=pc, rejected_logps=pr), ws,
+                                 config, ctx)
+        g_w, g_l = torch.autograd.grad(total.sum(), (pc, pr))
+    g_w, g_l = g_w.abs(), g_l.abs()
+    if config.primary_type in MEAN_SCORED_LOSS_TYPES:  # dL/dm = n dL/dpi
+        g_w, g_l = g_w * stats.chosen_lengths, g_l * stats.rejected_lengths
+    # the probabilities' own ratio (for orpo without its odds factor, which w carries)
+    log_r = coefficient_log_ratio(stats, config, space="policy", loss_type="dpo")
+    defined = (g_w > 0) & (g_l > 0) & torch.isfinite(g_w) & torch.isfinite(g_l)
+    ratio = torch.exp(torch.log(g_w) - torch.log(g_l) - log_r)
+    return torch.where(defined, ratio, torch.zeros_like(ratio)), defined
+
+
+def _metrics(stats: PairStats, plain: PairStats, ws: Dict[str, Tensor], ctx: BatchContext,
+             losses: Tensor, nll: Tensor, config: LossConfig) -> Dict[str, Tensor]:
     stats = replace(stats, chosen_logps=stats.chosen_logps.detach(),
                     rejected_logps=stats.rejected_logps.detach())
-    chosen_rewards, rejected_rewards = implicit_rewards(stats, config)
-    # The measured balance, (|dL/ds_w| / q_w) / (|dL/ds_l| / q_l), where q is the (mean or
-    # sum) probability and s the loss's score: for every loss type it equals w / r_policy
-    # (the tests check this against autograd), so k when unclipped in policy space.
-    grad_ratio = torch.exp(torch.log(w) - coefficient_log_ratio(stats, config, space="policy"))
-    if log_r is None:
-        clipped = torch.zeros_like(w)
-    else:
-        clipped = ((log_r + math.log(config.gradient_ratio)) > math.log(config.clip)).to(w.dtype)
-    return {
-        "loss": losses.detach().mean(),
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(w.dtype).mean(),
-        "logps/chosen": stats.chosen_logps.mean(),
-        "logps/rejected": stats.rejected_logps.mean(),
-        "logps_mean/chosen": stats.chosen_mean.mean(),
-        "logps_mean/rejected": stats.rejected_mean.mean(),
-        "nll/chosen": (-stats.chosen_mean).mean(),
-        "adadpo/coef_mean": w.mean(),
-        "adadpo/coef_max": w.max(),
-        "adadpo/clip_fraction": clipped.mean(),
-        "adadpo/grad_ratio": grad_ratio.mean(),
-        "pairs": torch.tensor(float(w.shape[0]), dtype=w.dtype, device=w.device),
-        "tokens": (stats.chosen_lengths + stats.rejected_lengths).sum(),
-    }
+    one = torch.ones_like(stats.chosen_logps)
+    primary = config.primary_type
+    metrics = {"loss": losses.detach().mean()}
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = implicit_rewards(stats, config)
+        metrics.update({
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).to(one.dtype).mean(),
+            "logps/chosen": stats.chosen_logps.mean(),
+            "logps/rejected": stats.rejected_logps.mean(),
+            "logps_mean/chosen": stats.chosen_mean.mean(),
+            "logps_mean/rejected": stats.rejected_mean.mean(),
+            "nll/chosen": (-plain.chosen_mean.detach()).mean(),
+            "pairs": torch.tensor(float(one.shape[0]), dtype=one.dtype, device=one.device),
+            "tokens": (plain.chosen_lengths + plain.rejected_lengths).sum(),
+        })
+        if config.effective_nll_weight or any(t == "sft" for t, _ in config.terms):
+            metrics["nll_loss"] = nll.detach().mean()
+        if "orpo" in ws:  # TRL ORPOTrainer's names
+            odds = _orpo_log_odds(stats.chosen_mean) - _orpo_log_odds(stats.rejected_mean)
+            metrics["log_odds_chosen"] = odds.mean()
+            metrics["log_odds_ratio"] = F.logsigmoid(odds).mean()
+        if ctx.bco_delta is not None:
+            metrics["bco/delta"] = ctx.bco_delta.detach().to(one.dtype)
+    if primary == "sft":
+        return metrics
+    w = ws[primary]
+    ratio, defined = measured_balance(stats, ws, config, ctx)
+    with torch.no_grad():
+        if config.adaptive:
+            log_r = coefficient_log_ratio(stats, config)
+            clipped = ((log_r + math.log(config.gradient_ratio)) > math.log(config.clip))
+        else:
+            clipped = torch.zeros_like(defined)
+        count = defined.to(one.dtype).sum()
+        metrics.update({
+            "adadpo/coef_mean": w.mean(),
+            "adadpo/coef_max": w.max(),
+            "adadpo/clip_fraction": clipped.to(one.dtype).mean(),
+            "adadpo/grad_ratio": ratio.sum() / count.clamp(min=1),
+            "adadpo/grad_ratio_pairs": count,
+        })
+    return metrics
 
 
 __all__ = [
+    "BatchContext",
+    "LengthTails",
     "PairStats",
     "PREFERENCE_TERMS",
     "adadpo_coefficient",
+    "batch_context",
     "coefficient_log_ratio",
+    "coefficients",
     "implicit_rewards",
+    "length_desensitised",
+    "measured_balance",
     "preference_loss",
 ]

@@ -4,8 +4,8 @@ Layout of ``<train.output_dir>/checkpoints``:
 
     step_0000010/          one checkpoint: model chunks and optimizer as ShardedTensors,
                            keyed by global names, so it loads on any TP/PP/VPP layout;
-                           adadpo_state.pt (next step, LR schedule, config) and
-                           rng_rank<r>.pt (each rank's RNG state)
+                           adadpo_state.pt (next step, LR schedule, config, the loss's
+                           running state) and rng_rank<r>.pt (each rank's RNG state)
     latest                 the name of the newest complete checkpoint
 
 A checkpoint is written to ``step_N.tmp`` and renamed only when every rank has finished,
@@ -86,7 +86,8 @@ def resolve_checkpoint(path) -> Path:
 
 
 def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
-    """Saves model, optimizer, LR schedule, data position (next_step), RNG and config."""
+    """Saves model, optimizer, LR schedule, data position (next_step), RNG, config and the
+    loss's running state."""
     from adadpo_megatron.training.run_config import to_dict
 
     dist_checkpointing = _import_checkpointing()
@@ -111,8 +112,11 @@ def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
         # adadpo-export-hf (the config's own paths are relative to its file)
         sources = {"hf": str(c.resolve(c.model.hf).resolve()) if c.model.hf else None,
                    "tokenizer": c.tokenizer_spec()}
+        # the loss's running state (bco_pair's reward mean) is the same on every rank
+        loss_state = (trainer.forward_step.state_dict()
+                      if hasattr(trainer.forward_step, "state_dict") else {})
         torch.save({"next_step": next_step, "scheduler": trainer.scheduler.state_dict(),
-                    "config": to_dict(c), "sources": sources,
+                    "config": to_dict(c), "sources": sources, "loss_state": loss_state,
                     "world_size": dist.get_world_size()}, tmp / STATE_FILE)
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if rank == 0:
@@ -150,6 +154,8 @@ def load_checkpoint(trainer, path: Path) -> int:
     trainer.optimizer.load_state_dict(loaded["optimizer"])
     meta = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     trainer.scheduler.load_state_dict(meta["scheduler"])
+    if hasattr(trainer.forward_step, "load_state_dict"):
+        trainer.forward_step.load_state_dict(meta.get("loss_state", {}))
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if meta["world_size"] == dist.get_world_size() and rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)

@@ -48,7 +48,7 @@ def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict
                 if metadata.is_file() else None}
     architecture = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "load"}
     reference_model = {"model": architecture, "dtype": config.train.dtype, "init": init}
-    return {
+    parts = {
         "reference_model": _digest(reference_model),
         "tokenizer": _digest(tokenizer.fingerprint()),
         "truncation": _digest({"seq_length": config.data.seq_length,
@@ -59,6 +59,9 @@ def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict
                                "split": config.data.split}),
         "data": dataset.content_hash[:16],
     }
+    if config.loss.ld_alpha is not None:  # LD-DPO weights the reference's sums too
+        parts["ld_alpha"] = _digest({"ld_alpha": config.loss.ld_alpha})
+    return parts
 
 
 def reference_weights_path(config):
@@ -107,13 +110,14 @@ def load_cache(path: Path, fingerprint: Dict[str, str], dataset: PreferenceDatas
     cache = torch.load(path, map_location="cpu", weights_only=True)
     if cache.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path} is not a reference cache of format {CACHE_FORMAT}")
-    stale = sorted(k for k in fingerprint if cache["fingerprint"].get(k) != fingerprint[k])
+    stale = sorted(k for k in set(fingerprint) | set(cache["fingerprint"])
+                   if cache["fingerprint"].get(k) != fingerprint.get(k))
     if stale:
         raise ValueError(
             f"reference cache {path} is stale: its {', '.join(stale)} fingerprint"
             f"{'s differ' if len(stale) > 1 else ' differs'} from this run's (cache "
             f"{ {k: cache['fingerprint'].get(k) for k in stale} }, run "
-            f"{ {k: fingerprint[k] for k in stale} }); rerun adadpo-precompute-reference")
+            f"{ {k: fingerprint.get(k) for k in stale} }); rerun adadpo-precompute-reference")
     expected_counts = (dataset.labels != -100).sum(-1).float()
     if cache["logps"].shape != (len(dataset), 2) or not torch.equal(cache["counts"],
                                                                     expected_counts):

@@ -280,6 +280,10 @@ class RunConfig:
         elif not self.loss.needs_reference and self.reference.mode != "none":
             raise ValueError(f"loss.loss_type={self.loss.loss_type!r} is reference-free; set "
                              f"reference.mode=none (got {self.reference.mode!r})")
+        if self.train.stage != "sft" and self.loss.use_weighting and self.model.fused_logprobs:
+            raise ValueError("loss.use_weighting=true (WPO) reads log sum_v p_v^2 from the "
+                             "logits, which model.fused_logprobs=true never materialises; set "
+                             "model.fused_logprobs=false")
         t, p = self.model.transformer, self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         if t["num_attention_heads"] % tp:

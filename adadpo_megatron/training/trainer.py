@@ -178,8 +178,9 @@ class Trainer:
             require_output_processor_hook()
         self.sft = c.train.stage == "sft"
         self.packed_format = default_packed_format(uses_transformer_engine(self.gpu))
-        self.reference_step = ReferenceForwardStep(fused=c.model.fused_logprobs,
-                                                   packed_format=self.packed_format)
+        self.reference_step = ReferenceForwardStep(
+            fused=c.model.fused_logprobs, packed_format=self.packed_format,
+            ld_alpha=None if self.sft else c.loss.ld_alpha)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         self.metrics_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -421,6 +422,11 @@ class Trainer:
         learning_rate = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
+        if not self.sft:
+            p = self.config.parallel
+            self.forward_step.finish_step(
+                replicas=p.tensor_model_parallel_size * p.context_parallel_size,
+                device=torch.device("cuda", torch.cuda.current_device()) if self.gpu else None)
         metrics: Dict[str, float] = {"step": step}
         if self.is_last_stage:
             metrics.update(reduce_reports(reports, self.metrics_group,

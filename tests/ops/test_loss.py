@@ -1,4 +1,6 @@
-"""The preference losses and the AdaDPO coefficient against the float64 reference."""
+"""The AdaDPO coefficient and the paper's six losses against the float64 reference.
+
+The rest of TRL's loss family, mixes, LD-DPO and WPO are in test_loss_family.py."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import pytest
 import torch
 
 from adadpo_megatron.ops.loss import adadpo_coefficient, preference_loss
-from adadpo_megatron.ops.loss_config import LOSS_TYPES, MEAN_SCORED_LOSS_TYPES, LossConfig
+from adadpo_megatron.ops.loss_config import MEAN_SCORED_LOSS_TYPES, LossConfig
 from tests.support.slow_reference import reference_coefficient, reference_losses
 
+# The losses ADADPO.md names; every loss type is checked in test_loss_family.py.
+LOSS_TYPES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo")
 
 def _variants():
     """Every valid (loss_type, reduction, space) combination, adaptive on."""

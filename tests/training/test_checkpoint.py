@@ -29,25 +29,33 @@ def _train(overrides):
         trainer.close()
 
 
-def _exact_resume_worker(rank, world, out_dir, result_path):
+def _exact_resume_worker(rank, world, out_dir, result_path, loss):
     straight = _train({"train.output_dir": out_dir, "train.max_steps": 4,
-                       "train.save_interval": 2, "train.keep_checkpoints": 3})[1]
+                       "train.save_interval": 2, "train.keep_checkpoints": 3, **loss})[1]
     # pretend the run died after step 2's checkpoint: point latest back at it
     root = os.path.join(out_dir, "checkpoints")
     with open(os.path.join(root, "latest"), "w") as f:
         f.write("step_0000002\n")
-    start, resumed = _train({"train.output_dir": out_dir, "train.max_steps": 4})
+    start, resumed = _train({"train.output_dir": out_dir, "train.max_steps": 4, **loss})
     torch.save({"straight": straight, "start": start, "resumed": resumed}, result_path)
 
 
-def test_resume_continues_exactly(tmp_path):
+# MPO's bco_pair term reads a running reward mean that the checkpoint must carry
+@pytest.mark.parametrize("loss", [{}, {"loss.loss_type": ["sigmoid", "bco_pair", "sft"],
+                                       "loss.loss_weights": [0.8, 0.2, 1.0]}],
+                         ids=["dpo", "mpo"])
+def test_resume_continues_exactly(tmp_path, loss):
     out = tmp_path / "result.pt"
-    run_distributed(_exact_resume_worker, 1, str(tmp_path / "run"), str(out))
+    run_distributed(_exact_resume_worker, 1, str(tmp_path / "run"), str(out), loss)
     result = torch.load(out, weights_only=False)
     assert result["start"] == 2
     assert [m["step"] for m in result["resumed"]] == [2, 3]
+    keys = ["loss", "grad_norm", "rewards/margins", "learning_rate"]
+    if loss:
+        keys.append("bco/delta")
+        assert result["straight"][2]["bco/delta"] != 0.0
     for got, want in zip(result["resumed"], result["straight"][2:], strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins", "learning_rate"):
+        for key in keys:
             assert got[key] == want[key], (key, got[key], want[key])
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4, "metrics.jsonl keeps steps 0-1 and has 2-3 once"

@@ -26,12 +26,13 @@ def _precompute_worker(rank, world, data, cache, overrides):
                                       "reference.cache_path": cache, **overrides}))
 
 
-def _train_worker(rank, world, data, cache, mode, out):
+def _train_worker(rank, world, data, cache, mode, out, overrides=None):
     # padded rows on both sides, as precompute runs them, so that the cached sums and the
     # resident reference's are the same computation; packed training from a cache is
     # tests/training/test_packing_training.py's
     config = tiny_config({"data.path": data, "reference.mode": mode,
-                          "reference.cache_path": cache, "data.packing": "none"})
+                          "reference.cache_path": cache, "data.packing": "none",
+                          **(overrides or {})})
     history, params = run_steps(config, steps=2)
     if rank == 0:
         torch.save({"history": history, "params": params}, out)
@@ -153,6 +154,36 @@ def test_stale_cache_is_refused(tmp_path):
         load_cache(cache, reference_fingerprint(config, tokenizer, edited), edited)
     with pytest.raises(FileNotFoundError, match="run adadpo-precompute-reference"):
         load_cache(tmp_path / "missing.pt", fingerprint, dataset)
+
+    # LD-DPO weights the reference's sums: a cache of another ld_alpha (or none) is stale
+    ld = tiny_config({"data.path": str(data), "loss.ld_alpha": 0.5})
+    ld_fingerprint = reference_fingerprint(ld, tokenizer, dataset)
+    with pytest.raises(ValueError, match="its ld_alpha fingerprint differs"):
+        load_cache(cache, ld_fingerprint, dataset)
+    save_cache(cache, ld_fingerprint, torch.zeros(len(dataset), 2), counts)
+    with pytest.raises(ValueError, match="its ld_alpha fingerprint differs"):
+        load_cache(cache, fingerprint, dataset)
+    other_alpha = tiny_config({"data.path": str(data), "loss.ld_alpha": 0.25})
+    with pytest.raises(ValueError, match="its ld_alpha fingerprint differs"):
+        load_cache(cache, reference_fingerprint(other_alpha, tokenizer, dataset), dataset)
+
+
+@pytest.mark.slow
+def test_ld_dpo_precompute_and_resident_train_identically(tmp_path):
+    """The precomputed reference sums carry LD-DPO's weighting, as the resident ones do."""
+    data = _small_data(tmp_path / "pairs.jsonl")
+    cache = str(tmp_path / "ld.reference.pt")
+    ld = {"loss.ld_alpha": 0.5}
+    run_distributed(_precompute_worker, 1, data, cache, ld)
+    results = {}
+    for mode in ("precompute", "resident"):
+        out = str(tmp_path / f"{mode}.pt")
+        run_distributed(_train_worker, 1, data, cache, mode, out, ld)
+        results[mode] = torch.load(out, weights_only=False)
+    for a, b in zip(results["precompute"]["history"], results["resident"]["history"],
+                    strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
 
 
 def _stale_trainer_worker(rank, world, data, cache):
