@@ -41,6 +41,31 @@ def require_number(key: str, value, *, low=None, high=None, low_open=False, high
         raise ValueError(f"{key}={value!r} is out of range; allowed: {allowed}")
 
 
+def require_like_defaults(cls, values: Mapping[str, Any], section: str) -> None:
+    """Checks each value against the type of ``cls``'s default for that field (a number for
+    a float default, an integer for an int, true/false for a bool, a string for a str);
+    fields whose default is None or a container are left to ``cls`` itself. For the
+    megatron-core dataclasses (TransformerConfig, OptimizerConfig) whose own checks run late
+    or not at all, so that ``model.hidden_size=abc`` fails when the config is read."""
+    from dataclasses import MISSING
+
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if default is None or value is None:
+            continue
+        name = f"{section}.{key}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be true or false")
+        elif isinstance(default, int):
+            require_int(name, value, low=-(2 ** 63))
+        elif isinstance(default, float):
+            require_number(name, value, allow_inf=math.isinf(default))
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{name}={value!r} must be a string")
+
+
 def from_mapping[T](cls: Type[T], mapping: Optional[Mapping[str, Any]], section: str) -> T:
     """Builds dataclass ``cls`` from a YAML section, refusing keys it does not know.
 

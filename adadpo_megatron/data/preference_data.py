@@ -110,6 +110,19 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_text(path: Path) -> None:
+    """A JSON file is UTF-8 text with something in it; else an error naming file and line."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ValueError(f"{path} has no rows (the file is empty or blank)")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {err.start} of the file)"
+                         ) from None
+
+
 def _locate_bad_json(path: Path) -> Optional[str]:
     """The first line of a JSON Lines file that is not a JSON object, for the error."""
     with open(path, encoding="utf-8") as f:
@@ -125,13 +138,40 @@ def _locate_bad_json(path: Path) -> Optional[str]:
     return None
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_directory(path: Path) -> None:
+    """A data directory holds one kind of data file: datasets reads only one kind and would
+    leave the others out without a word."""
+    kinds: Dict[str, List[str]] = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        suffix = file.suffix.lower()
+        if suffix in DATA_SUFFIXES:
+            kinds.setdefault(".json" if suffix == ".jsonl" else suffix, []).append(
+                file.relative_to(path).as_posix())
+    if len(kinds) > 1:
+        listed = "; ".join(f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                           for names in kinds.values())
+        raise ValueError(f"data.path={str(path)!r} mixes data file kinds ({listed}); only one "
+                         "kind would be read and the rest left out: keep one format per "
+                         "directory, or point data.path at a file")
+
+
 def open_source(source: str, split: str = "train"):
     """(datasets.Dataset, content hash, row naming function) for ``data.path``."""
+    # local data only: the switch must be set before datasets (and huggingface_hub) read it
+    # at import, or a name missing from the cache spends its time trying the Hub
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
+        if suffix in (".json", ".jsonl"):
+            _check_text(path)
         try:
             if suffix in (".json", ".jsonl"):
                 ds = datasets.load_dataset("json", data_files=str(path), split="train")
@@ -146,7 +186,8 @@ def open_source(source: str, split: str = "train"):
             raise
         except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many types
             if suffix != ".jsonl":
-                raise ValueError(f"{path}: cannot be read: {err}") from err
+                raise ValueError(f"{path}: cannot be read as {suffix[1:]}: "
+                                 f"{str(err).splitlines()[0] if str(err) else err!r}") from err
             located = _locate_bad_json(path)
             if located:
                 raise ValueError(located) from err
@@ -156,16 +197,26 @@ def open_source(source: str, split: str = "train"):
                 ds = [json.loads(line) for line in f if line.strip()]
         return ds, _file_digest(path), lambda i: f"{path}: row {i}"
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(str(path), split=split)
+        try:
+            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[split]
+            else:
+                _check_directory(path)
+                ds = datasets.load_dataset(str(path), split=split)
+        except ValueError:
+            raise
+        except Exception as err:  # noqa: BLE001 - e.g. files whose fields differ
+            first = str(err).splitlines()[0] if str(err) else repr(err)
+            cause = err.__cause__ or err.__context__
+            detail = f" ({str(cause).splitlines()[0]})" if cause and str(cause) else ""
+            raise ValueError(f"data.path={str(path)!r} cannot be read as one data set: "
+                             f"{type(err).__name__}: {first}{detail}") from err
         return ds, ds._fingerprint, lambda i: f"{path}: row {i}"
-    # a dataset name: only what the local cache already holds
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # a dataset name: only what the local cache already holds (and where datasets was
+    # imported before the switch was set, its own flags say so)
+    datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as err:  # noqa: BLE001
@@ -199,6 +250,9 @@ def _messages(row: dict, name: str) -> List[Dict[str, str]]:
                 and isinstance(message.get("content"), str)):
             raise BadRow(f"{name}[{i}]", "must be a message {'role': str, 'content': str}, "
                          f"got {message!r}"[:200], "bad message")
+        if message["role"] not in ROLES:
+            raise BadRow(f"{name}[{i}].role", f"is {message['role']!r}; a role is one of "
+                         f"{', '.join(ROLES)}", "bad role")
     return value
 
 
@@ -334,11 +388,16 @@ def load_preference_data(source: str, tokenizer, settings: DataSettings, *,
     ds, content_hash, where = open_source(source, settings.split)
     cache_file = _cache_file(source, content_hash, tokenizer, settings, cache_dir)
     if cache and cache_file.is_file():
-        saved = torch.load(cache_file, weights_only=False)
-        report = saved["report"]
-        report.from_cache = True
-        return PreferenceDataset(saved["tokens"], saved["labels"], saved["example_ids"],
-                                 source, content_hash), report
+        try:
+            saved = torch.load(cache_file, weights_only=False)
+            report = saved["report"]
+            report.from_cache = True
+            return PreferenceDataset(saved["tokens"], saved["labels"], saved["example_ids"],
+                                     source, content_hash), report
+        except Exception as err:  # noqa: BLE001 - a truncated or damaged cache file
+            # derived data: tokenise again (and rewrite it) rather than fail the run
+            print(f"warning: the tokenised-data cache {cache_file} cannot be read "
+                  f"({type(err).__name__}: {err}); tokenising {source} again", flush=True)
 
     fmt = settings.format
     tokens, labels, ids = [], [], []

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from adadpo_megatron.validation import require_choice, require_int
+from adadpo_megatron.validation import require_choice, require_int, require_like_defaults
 
 
 def _from_hf(section: Dict[str, Any], base: Optional[Path]) -> Dict[str, Any]:
@@ -139,6 +139,7 @@ class ModelConfig:
             raise ValueError(f"unknown key(s) {', '.join('model.' + k for k in unknown)}: "
                              "neither a megatron-core TransformerConfig field nor one of "
                              f"{', '.join('model.' + k for k in MODEL_EXTRA_KEYS)}")
+        require_like_defaults(TransformerConfig, merged, "model")
         return cls(transformer=merged, **extra)
 
     def __post_init__(self):
@@ -148,6 +149,10 @@ class ModelConfig:
         for key in ("num_layers", "hidden_size", "num_attention_heads"):
             if key not in self.transformer:
                 raise ValueError(f"model.{key} is required (or pick a model.preset)")
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                    "ffn_hidden_size", "kv_channels"):
+            if self.transformer.get(key) is not None:
+                require_int(f"model.{key}", self.transformer[key])
 
 
 @dataclass

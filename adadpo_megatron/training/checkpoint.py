@@ -117,6 +117,7 @@ def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
                       if hasattr(trainer.forward_step, "state_dict") else {})
         torch.save({"next_step": next_step, "scheduler": trainer.scheduler.state_dict(),
                     "config": to_dict(c), "sources": sources, "loss_state": loss_state,
+                    "data_content": trainer.dataset.content_hash,
                     "world_size": dist.get_world_size()}, tmp / STATE_FILE)
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if rank == 0:
@@ -130,12 +131,44 @@ def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
     return final
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_", 1)[1])
+
+
 def _prune(root: Path, keep: int) -> None:
-    if keep <= 0:
+    """Keeps the checkpoint ``latest`` names and the ``keep - 1`` newest before it. Never
+    deletes ``latest`` or anything newer (another run's, or a run resumed from an older
+    checkpoint, never counts against this one's)."""
+    if keep <= 0 or not (root / LATEST).is_file():
         return
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
+    current = root / (root / LATEST).read_text().strip()
+    done = sorted((p for p in root.glob("step_*")
+                   if p.is_dir() and not p.name.endswith(".tmp")), key=_step_of)
+    older = [p for p in done if _step_of(p) < _step_of(current)]
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_resume_config(trainer, path: Path) -> None:
+    """Refuses to resume ``path`` if the config changed in a way that alters the
+    optimisation (adadpo_megatron.training.resume_checks); prints the accepted changes."""
+    from adadpo_megatron.training.resume_checks import check_resume
+    from adadpo_megatron.training.run_config import to_dict
+
+    try:
+        meta = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{path / STATE_FILE} cannot be read ({type(err).__name__}: {err}); "
+                         "the checkpoint is damaged: resume from another one") from err
+    saved = {**meta.get("config", {}), "data": {**meta.get("config", {}).get("data", {}),
+                                                "content": meta.get("data_content")}}
+    current = to_dict(trainer.config)
+    current["data"] = {**current["data"], "content": (trainer.dataset.content_hash
+                                                      if meta.get("data_content") else None)}
+    changes = check_resume(saved, current, trainer.config.train.resume_allow_changes)
+    if changes and trainer.is_logging_rank:
+        print("resuming with changed config: " + "; ".join(
+            f"{k}: {a!r} -> {b!r}" for k, a, b in changes), flush=True)
 
 
 def load_checkpoint(trainer, path: Path) -> int:
@@ -148,7 +181,12 @@ def load_checkpoint(trainer, path: Path) -> int:
     model_state = model_sharded_state_dict(trainer.model)
     state = dict(model_state)
     state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=True)
-    loaded = dist_checkpointing.load(state, str(path))
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as err:  # a truncated shard, a missing file: name the checkpoint
+        raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or "
+                         "incomplete: resume from another one (train.resume=<path>)") from err
     for i, chunk in enumerate(trainer.model):
         getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{i}"])
     trainer.optimizer.load_state_dict(loaded["optimizer"])

@@ -43,6 +43,7 @@ def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
 
 def train_main(argv: Optional[Sequence[str]] = None) -> None:
     config = _parse(argv, "adadpo-train", "Train a megatron-core model with AdaDPO.")
+    from adadpo_megatron.training.preemption import PREEMPTED_EXIT_CODE
     from adadpo_megatron.training.trainer import NonFiniteError, Trainer
 
     trainer = Trainer(config).setup()
@@ -54,6 +55,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(3)
     finally:
         trainer.close()
+    if trainer.stopped:
+        if trainer.is_logging_rank:
+            print(f"adadpo-train: stopped early ({trainer.stopped}); a checkpoint is saved in "
+                  f"{config.train.output_dir}/checkpoints and the same command resumes from it; "
+                  f"exit code {PREEMPTED_EXIT_CODE}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def precompute_main(argv: Optional[Sequence[str]] = None) -> None:

@@ -18,7 +18,6 @@ the checkpoint in ``<output_dir>/hf_import`` with the source's fingerprint, whic
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -33,13 +32,16 @@ SOURCE_FILE = "hf_source.json"
 
 
 def hf_fingerprint(directory) -> Dict[str, object]:
-    """What identifies a Hugging Face model directory's weights: its config.json's digest and
-    the names and sizes of its safetensors files (and index)."""
+    """What identifies a Hugging Face model directory's weights: the content digest of its
+    config.json and safetensors files (and index), not their names or sizes, so that weights
+    replaced in place are noticed."""
+    from adadpo_megatron.training.fingerprints import content_digest
+
     directory = Path(directory)
-    files = sorted(p for p in directory.iterdir()
-                   if p.name.endswith((".safetensors", ".safetensors.index.json")))
-    return {"config": hashlib.sha256((directory / "config.json").read_bytes()).hexdigest(),
-            "files": {p.name: p.stat().st_size for p in files}}
+    return {"content": content_digest(
+        directory, keep=lambda p: p.parent == directory and (
+            p.name == "config.json" or p.name.endswith((".safetensors",
+                                                        ".safetensors.index.json"))))}
 
 
 def save_model_weights(chunks: List[torch.nn.Module], path: Path,

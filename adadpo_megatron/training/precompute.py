@@ -58,7 +58,8 @@ def precompute_reference(config: RunConfig) -> str:
     path = default_cache_path(config)
     if trainer.is_logging_rank:
         fingerprint = reference_fingerprint(config, trainer.tokenizer, dataset)
-        save_cache(path, fingerprint, logps, counts)
+        # rows by position in the loaded data set, keyed by each pair's source row
+        save_cache(path, fingerprint, dataset.example_ids, logps, counts)
         print(f"wrote reference log-probs of {num} pairs to {path}", flush=True)
     dist.barrier()
     trainer.close()

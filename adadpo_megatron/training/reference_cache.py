@@ -1,11 +1,13 @@
 """Precomputed reference log-probs: the cache file, its fingerprint, and looking them up.
 
-The cache stores, per example (row of the data file), the reference's sums of response-token
-log-probs and the response-token counts for the chosen and rejected sequences, with a
-fingerprint of everything they depend on: the reference model (architecture, dtype and
-initialisation or checkpoint), the tokenizer, the truncation settings and the data file's
-contents. Training recomputes the fingerprint and refuses a cache whose fingerprint differs,
-naming the parts that changed.
+The cache stores, per pair, keyed by its row in the source (``example_ids``: rows skipped
+as invalid leave gaps), the reference's sums of response-token log-probs and the
+response-token counts for the chosen and rejected sequences, a checksum of those tensors, and
+a fingerprint of everything they depend on: the reference model (architecture, dtype and the
+content of its initial weights), the tokenizer, the truncation settings, the data file's
+contents and LD-DPO's ld_alpha. Training recomputes the fingerprint and refuses a cache whose
+fingerprint differs, naming the parts that changed; checks that every loaded pair's row is in
+the cache with the same token counts; and refuses a file whose checksum does not match.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from adadpo_megatron.data.micro_batches import Batch
 from adadpo_megatron.data.preference_data import PreferenceDataset
 
-CACHE_FORMAT = "adadpo-reference-logps-v1"
+CACHE_FORMAT = "adadpo-reference-logps-v2"
 
 
 def _digest(obj) -> str:
@@ -40,12 +42,10 @@ def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict
         init = {"kind": "canonical", "seed": config.train.seed}
     else:
         from adadpo_megatron.training.checkpoint import resolve_checkpoint
+        from adadpo_megatron.training.fingerprints import content_digest
 
-        weights = resolve_checkpoint(weights)
-        metadata = weights / "metadata.json"
-        init = {"kind": "checkpoint", "path": str(weights.resolve()),
-                "metadata": hashlib.sha256(metadata.read_bytes()).hexdigest()
-                if metadata.is_file() else None}
+        # the weights' bytes, not the path: a checkpoint retrained in place is another one
+        init = {"kind": "checkpoint", "content": content_digest(resolve_checkpoint(weights))}
     architecture = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "load"}
     reference_model = {"model": architecture, "dtype": config.train.dtype, "init": init}
     parts = {
@@ -79,37 +79,71 @@ def default_cache_path(config) -> Path:
     return data.with_name(data.name + ".reference.pt")
 
 
-def save_cache(path: Path, fingerprint: Dict[str, str], logps: torch.Tensor,
-               counts: torch.Tensor) -> None:
+def _checksum(example_ids: torch.Tensor, logps: torch.Tensor, counts: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in (example_ids.long(), logps.float(), counts.float()):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_cache(path: Path, fingerprint: Dict[str, str], example_ids: torch.Tensor,
+               logps: torch.Tensor, counts: torch.Tensor) -> None:
     """Writes atomically: a killed write never leaves a half-written cache behind.
 
     Args:
-        logps: [N, 2] float32 reference sums (chosen, rejected), row = example id.
+        example_ids: [N] long, each pair's row in the source.
+        logps: [N, 2] float32 reference sums (chosen, rejected), in the order of example_ids.
         counts: [N, 2] float32 response-token counts.
     """
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"format": CACHE_FORMAT, "fingerprint": fingerprint, "logps": logps,
-                "counts": counts}, tmp)
+    example_ids, logps, counts = example_ids.long(), logps.float(), counts.float()
+    torch.save({"format": CACHE_FORMAT, "fingerprint": fingerprint, "example_ids": example_ids,
+                "logps": logps, "counts": counts,
+                "checksum": _checksum(example_ids, logps, counts)}, tmp)
     os.replace(tmp, path)
+
+
+def _read(path: Path) -> dict:
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"reference cache {path} cannot be read ({type(err).__name__}: "
+                         f"{err}); it is truncated or not a cache: rerun "
+                         "adadpo-precompute-reference") from err
+    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT:
+        found = cache.get("format") if isinstance(cache, dict) else type(cache).__name__
+        raise ValueError(f"{path} is not a reference cache of format {CACHE_FORMAT} (found "
+                         f"{found!r}); rerun adadpo-precompute-reference")
+    try:
+        intact = cache["checksum"] == _checksum(cache["example_ids"], cache["logps"],
+                                                cache["counts"])
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"reference cache {path} is incomplete ({err}); rerun "
+                         "adadpo-precompute-reference") from err
+    if not intact:
+        raise ValueError(f"reference cache {path} is corrupted: its contents do not match the "
+                         "checksum stored with them; rerun adadpo-precompute-reference")
+    return cache
 
 
 def load_cache(path: Path, fingerprint: Dict[str, str], dataset: PreferenceDataset
                ) -> torch.Tensor:
-    """The [N, 2] reference sums, after checking the fingerprint and the token counts.
+    """The reference sums of every loaded pair, indexed by source row: [max row + 1, 2]
+    (NaN for rows not loaded), after checking the checksum, the fingerprint, and that every
+    loaded pair's row is in the cache with the same response-token counts.
 
     Raises:
         FileNotFoundError: no cache (run adadpo-precompute-reference first).
-        ValueError: a stale cache, naming the parts whose fingerprint changed.
+        ValueError: an unreadable, corrupted or stale cache, naming the file and the parts
+            whose fingerprint changed, or the first row that does not match.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"reference cache {path} does not exist; run adadpo-precompute-reference with the "
             "same config first, or set reference.mode=resident")
-    cache = torch.load(path, map_location="cpu", weights_only=True)
-    if cache.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path} is not a reference cache of format {CACHE_FORMAT}")
+    cache = _read(path)
     stale = sorted(k for k in set(fingerprint) | set(cache["fingerprint"])
                    if cache["fingerprint"].get(k) != fingerprint.get(k))
     if stale:
@@ -118,16 +152,28 @@ def load_cache(path: Path, fingerprint: Dict[str, str], dataset: PreferenceDatas
             f"{'s differ' if len(stale) > 1 else ' differs'} from this run's (cache "
             f"{ {k: cache['fingerprint'].get(k) for k in stale} }, run "
             f"{ {k: fingerprint.get(k) for k in stale} }); rerun adadpo-precompute-reference")
+    rows = int(max(int(dataset.example_ids.max()), int(cache["example_ids"].max()))) + 1
+    by_row = torch.full((rows, 2), float("nan"))
+    counts_by_row = torch.full((rows, 2), float("nan"))
+    by_row[cache["example_ids"]] = cache["logps"]
+    counts_by_row[cache["example_ids"]] = cache["counts"]
     expected_counts = (dataset.labels != -100).sum(-1).float()
-    if cache["logps"].shape != (len(dataset), 2) or not torch.equal(cache["counts"],
-                                                                    expected_counts):
-        raise ValueError(f"reference cache {path} does not match the data's response tokens; "
-                         "rerun adadpo-precompute-reference")
-    return cache["logps"]
+    got = counts_by_row[dataset.example_ids]
+    wrong = (got != expected_counts).any(-1).nonzero()
+    if wrong.numel():
+        i = int(wrong[0, 0])
+        row = int(dataset.example_ids[i])
+        what = ("is not in the cache" if torch.isnan(got[i]).any() else
+                f"has {got[i].tolist()} response tokens in the cache but "
+                f"{expected_counts[i].tolist()} in the data")
+        raise ValueError(f"reference cache {path} does not match the data: row {row} {what} "
+                         f"({wrong.shape[0]} such pairs); rerun adadpo-precompute-reference")
+    return by_row
 
 
 def attach_precomputed(batches: List[Batch], ref_logps: torch.Tensor) -> None:
-    """Sets each micro-batch's ``ref_logps`` [2m] (chosen first) from the [N, 2] cache."""
+    """Sets each micro-batch's ``ref_logps`` [2m] (chosen first) from ``load_cache``'s
+    by-row table, by each pair's source row (``example_ids``)."""
     for batch in batches:
         ids = batch["example_ids"]
         batch["ref_logps"] = torch.cat([ref_logps[ids, 0], ref_logps[ids, 1]])

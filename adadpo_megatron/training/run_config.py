@@ -20,7 +20,13 @@ import yaml
 
 from adadpo_megatron.mcore.model_config import MODEL_PRESETS, ModelConfig, ParallelConfig
 from adadpo_megatron.ops.loss_config import LossConfig
-from adadpo_megatron.validation import from_mapping, require_choice, require_int, require_number
+from adadpo_megatron.validation import (
+    from_mapping,
+    require_choice,
+    require_int,
+    require_like_defaults,
+    require_number,
+)
 
 
 @dataclass
@@ -162,6 +168,7 @@ class OptimizerSection:
             raise ValueError(f"unknown key(s) {', '.join('optimizer.' + k for k in unknown)}: "
                              "neither a megatron-core OptimizerConfig field nor "
                              "optimizer.lr_warmup_fraction / optimizer.lr_decay_style")
+        require_like_defaults(OptimizerConfig, section, "optimizer")
         return cls(megatron=section, **ours)
 
     def __post_init__(self):
@@ -169,7 +176,21 @@ class OptimizerSection:
             raise ValueError(f"optimizer.lr_warmup_fraction={self.lr_warmup_fraction!r} must "
                              "be in [0, 1)")
         require_choice("optimizer.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
-        require_number("optimizer.lr", self.megatron.get("lr", 1e-5), low=0.0, low_open=True)
+        m = self.megatron
+        require_number("optimizer.lr", m.get("lr", 1e-5), low=0.0, low_open=True)
+        for key, low, high, high_open in (("min_lr", 0.0, None, False),
+                                          ("weight_decay", 0.0, None, False),
+                                          ("adam_beta1", 0.0, 1.0, True),
+                                          ("adam_beta2", 0.0, 1.0, True),
+                                          ("adam_eps", 0.0, None, False),
+                                          ("sgd_momentum", 0.0, 1.0, True),
+                                          ("clip_grad", 0.0, None, False)):
+            if m.get(key) is not None:
+                require_number(f"optimizer.{key}", m[key], low=low, high=high,
+                               high_open=high_open)
+        if m.get("min_lr") is not None and m["min_lr"] > m.get("lr", 1e-5):
+            raise ValueError(f"optimizer.min_lr={m['min_lr']!r} is above optimizer.lr="
+                             f"{m.get('lr')!r}")
 
 
 @dataclass
@@ -196,6 +217,20 @@ class TrainConfig:
         tensorboard: write TensorBoard logs to output_dir/tensorboard.
         stage: "preference" (the configured loss) or "sft" (supervised warm-up: the mean NLL
             of the chosen responses; needs reference.mode none).
+        exit_after_minutes: a wall-time budget, > 0, or None: once it has run out, every rank
+            finishes the step, saves a checkpoint and the run exits with code 75, as on
+            SIGTERM (README, "Running for days").
+        overwrite: with resume "never", allow a run into an output_dir that holds
+            checkpoints: they and metrics.jsonl are removed first. Without it such a run is
+            refused.
+        resume_allow_changes: config keys ("loss.beta") or sections ("loss") that may differ
+            from the checkpoint's config on resume; other changes that alter the
+            optimisation are refused.
+        distributed_timeout_minutes: how long any collective may wait for a rank, > 0, for
+            the default group and every group megatron-core creates; a hung rank ends the job
+            after it.
+        grad_norm_warning_steps: warn when the gradient norm is 0 or not finite for this many
+            consecutive steps, >= 1.
     """
 
     global_batch_size: int = 8
@@ -211,6 +246,11 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     stage: str = "preference"
+    exit_after_minutes: Optional[float] = None
+    overwrite: bool = False
+    resume_allow_changes: List[str] = field(default_factory=list)
+    distributed_timeout_minutes: float = 30.0
+    grad_norm_warning_steps: int = 3
 
     def __post_init__(self):
         for key in ("global_batch_size", "micro_batch_size", "max_steps", "keep_checkpoints"):
@@ -222,6 +262,19 @@ class TrainConfig:
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"train.resume={self.resume!r} must be 'auto', 'never' or the "
                              "path of a checkpoint directory")
+        for key in ("progress", "tensorboard", "overwrite"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"train.{key}={getattr(self, key)!r} must be true or false")
+        if self.exit_after_minutes is not None:
+            require_number("train.exit_after_minutes", self.exit_after_minutes, low=0.0,
+                           low_open=True)
+        require_number("train.distributed_timeout_minutes", self.distributed_timeout_minutes,
+                       low=0.0, low_open=True)
+        require_int("train.grad_norm_warning_steps", self.grad_norm_warning_steps)
+        if not isinstance(self.resume_allow_changes, list) or not all(
+                isinstance(k, str) and k for k in self.resume_allow_changes):
+            raise ValueError(f"train.resume_allow_changes={self.resume_allow_changes!r} must "
+                             "be a list of config keys or sections, e.g. [loss.beta, data]")
 
 
 SECTIONS = ("model", "parallel", "loss", "data", "reference", "optimizer", "train")

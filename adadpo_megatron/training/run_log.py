@@ -3,29 +3,49 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
+
+
+def _kept_lines(path: Path, start_step: int) -> List[str]:
+    """The lines of steps before ``start_step``; a last line that is not JSON (a write cut
+    by a kill) is dropped, a bad line before it is an error naming the file and line."""
+    lines = path.read_text(errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as err:
+            if number == len(lines):
+                break  # torn by a kill mid-write
+            raise ValueError(f"{path}:{number} is not a metrics line ({err}); fix or remove "
+                             "the file to resume") from err
+        if step < start_step:
+            kept.append(line)
+    return kept
 
 
 class RunLog:
     """Writes each step's metrics to output_dir/metrics.jsonl (one JSON object a line), to
     TensorBoard (output_dir/tensorboard) and to a progress bar with step, loss, reward
     accuracy, tokens/s, the real-token share of the computed tokens and ETA. On resume, the
-    lines of steps from the resumed one on are dropped, so that every step appears once."""
+    lines of steps from the resumed one on are dropped (atomically), so that every step
+    appears once, and a last line torn by a kill is dropped too; then lines are appended."""
 
     def __init__(self, config, start_step: int):
         t = config.train
         out = Path(t.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.jsonl"
-        kept = []
-        if start_step and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] < start_step]
-        self.metrics = open(path, "w")
-        self.metrics.writelines(line + "\n" for line in kept)
-        self.metrics.flush()
+        kept = _kept_lines(path, start_step) if start_step and path.is_file() else []
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self.metrics = open(path, "a")
         self.tensorboard = None
         if t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -10,7 +10,9 @@ Launch under torchrun for more than one process; see adadpo_megatron.training.cl
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -41,11 +43,13 @@ from adadpo_megatron.mcore.model import (
 )
 from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.training.checkpoint import (
+    check_resume_config,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
 )
+from adadpo_megatron.training.preemption import StopRequests
 from adadpo_megatron.training.reference_cache import (
     attach_precomputed,
     default_cache_path,
@@ -54,6 +58,11 @@ from adadpo_megatron.training.reference_cache import (
     reference_weights_path,
 )
 from adadpo_megatron.training.run_config import RunConfig
+from adadpo_megatron.training.run_dir import (
+    RunDirectoryError,
+    RunDirectoryLock,
+    prepare_fresh_run,
+)
 from adadpo_megatron.training.run_log import RunLog
 
 
@@ -61,17 +70,31 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient; raised on every rank before the optimizer step."""
 
 
-def init_distributed(gpu: bool) -> None:
-    """Joins torchrun's process group (or makes a one-process one)."""
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than train.distributed_timeout_minutes for some rank."""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(gpu: bool, timeout_minutes: float = 30.0) -> None:
+    """Joins torchrun's process group (or makes a one-process one, on a free port unless
+    MASTER_PORT is set, so that two runs on one host never collide). ``timeout_minutes``
+    bounds every collective of the default group."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT",
-                                                                              "29511"))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(minutes=10))
+    dist.init_process_group("nccl" if gpu else "gloo",
+                            timeout=timedelta(minutes=timeout_minutes))
 
 
 def _import_megatron_modules() -> None:
@@ -89,6 +112,9 @@ def _import_megatron_modules() -> None:
 class Trainer:
     def __init__(self, config: RunConfig):
         self.config = config
+        self.stop = StopRequests(config.train.exit_after_minutes)  # the budget starts now
+        self.stop_agreed = False  # some rank asked to stop: every rank stops after this step
+        self.stopped: Optional[str] = None  # why train() returned early, if it did
         self.gpu = torch.cuda.is_available()
         self.model: List[torch.nn.Module] = []
         self.reference_model: List[torch.nn.Module] = []
@@ -99,7 +125,10 @@ class Trainer:
     def setup(self) -> Trainer:
         """Everything for training: the common part, the models, the optimizer."""
         c = self.config
-        self.setup_common()
+        self.setup_common(claim_output_dir=True)
+        resume = self._resume_path()
+        if resume is not None:  # before anything is built: a refused change fails fast
+            check_resume_config(self, resume)
         if c.reference.mode == "precompute":  # before building anything: a stale cache fails
             self.reference_logps = load_cache(
                 default_cache_path(c), reference_fingerprint(c, self.tokenizer, self.dataset),
@@ -119,12 +148,31 @@ class Trainer:
                              else PreferenceForwardStep(c.loss, fused=fused,
                                                         packed_format=packed))
         self.start_step = 0
-        resume = self._resume_path()
         if resume is not None:
             self.start_step = load_checkpoint(self, resume)
             if self.is_logging_rank:
                 print(f"resumed from {resume} at step {self.start_step}", flush=True)
         return self
+
+    def _claim_output_dir(self) -> None:
+        """Rank 0 locks output_dir and checks it; every rank raises the same error."""
+        t = self.config.train
+        self.run_lock = None
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                self.run_lock = RunDirectoryLock(t.output_dir)
+                self.run_lock.acquire()
+                if t.resume == "never":
+                    prepare_fresh_run(t.output_dir, t.overwrite)
+            except RunDirectoryError as err:
+                error = str(err)
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            if self.run_lock is not None:
+                self.run_lock.release()
+            raise RunDirectoryError(verdict[0])
 
     def _resume_path(self):
         resume = self.config.train.resume
@@ -137,8 +185,10 @@ class Trainer:
             raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint directory")
         return path
 
-    def setup_common(self) -> None:
-        """Distributed, megatron-core's parallel state, seeds and the tokenised data."""
+    def setup_common(self, claim_output_dir: bool = False) -> None:
+        """Distributed, megatron-core's parallel state, seeds and the tokenised data; with
+        ``claim_output_dir``, first the run directory's lock (and, for resume=never, the
+        check that it holds no other run), before anything is built."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -146,7 +196,10 @@ class Trainer:
         world = (dist.get_world_size() if dist.is_initialized()
                  else int(os.environ.get("WORLD_SIZE", "1")))
         self.dp_size = c.check_world(world, gpu=self.gpu)
-        init_distributed(self.gpu)
+        timeout = c.train.distributed_timeout_minutes
+        init_distributed(self.gpu, timeout)
+        if claim_output_dir:
+            self._claim_output_dir()
         _import_megatron_modules()
         if not self.gpu:
             cpu_compat.enable()
@@ -156,6 +209,8 @@ class Trainer:
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
             context_parallel_size=p.context_parallel_size,
+            # every subgroup megatron-core creates (TP, PP, DP, ...) waits this long too
+            distributed_timeout_minutes=timeout,
         )
         torch.manual_seed(c.train.seed)
         if self.gpu:
@@ -441,15 +496,22 @@ class Trainer:
 
     def _stop_if_not_finite(self, step: int) -> None:
         """Raises NonFiniteError on every rank, before any weight changes, if a loss or a
-        gradient of this step is not finite, naming the step and the micro-batches."""
+        gradient of this step is not finite, naming the step and the micro-batches. The same
+        collective carries each rank's request to stop (a signal, the time budget), so that
+        every rank agrees to stop after this step."""
         bad_losses = self.forward_step.nonfinite_micro_batches()
         finite_grads = [torch.isfinite(buffer.grad_data).all()
                         for chunk in self.model for buffer in chunk.buffers]
         device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else None
         flags = torch.stack([torch.tensor(bool(bad_losses), device=device),
-                             ~torch.stack(finite_grads).all().to(device)]).float()
+                             ~torch.stack(finite_grads).all().to(device),
+                             torch.tensor(self.stop.requested(), device=device)]).float()
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # one collective, on the device NCCL needs
-        if not flags.any():
+        if flags[2]:
+            self.stop_agreed = True
+            if self.stop.reason is None:
+                self.stop.reason = "another rank was asked to stop"
+        if not flags[:2].any():
             return
         details = [None] * dist.get_world_size()
         dist.all_gather_object(details, bad_losses)
@@ -463,27 +525,65 @@ class Trainer:
                              "those of the previous step; the last checkpoint is intact.")
 
     def train(self) -> List[Dict[str, float]]:
+        """Runs the steps from start_step to train.max_steps; returns their metrics (complete
+        on the logging rank). On a stop request (SIGTERM, SIGINT, train.exit_after_minutes)
+        every rank finishes the step, saves a checkpoint and returns early, with
+        ``self.stopped`` saying why."""
         t = self.config.train
         history = []
         log = RunLog(self.config, self.start_step) if self.is_logging_rank else None
+        self.stop.install()
+        dead_steps = 0  # consecutive steps whose gradient norm was 0 or not finite
         try:
             for step in range(self.start_step, t.max_steps):
-                metrics = self.train_step(step)
+                metrics = self._step_naming_timeouts(step)
                 last = step + 1 == t.max_steps
+                norm = metrics.get("grad_norm", float("nan"))
+                dead_steps = dead_steps + 1 if not (math.isfinite(norm) and norm > 0) else 0
+                if dead_steps == t.grad_norm_warning_steps and self.is_logging_rank:
+                    print(f"adadpo-train: warning: the gradient norm was {norm} for "
+                          f"{dead_steps} consecutive steps (to step {step}): nothing is "
+                          "learned; check optimizer.lr and the loss's scale", file=sys.stderr,
+                          flush=True)
                 if t.eval_interval and (last or (step + 1) % t.eval_interval == 0):
                     metrics.update(self.evaluate())
                 history.append(metrics)
                 if log is not None:
                     log.write(metrics)
-                if last or (t.save_interval and (step + 1) % t.save_interval == 0):
+                if last or self.stop_agreed or (t.save_interval
+                                                and (step + 1) % t.save_interval == 0):
                     save_checkpoint(self, step + 1, keep=t.keep_checkpoints)
+                if self.stop_agreed and not last:
+                    self.stopped = f"{self.stop.reason} after step {step}"
+                    break
         finally:
+            self.stop.restore()
             if log is not None:
                 log.close()
         return history
 
+    def _step_naming_timeouts(self, step: int) -> Dict[str, float]:
+        """train_step, with a collective that timed out (a hung or dead rank) reported with
+        the step and the timeout that ended it."""
+        try:
+            return self.train_step(step)
+        except RuntimeError as err:
+            text = str(err)
+            if isinstance(err, NonFiniteError) or not any(
+                    word in text.lower() for word in ("timed out", "timeout")):
+                raise
+            minutes = self.config.train.distributed_timeout_minutes
+            raise CollectiveTimeout(
+                f"step {step}: a collective waited more than train.distributed_timeout_minutes="
+                f"{minutes:g} for another rank (a hung or dead rank; this is rank "
+                f"{dist.get_rank()}): {text.splitlines()[0] if text else type(err).__name__}"
+            ) from err
+
     def close(self) -> None:
         from megatron.core import parallel_state
+
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
 
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()

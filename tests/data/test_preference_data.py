@@ -281,3 +281,79 @@ def test_an_unwritable_cache_folder_only_costs_the_cache(tmp_path):
         data, report = load_preference_data(path, ByteTokenizer(), SETTINGS,
                                             cache_dir=blocker / "cache")
     assert report.pairs == 3 and not report.from_cache
+
+
+def test_unreadable_sources_are_named(tmp_path):
+    """Issue 13: non-UTF-8 bytes, a blank file, an invalid .json and a directory mixing data
+    kinds each get an error naming the file; a role outside the chat roles names the row."""
+    raw = (json.dumps(ROWS[0]) + "\n").encode() + b'{"prompt": "\xff\xfe", "chosen": "a"}\n'
+    bad_bytes = tmp_path / "latin.jsonl"
+    bad_bytes.write_bytes(raw)
+    with pytest.raises(ValueError, match=r"latin.jsonl:2: not UTF-8 text"):
+        load_preference_data(str(bad_bytes), ByteTokenizer(), SETTINGS, cache=False)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"blank.jsonl has no rows"):
+        load_preference_data(str(blank), ByteTokenizer(), SETTINGS, cache=False)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": "a", ')
+    with pytest.raises(ValueError, match=r"broken.json: cannot be read as json"):
+        load_preference_data(str(broken), ByteTokenizer(), SETTINGS, cache=False)
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_jsonl(mixed / "a.jsonl", ROWS)
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).to_parquet(str(mixed / "b.parquet"))
+    with pytest.raises(ValueError, match=r"mixes data file kinds \(a.jsonl; b.parquet\)"):
+        load_preference_data(str(mixed), ByteTokenizer(), SETTINGS, cache=False)
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    write_jsonl(fields / "a.jsonl", ROWS)
+    write_jsonl(fields / "b.jsonl", [{"question": "q", "good": "a", "bad": "b"}])
+    with pytest.raises(ValueError, match=r"cannot be read as one data set"):
+        load_preference_data(str(fields), ByteTokenizer(), SETTINGS, cache=False)
+
+
+def test_a_role_outside_the_chat_roles_names_the_row(tmp_path, hf_tokenizer_dir):
+    rows = [{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "robot", "content": "q"},
+                          {"role": "assistant", "content": "b"}]}]
+    path = write_jsonl(tmp_path / "roles.jsonl", rows)
+    with pytest.raises(ValueError, match=r"roles.jsonl: row 0: field 'rejected\[0\].role' is "
+                                         r"'robot'; a role is one of system, user, assistant"):
+        load_preference_data(path, HFTokenizer(hf_tokenizer_dir), SETTINGS, cache=False)
+
+
+def test_a_damaged_tokenised_cache_is_rebuilt(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    first, _ = load_preference_data(path, ByteTokenizer(), SETTINGS)
+    cache = next(tmp_path.glob("p.jsonl.tokenized-*.pt"))
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated by a kill
+    again, report = load_preference_data(path, ByteTokenizer(), SETTINGS)
+    assert not report.from_cache and torch.equal(again.tokens, first.tokens)
+    assert f"the tokenised-data cache {cache} cannot be read" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_dataset_name_missing_from_the_cache_fails_fast_offline(tmp_path):
+    """Issue 13: the offline switch was set after datasets was imported, so an unknown name
+    spent ~23 s trying the Hub."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.training import REPO
+
+    code = ("from adadpo_megatron.data.preference_data import open_source\n"
+            "try:\n    open_source('no-such-org/no-such-dataset')\n"
+            "except ValueError as err:\n    print('refused:', str(err)[:60])\n")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf"))
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "refused: data.path='no-such-org/no-such-dataset' is neither" in out.stdout, out
+    assert time.monotonic() - start < 15

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -131,8 +132,8 @@ def test_stale_cache_is_refused(tmp_path):
     fingerprint = reference_fingerprint(config, tokenizer, dataset)
     counts = (dataset.labels != -100).sum(-1).float()
     cache = tmp_path / "cache.pt"
-    save_cache(cache, fingerprint, torch.zeros(len(dataset), 2), counts)
-    torch.testing.assert_close(load_cache(cache, fingerprint, dataset),
+    save_cache(cache, fingerprint, dataset.example_ids, torch.zeros(len(dataset), 2), counts)
+    torch.testing.assert_close(load_cache(cache, fingerprint, dataset)[dataset.example_ids],
                                torch.zeros(len(dataset), 2))
 
     other_truncation = tiny_config({"data.path": str(data), "data.seq_length": 20})
@@ -160,12 +161,96 @@ def test_stale_cache_is_refused(tmp_path):
     ld_fingerprint = reference_fingerprint(ld, tokenizer, dataset)
     with pytest.raises(ValueError, match="its ld_alpha fingerprint differs"):
         load_cache(cache, ld_fingerprint, dataset)
-    save_cache(cache, ld_fingerprint, torch.zeros(len(dataset), 2), counts)
+    save_cache(cache, ld_fingerprint, dataset.example_ids, torch.zeros(len(dataset), 2), counts)
     with pytest.raises(ValueError, match="its ld_alpha fingerprint differs"):
         load_cache(cache, fingerprint, dataset)
     other_alpha = tiny_config({"data.path": str(data), "loss.ld_alpha": 0.25})
     with pytest.raises(ValueError, match="its ld_alpha fingerprint differs"):
         load_cache(cache, reference_fingerprint(other_alpha, tokenizer, dataset), dataset)
+
+
+def test_corrupted_truncated_or_foreign_caches_are_refused_naming_the_file(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    _small_data(data)
+    tokenizer = ByteTokenizer()
+    config = tiny_config({"data.path": str(data)})
+    dataset, _ = load_preference_data(str(data), tokenizer, config.data.settings(), cache=False)
+    fingerprint = reference_fingerprint(config, tokenizer, dataset)
+    counts = (dataset.labels != -100).sum(-1).float()
+    cache = tmp_path / "cache.pt"
+    save_cache(cache, fingerprint, dataset.example_ids, -torch.rand(len(dataset), 2), counts)
+    good = cache.read_bytes()
+    # one flipped bit in the stored log-probs (found by locating their bytes)
+    logps = torch.load(cache, weights_only=True)["logps"].numpy().tobytes()
+    at = good.index(logps[:64]) + 13
+    cache.write_bytes(good[:at] + bytes([good[at] ^ 0x40]) + good[at + 1:])
+    with pytest.raises(ValueError, match=f"reference cache {cache} is corrupted"):
+        load_cache(cache, fingerprint, dataset)
+    cache.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=f"reference cache {cache} cannot be read"):
+        load_cache(cache, fingerprint, dataset)
+    torch.save({"something": 1}, cache)
+    with pytest.raises(ValueError, match=f"{cache} is not a reference cache"):
+        load_cache(cache, fingerprint, dataset)
+    # a cache missing a pair of the data (another data set's rows)
+    save_cache(cache, fingerprint, dataset.example_ids[1:], torch.zeros(len(dataset) - 1, 2),
+               counts[1:])
+    row = int(dataset.example_ids[0])
+    with pytest.raises(ValueError, match=f"row {row} is not in the cache"):
+        load_cache(cache, fingerprint, dataset)
+
+
+def test_reference_weights_are_fingerprinted_by_content_not_path(tmp_path):
+    """Issue 13, defect 5: a checkpoint retrained in place keeps its path and metadata.json;
+    the cache made from the old weights must be stale."""
+    data = tmp_path / "pairs.jsonl"
+    _small_data(data)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    (ckpt / "__0_0.distcp").write_bytes(b"weights one" * 100)
+    tokenizer = ByteTokenizer()
+    config = tiny_config({"data.path": str(data), "model.load": str(ckpt)})
+    dataset, _ = load_preference_data(str(data), tokenizer, config.data.settings(), cache=False)
+    before = reference_fingerprint(config, tokenizer, dataset)
+    assert reference_fingerprint(config, tokenizer, dataset) == before  # remembered, stable
+    (ckpt / "__0_0.distcp").write_bytes(b"weights two" * 100)  # same size, same names
+    after = reference_fingerprint(config, tokenizer, dataset)
+    assert after["reference_model"] != before["reference_model"]
+
+
+def _skipped_row_data(path):
+    """The first 200 shipped rows, row 5's rejected response equal to its chosen one (invalid:
+    data.skip_invalid drops it, so positions and source rows part after row 5)."""
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:200]]
+    rows[5]["rejected"] = rows[5]["chosen"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _skipped_train_worker(rank, world, data, cache, out, seed):
+    overrides = {"data.path": data, "data.skip_invalid": True, "reference.mode": "precompute",
+                 "reference.cache_path": cache, "train.seed": seed, "data.packing": "none"}
+    from adadpo_megatron.training.precompute import precompute_reference
+
+    precompute_reference(tiny_config(overrides))
+    history, _ = run_steps(tiny_config(overrides), steps=1)
+    if rank == 0:
+        torch.save(history, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [7, 1])
+def test_precomputed_reference_is_aligned_when_rows_are_skipped(tmp_path, seed):
+    """Issue 13, defect 1: with a skipped row the cache was stored by position and read by
+    source row: an IndexError (seed 7) or a step-0 loss off ln 2 (seed 1). The reference is
+    the initial policy, so the step-0 loss is ln 2 exactly when every pair meets its own
+    reference sums."""
+    data = _skipped_row_data(tmp_path / "pairs.jsonl")
+    out = tmp_path / "history.pt"
+    run_distributed(_skipped_train_worker, 1, data, str(tmp_path / "ref.pt"), str(out), seed)
+    history = torch.load(out, weights_only=False)
+    assert history[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
 
 
 @pytest.mark.slow

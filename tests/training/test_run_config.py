@@ -101,3 +101,22 @@ def test_the_gpu_benchmark_shape_is_a_valid_one_gpu_run():
     config.check_machine(gpu=True)
     with pytest.raises(ValueError, match="train.dtype='bfloat16': CPU runs use float32"):
         config.check_machine(gpu=False)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.min_lr=abc", r"optimizer\.min_lr='abc' must be a number"),
+    ("model.hidden_size=abc", r"model\.hidden_size='abc' must be an integer"),
+    ("optimizer.adam_beta1=5", r"optimizer\.adam_beta1=5 is out of range; allowed: \[0\.0, 1\.0\)"),
+    ("optimizer.clip_grad=.nan", r"optimizer\.clip_grad=nan must be a finite number"),
+    ("optimizer.min_lr=1.0", r"optimizer\.min_lr=1\.0 is above optimizer\.lr"),
+    ("model.num_layers=0", r"model\.num_layers=0 must be an integer >= 1"),
+    ("train.distributed_timeout_minutes=0", r"train\.distributed_timeout_minutes=0 is out"),
+    ("train.exit_after_minutes=-1", r"train\.exit_after_minutes=-1 is out of range"),
+    ("train.resume_allow_changes=loss", r"train\.resume_allow_changes='loss' must be a list"),
+])
+def test_bad_model_and_optimizer_values_fail_when_the_config_is_read(override, message):
+    """Issue 13: these failed after the model was built, or never."""
+    from adadpo_megatron.training.run_config import load_run_config
+
+    with pytest.raises(ValueError, match=message):
+        load_run_config(str(REPO / "configs" / "tiny_cpu.yaml"), [override])

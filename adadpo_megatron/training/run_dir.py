@@ -1,0 +1,83 @@
+"""The run directory (train.output_dir): one run at a time, and no silent reuse.
+
+A run holds an exclusive lock on ``output_dir/.adadpo.lock`` (a POSIX record lock, which the
+kernel releases when the process dies, so a killed run never leaves a stale lock; it works on
+NFS with lockd). The lock file names its holder's pid and host, so a second run into the
+directory fails at start saying who has it. A fresh run (train.resume=never) into a directory
+with checkpoints is refused unless train.overwrite=true, which removes them and metrics.jsonl
+first. Global rank 0 does the file work; every rank gets the same verdict.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Optional
+
+LOCK_FILE = ".adadpo.lock"
+
+
+class RunDirectoryError(RuntimeError):
+    """The output directory is locked by another run, unwritable, or holds a run that this
+    one would overwrite."""
+
+
+class RunDirectoryLock:
+    """The exclusive lock of one output directory, held until ``release`` (or process exit)."""
+
+    def __init__(self, output_dir) -> None:
+        self.output_dir = Path(output_dir)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        path = self.output_dir / LOCK_FILE
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunDirectoryError(f"train.output_dir={str(self.output_dir)!r} cannot be "
+                                    f"written ({err.strerror}); choose a writable directory"
+                                    ) from err
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirectoryError(
+                f"train.output_dir={str(self.output_dir)!r} is in use by another run "
+                f"({holder}); wait for it to end or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the record lock
+            self._fd = None
+
+
+def prepare_fresh_run(output_dir, overwrite: bool) -> None:
+    """For train.resume=never: refuses a directory holding checkpoints unless ``overwrite``,
+    which removes them and the old metrics first."""
+    output_dir = Path(output_dir)
+    checkpoints = output_dir / "checkpoints"
+    held = sorted(p.name for p in checkpoints.glob("step_*")) if checkpoints.is_dir() else []
+    if not held:
+        return
+    if not overwrite:
+        raise RunDirectoryError(
+            f"train.resume=never, but train.output_dir={str(output_dir)!r} holds checkpoints "
+            f"of another run ({', '.join(held[-3:])}{', ...' if len(held) > 3 else ''}); set "
+            "train.overwrite=true to delete them and its metrics.jsonl, train.resume=auto to "
+            "continue that run, or choose another output_dir")
+    shutil.rmtree(checkpoints)
+    for name in ("metrics.jsonl", "tensorboard"):
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
