@@ -70,6 +70,21 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient; raised on every rank before the optimizer step."""
 
 
+class GradNormWatch:
+    """Counts consecutive steps whose gradient norm is 0 or not finite (nothing is learned:
+    a saturated loss, a blown-up model); says so once when the count reaches ``steps``."""
+
+    def __init__(self, steps: int):
+        self.steps, self.count = steps, 0
+
+    def update(self, step: int, norm: float) -> Optional[str]:
+        self.count = self.count + 1 if not (math.isfinite(norm) and norm > 0) else 0
+        if self.count != self.steps:
+            return None
+        return (f"the gradient norm was {norm} for {self.count} consecutive steps (to step "
+                f"{step}): nothing is learned; check optimizer.lr and the loss's scale")
+
+
 class CollectiveTimeout(RuntimeError):
     """A collective waited longer than train.distributed_timeout_minutes for some rank."""
 
@@ -533,18 +548,14 @@ class Trainer:
         history = []
         log = RunLog(self.config, self.start_step) if self.is_logging_rank else None
         self.stop.install()
-        dead_steps = 0  # consecutive steps whose gradient norm was 0 or not finite
+        watch = GradNormWatch(t.grad_norm_warning_steps)
         try:
             for step in range(self.start_step, t.max_steps):
                 metrics = self._step_naming_timeouts(step)
                 last = step + 1 == t.max_steps
-                norm = metrics.get("grad_norm", float("nan"))
-                dead_steps = dead_steps + 1 if not (math.isfinite(norm) and norm > 0) else 0
-                if dead_steps == t.grad_norm_warning_steps and self.is_logging_rank:
-                    print(f"adadpo-train: warning: the gradient norm was {norm} for "
-                          f"{dead_steps} consecutive steps (to step {step}): nothing is "
-                          "learned; check optimizer.lr and the loss's scale", file=sys.stderr,
-                          flush=True)
+                warning = watch.update(step, metrics.get("grad_norm", float("nan")))
+                if warning and self.is_logging_rank:
+                    print(f"adadpo-train: warning: {warning}", file=sys.stderr, flush=True)
                 if t.eval_interval and (last or (step + 1) % t.eval_interval == 0):
                     metrics.update(self.evaluate())
                 history.append(metrics)

@@ -343,3 +343,24 @@ def test_two_single_process_runs_on_one_host_do_not_share_a_port(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_dead_gradient_warns_once_after_the_configured_steps():
+    from adadpo_megatron.training.trainer import GradNormWatch
+
+    watch = GradNormWatch(3)
+    said = [watch.update(step, norm) for step, norm in
+            enumerate([1.0, 0.0, 0.0, 2.0, 0.0, float("nan"), 0.0, 0.0, 0.0])]
+    assert [i for i, s in enumerate(said) if s] == [6]
+    assert "the gradient norm was 0.0 for 3 consecutive steps (to step 6)" in said[6]
+
+
+def test_an_unwritable_output_dir_fails_at_start_naming_it(tmp_path):
+    """Issue 13: a read-only output directory failed only after the model was built; the
+    lock is the first thing a run writes (a path under a file stands in for a read-only
+    mount, which root would still write)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(RunDirectoryError, match=r"train.output_dir='.*a_file/run' cannot be "
+                                                r"written"):
+        RunDirectoryLock(blocker / "run").acquire()
