@@ -41,12 +41,18 @@ def _matches(key: str, patterns: Sequence[str]) -> bool:
 def config_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[Change]:
     """[(dotted key, saved value, current value)] for every key that differs."""
     old, new = _flatten(saved), _flatten(current)
-    missing = object()
     changes = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, missing), new.get(key, missing)
-        if a != b and not _matches(key, IGNORED):
-            changes.append((key, None if a is missing else a, None if b is missing else b))
+        if _matches(key, IGNORED):
+            continue
+        if key not in old or key not in new:
+            # a field one version of the package has and the other not (its default then
+            # applies); but a TransformerConfig key the user set or dropped is a change
+            if not key.startswith("model.transformer."):
+                continue
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            changes.append((key, a, b))
     return changes
 
 
