@@ -29,12 +29,16 @@ def tiny_config(overrides=None, **section_overrides):
     """A RunConfig from TINY with {"section.key": value} overrides. Its output_dir is a fresh
     temporary directory unless one is given: runs lock their output_dir, and two test runs on
     one machine must not share one."""
+    import atexit
+    import shutil
     import tempfile
 
     from adadpo_megatron.training.run_config import RunConfig
 
     raw = copy.deepcopy(TINY)
     raw["train"]["output_dir"] = tempfile.mkdtemp(prefix="adadpo-test-")
+    # removed when this process ends (a spawned worker's too): nothing is left in /tmp
+    atexit.register(shutil.rmtree, raw["train"]["output_dir"], ignore_errors=True)
     for key, value in {**(overrides or {}), **section_overrides}.items():
         section, name = key.split(".", 1)
         raw.setdefault(section, {})[name] = value
