@@ -138,18 +138,22 @@ def test_exit_after_minutes_stops_with_a_checkpoint(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000001"
 
 
-def _setup_worker(rank, world, overrides, result_path):
+def _setup_outcome(overrides) -> str:
+    """"ok" if a trainer with these overrides sets up, else its error's message."""
     from adadpo_megatron.training.trainer import Trainer
 
     trainer = Trainer(tiny_config(overrides))
     try:
         trainer.setup()
-        outcome = "ok"
+        return "ok"
     except (RunDirectoryError, ValueError) as err:
-        outcome = str(err)
+        return str(err)
     finally:
         trainer.close()
-    torch.save(outcome, result_path)
+
+
+def _setup_worker(rank, world, overrides, result_path):
+    torch.save(_setup_outcome(overrides), result_path)
 
 
 @pytest.mark.slow
@@ -284,14 +288,7 @@ def _resume_change_worker(rank, world, out_dir, result_path):
                          ("batch", {"train.global_batch_size": 16}),
                          ("layout_and_length", {"train.max_steps": 2,
                                                 "train.micro_batch_size": 4})):
-        trainer = Trainer(tiny_config({**base, **change}))
-        try:
-            trainer.setup()
-            outcomes[name] = "ok"
-        except ValueError as err:
-            outcomes[name] = str(err)
-        finally:
-            trainer.close()
+        outcomes[name] = _setup_outcome({**base, **change})
     torch.save(outcomes, result_path)
 
 
