@@ -7,21 +7,28 @@ exactly and the real-token share of the whole step is known without a collective
     none     m pairs per micro-batch, every sequence a row of seq_length tokens (2m rows).
     longest  the same pairs, sorted by length within the data-parallel rank, each micro-batch
              cut to its longest row rounded up to ``multiple`` (FP8, SP and CP alignment).
-    pack     a micro-batch is ``2m`` rows (``m`` for SFT) of at most seq_length tokens. Each
-             sequence of a pair (prompt + chosen, prompt + rejected) is a segment; the two
-             segments of a pair are always in the same micro-batch. Pairs are spread over
-             data-parallel ranks and micro-batches by token count (longest first, each to
-             the least-loaded micro-batch it fits in), every rank getting the same number of
-             micro-batches; within a micro-batch each segment goes to the least-filled row it
-             fits in, so the rows come out about equally full, and the micro-batch is cut to
-             its fullest row (rounded up to ``multiple``). Each segment is padded to a
-             multiple of ``segment_multiple`` (2 x CP under context parallelism:
-             megatron-core and Transformer Engine split every segment in 2 x CP chunks).
+    pack     each sequence of a pair (prompt + chosen, prompt + rejected) is a segment, padded
+             to ``segment_multiple`` (2 x CP: megatron-core and Transformer Engine split every
+             segment in 2 x CP chunks). A micro-batch holds at most ``max_tokens`` tokens
+             (``data.max_tokens_per_micro_batch``, by default 2 x micro_batch_size x
+             seq_length): rows of seq_length filled first-fit, longest segment first, or, for
+             THD (``one_sequence``), a single sequence of its segments end to end. The two
+             segments of a pair are always in the same micro-batch. The step makes as few
+             micro-batches as its pairs need, the same number on every data-parallel rank (a
+             multiple of ``micro_batch_multiple``: the interleaved pipeline schedule needs a
+             multiple of the pipeline size), with the pairs spread longest first to the least
+             loaded rank and, within it, the least loaded micro-batch they fit in. A micro-batch
+             of rows then spreads its segments over as few rows as first-fit needed, each to
+             the least-filled row, and is cut to its fullest row (rounded up to ``multiple``).
+
+``micro_batch_size`` only sizes the default token budget of pack, so a large micro-batch size
+packs as tightly as a small one.
 
 A packed micro-batch has the keys of ``micro_batches.collate`` with rows of packed segments,
 plus ``segment_ids``:
 
-    tokens, labels, loss_mask  [R, L]  as in collate, segment after segment (L <= S)
+    tokens, labels, loss_mask  [R, L]  as in collate, segment after segment (L <= S; THD:
+                                       R = 1 and L <= max_tokens)
     position_ids  [R, L] long   restarting at 0 at every segment
     segment_ids   [R, L] long   the segment of each token (its alignment padding included),
                                 -1 on the padding that ends a row
@@ -36,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -78,8 +85,8 @@ StepPlan = List[List[MicroBatchPlan]]  # [data-parallel rank][micro-batch]
 
 def plan_step(lengths: torch.Tensor, indices: Sequence[int], *, mode: str, dp_size: int,
               micro_batch_size: int, seq_length: int, multiple: int = 1,
-              segment_multiple: int = 1, sides: int = 2,
-              min_micro_batches: int = 1) -> StepPlan:
+              segment_multiple: int = 1, sides: int = 2, max_tokens: Optional[int] = None,
+              one_sequence: bool = False, micro_batch_multiple: int = 1) -> StepPlan:
     """Every data-parallel rank's micro-batches for the pairs ``indices``.
 
     Args:
@@ -87,15 +94,19 @@ def plan_step(lengths: torch.Tensor, indices: Sequence[int], *, mode: str, dp_si
             (``PreferenceDataset.lengths``).
         indices: the pairs of this step (or of an evaluation), in sampler order.
         mode: "none", "longest" or "pack".
-        micro_batch_size: pairs per micro-batch for none and longest; for pack the micro-batch
-            has ``sides * micro_batch_size`` rows and holds as many pairs as fit.
+        micro_batch_size: pairs per micro-batch for none and longest; for pack it only sets
+            the default ``max_tokens``.
         multiple: longest and pack round each micro-batch's length up to it (FP8, sequence
             and context parallelism need it). Must divide ``seq_length``.
         segment_multiple: pack pads every segment to it (2 x CP). Must divide ``multiple``.
         sides: 2 (chosen and rejected) or 1 (the chosen alone, for SFT).
-        min_micro_batches: pack makes at least this many micro-batches per rank (as far as
-            there are pairs): megatron-core's interleaved pipeline schedule needs as many
-            as pipeline stages.
+        max_tokens: pack: tokens a micro-batch may compute (rows x row length), at least
+            ``sides * seq_length`` so that any pair fits; None means
+            ``sides * micro_batch_size * seq_length``.
+        one_sequence: pack: each micro-batch is one row of its segments end to end (THD)
+            instead of rows of ``seq_length``.
+        micro_batch_multiple: pack: each rank's micro-batch count is a multiple of it
+            (megatron-core's interleaved schedule needs a multiple of the pipeline size).
     """
     if mode not in PACKING_MODES:
         raise ValueError(f"data.packing={mode!r} is not allowed; choose one of "
@@ -108,10 +119,19 @@ def plan_step(lengths: torch.Tensor, indices: Sequence[int], *, mode: str, dp_si
     # {pair: [tokens of each side]}; a step spanning two epochs may hold a pair twice
     seq_lengths = dict(zip(indices, lengths[indices, :sides].tolist(), strict=True))
     if mode == "pack":
-        return _plan_packed(indices, seq_lengths, dp_size=dp_size,
-                            rows=sides * micro_batch_size, seq_length=seq_length,
-                            multiple=multiple, segment_multiple=segment_multiple,
-                            min_micro_batches=min_micro_batches)
+        if max_tokens is None:
+            max_tokens = sides * micro_batch_size * seq_length
+        if max_tokens < sides * seq_length:
+            raise ValueError(f"data.max_tokens_per_micro_batch({max_tokens}) is below "
+                             f"{sides} x data.seq_length({seq_length}), what one pair may need")
+        if one_sequence:
+            shape = _BinShape(row_capacity=max_tokens // multiple * multiple, max_rows=1)
+        else:
+            shape = _BinShape(row_capacity=seq_length, max_rows=max_tokens // seq_length)
+        return _plan_packed(indices, seq_lengths, dp_size=dp_size, shape=shape,
+                            seq_length=seq_length, multiple=multiple,
+                            segment_multiple=segment_multiple,
+                            micro_batch_multiple=micro_batch_multiple)
     blocks = [list(block) for block in _split_evenly(indices, dp_size)]
     plan = []
     for block in blocks:
@@ -141,87 +161,147 @@ def _split_evenly(indices: List[int], parts: int) -> List[List[int]]:
     return out
 
 
+@dataclass(frozen=True)
+class _BinShape:
+    """What one packed micro-batch may hold: up to ``max_rows`` rows of ``row_capacity``."""
+
+    row_capacity: int
+    max_rows: int
+
+
 class _Bin:
-    """One packed micro-batch being filled: rows of fixed capacity."""
+    """One packed micro-batch being filled: its pairs and the row of each segment."""
 
-    def __init__(self, rows: int, capacity: int):
-        self.fill = [0] * rows
-        self.capacity = capacity
+    def __init__(self, rank: int, shape: _BinShape):
+        self.rank, self.shape = rank, shape
+        self.fill: List[int] = []  # tokens in each row opened so far
         self.load = 0
-        self.pairs: List[int] = []
-        self.where = {}  # (pair, side) -> (row, offset, padded length)
+        self.pairs: List[int] = []  # positions in the step
+        self.row_of: Dict[Tuple[int, int], int] = {}  # (position, side) -> row
 
-    def try_place(self, segment_lengths: Sequence[int]) -> Optional[List[Tuple[int, int]]]:
-        """Places for the segments (longest first), each in the least-filled row it fits in,
-        or None; changes nothing. Least-filled rather than first-fit keeps the rows about
-        equally full, so cutting the micro-batch to its fullest row cuts off the padding."""
+    def try_place(self, sizes: Sequence[int]) -> Optional[List[int]]:
+        """A row for each segment, longest first, each in the first row it fits in (a new
+        row while there are fewer than max_rows), or None; changes nothing."""
         fill = list(self.fill)
-        places: List[Optional[Tuple[int, int]]] = [None] * len(segment_lengths)
-        for side in sorted(range(len(segment_lengths)), key=lambda s: -segment_lengths[s]):
-            size = segment_lengths[side]
-            fitting = [r for r, used in enumerate(fill) if used + size <= self.capacity]
+        rows: List[int] = [0] * len(sizes)
+        for side in sorted(range(len(sizes)), key=lambda s: -sizes[s]):
+            row = next((r for r, used in enumerate(fill)
+                        if used + sizes[side] <= self.shape.row_capacity), None)
+            if row is None:
+                if len(fill) == self.shape.max_rows:
+                    return None
+                fill.append(0)
+                row = len(fill) - 1
+            rows[side] = row
+            fill[row] += sizes[side]
+        return rows
+
+    def place(self, position: int, sizes: Sequence[int], rows: Sequence[int]) -> None:
+        for side, row in enumerate(rows):
+            self.fill += [0] * (row + 1 - len(self.fill))  # rows try_place opened
+            self.fill[row] += sizes[side]
+            self.row_of[(position, side)] = row
+        self.load += sum(sizes)
+        self.pairs.append(position)
+
+    def balanced_rows(self, sizes: Dict[Tuple[int, int], int]) -> Dict[Tuple[int, int], int]:
+        """The segments spread over the same number of rows, longest first, each to the
+        least-filled row it fits in, so that the fullest row (what the micro-batch is cut to)
+        is as short as it gets; the first-fit rows where that does not fit."""
+        fill = [0] * len(self.fill)
+        row_of = {}
+        for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+            fitting = [r for r, used in enumerate(fill)
+                       if used + sizes[key] <= self.shape.row_capacity]
             if not fitting:
-                return None
+                return self.row_of
             row = min(fitting, key=lambda r: (fill[r], r))
-            places[side] = (row, fill[row])
-            fill[row] += size
-        return places
-
-    def place(self, pair: int, segment_lengths: Sequence[int], places) -> None:
-        for side, (row, offset) in enumerate(places):
-            self.where[(pair, side)] = (row, offset, segment_lengths[side])
-            self.fill[row] = max(self.fill[row], offset + segment_lengths[side])
-        self.load += sum(segment_lengths)
-        self.pairs.append(pair)
+            row_of[key] = row
+            fill[row] += sizes[key]
+        return row_of
 
 
-def _plan_packed(indices: List[int], seq_lengths, *, dp_size: int, rows: int, seq_length: int,
-                 multiple: int, segment_multiple: int, min_micro_batches: int) -> StepPlan:
-    padded = {i: [round_up(n, segment_multiple) for n in seq_lengths[i]] for i in indices}
-    if any(n > seq_length for sizes in padded.values() for n in sizes):
+def _plan_packed(indices: List[int], seq_lengths, *, dp_size: int, shape: _BinShape,
+                 seq_length: int, multiple: int, segment_multiple: int,
+                 micro_batch_multiple: int) -> StepPlan:
+    padded = [[round_up(n, segment_multiple) for n in seq_lengths[i]] for i in indices]
+    if any(n > seq_length for sizes in padded for n in sizes):
         raise ValueError(f"a sequence is longer than data.seq_length({seq_length}); the data "
                          "pipeline truncates to it, so the dataset and the config disagree")
     # Longest pair first; ties by position in the step, so the plan is deterministic.
-    order = sorted(range(len(indices)), key=lambda p: (-sum(padded[indices[p]]), p))
-    total = sum(sum(sizes) for sizes in padded.values())
-    most = max(1, len(indices) // dp_size)  # one pair per micro-batch: every pair fits
-    per_rank = min(most, max(min_micro_batches, math.ceil(total / (dp_size * rows * seq_length))))
-    while True:
-        bins = [_Bin(rows, seq_length) for _ in range(dp_size * per_rank)]
-        if _fill(bins, order, indices, padded):
-            break
+    order = sorted(range(len(indices)), key=lambda p: (-sum(padded[p]), p))
+    capacity = shape.row_capacity * shape.max_rows
+    most = len(indices) // dp_size // micro_batch_multiple * micro_batch_multiple
+    if most == 0:
+        raise ValueError(f"{len(indices)} pairs cannot make {micro_batch_multiple} "
+                         f"micro-batch(es) on each of {dp_size} data-parallel ranks (the "
+                         "interleaved pipeline schedule needs a multiple of the pipeline size): "
+                         "every micro-batch needs a pair")
+    fewest = math.ceil(sum(map(sum, padded)) / (dp_size * capacity))
+    per_rank = min(most, max(1, round_up(fewest, micro_batch_multiple)))
+    while (bins := _fill(dp_size, per_rank, shape, order, padded)) is None:
         if per_rank >= most:
-            raise ValueError(f"cannot pack {len(indices)} pairs into micro-batches of {rows} "
-                             f"rows of {seq_length} tokens on {dp_size} data-parallel ranks")
-        per_rank += 1  # fragmentation: one more micro-batch per rank
-    plan = []
-    for rank in range(dp_size):
-        rank_plan = []
-        for b in bins[rank * per_rank:(rank + 1) * per_rank]:
-            positions = sorted(b.pairs)
-            pairs = tuple(indices[p] for p in positions)
-            sides = len(padded[pairs[0]])
-            placements = tuple(b.where[(p, side)] for side in range(sides) for p in positions)
-            real = sum(sum(seq_lengths[i]) for i in pairs)
-            length = min(seq_length, round_up(max(b.fill), multiple))
-            rank_plan.append(MicroBatchPlan(pairs, rows, length, real, placements))
-        plan.append(rank_plan)
+            raise ValueError(f"cannot pack {len(indices)} pairs into {per_rank} micro-batches "
+                             f"of {shape.max_rows} row(s) of {shape.row_capacity} tokens on "
+                             f"each of {dp_size} data-parallel ranks")
+        per_rank += micro_batch_multiple  # fragmentation: more micro-batches per rank
+    plan = _rank_plans(bins, dp_size, indices, padded, seq_lengths, multiple)
     return plan
 
 
-def _fill(bins: List[_Bin], order: List[int], indices: List[int], padded) -> bool:
-    """Longest-processing-time assignment: each pair to the least-loaded bin it fits in.
-    Empty bins are the least loaded, so with no more bins than pairs none stays empty."""
-    for position in order:
-        sizes = padded[indices[position]]
-        for b in sorted(range(len(bins)), key=lambda k: (bins[k].load, k)):
-            places = bins[b].try_place(sizes)
-            if places is not None:
-                bins[b].place(position, sizes, places)
+def _rank_plans(bins: List[_Bin], dp_size: int, indices, padded, seq_lengths,
+                multiple: int) -> StepPlan:
+    per_rank = len(bins) // dp_size
+    return [[_micro_batch(b, indices, padded, seq_lengths, multiple)
+             for b in bins[rank * per_rank:(rank + 1) * per_rank]] for rank in range(dp_size)]
+
+
+def _fill(dp_size: int, per_rank: int, shape: _BinShape, order: List[int],
+          padded: List[List[int]]) -> Optional[List[_Bin]]:
+    """``per_rank`` bins on each rank, rank after rank, holding every pair, or None.
+
+    Each pair, longest first, goes to the least loaded rank and there to the least loaded bin
+    it fits in; once no more pairs are left than bins are empty, only to an empty bin, so
+    that no bin stays empty."""
+    bins = [_Bin(rank, shape) for rank in range(dp_size) for _ in range(per_rank)]
+    rank_load = [0] * dp_size
+    empty = len(bins)
+    for left, position in enumerate(order):
+        sizes = padded[position]
+        must_open = len(order) - left <= empty
+        candidates = sorted(range(len(bins)), key=lambda k: (
+            must_open and bool(bins[k].pairs), rank_load[bins[k].rank], bins[k].load, k))
+        for k in candidates:
+            rows = bins[k].try_place(sizes)
+            if rows is not None:
+                empty -= not bins[k].pairs
+                bins[k].place(position, sizes, rows)
+                rank_load[bins[k].rank] += sum(sizes)
                 break
         else:
-            return False
-    return all(b.pairs for b in bins)
+            return None
+    return bins if empty == 0 else None
+
+
+def _micro_batch(b: _Bin, indices: List[int], padded: List[List[int]], seq_lengths,
+                 multiple: int) -> MicroBatchPlan:
+    """The plan of one filled bin: pairs in step order, segments chosen first, each row's
+    segments in segment order."""
+    positions = sorted(b.pairs)
+    sides = len(padded[positions[0]])
+    sizes = {(p, side): padded[p][side] for p in positions for side in range(sides)}
+    row_of = b.balanced_rows(sizes)
+    offsets = [0] * len(b.fill)
+    placements = []
+    for side in range(sides):
+        for p in positions:
+            row = row_of[(p, side)]
+            placements.append((row, offsets[row], sizes[(p, side)]))
+            offsets[row] += sizes[(p, side)]
+    pairs = tuple(indices[p] for p in positions)
+    real = sum(sum(seq_lengths[i]) for i in pairs)
+    length = round_up(max(offsets), multiple)
+    return MicroBatchPlan(pairs, len(offsets), length, real, tuple(placements))
 
 
 def materialize(dataset: PreferenceDataset, plan: MicroBatchPlan, *, pad_id: int,

@@ -59,6 +59,12 @@ class DataConfig:
             computes real tokens rather than padding; "longest" pads each micro-batch to its
             longest row only; "none" pads every sequence to seq_length. The gradient is the
             same in all three (tested); only the time and memory differ.
+        max_tokens_per_micro_batch: with packing "pack", the tokens one packed micro-batch
+            may compute (its rows times their length; one THD sequence on GPU), at least
+            2 x seq_length (seq_length for train.stage sft) so that any pair fits. None means
+            2 x train.micro_batch_size x seq_length, what a padded micro-batch computes. It
+            sizes the micro-batch for memory, as NeMo-RL's dynamic batching and verl's
+            max token length do: a step makes as few micro-batches as its pairs need.
     """
 
     path: str = ""
@@ -73,12 +79,20 @@ class DataConfig:
     eval_fraction: float = 0.0
     eval_seed: Optional[int] = None
     packing: str = "pack"
+    max_tokens_per_micro_batch: Optional[int] = None
 
     def __post_init__(self):
         from adadpo_megatron.data.packing import PACKING_MODES
         from adadpo_megatron.data.preference_data import FORMATS
 
         require_choice("data.packing", self.packing, PACKING_MODES)
+        if self.max_tokens_per_micro_batch is not None:
+            require_int("data.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch)
+            if self.packing != "pack":
+                raise ValueError(f"data.max_tokens_per_micro_batch="
+                                 f"{self.max_tokens_per_micro_batch} sizes packed micro-batches; "
+                                 f"with data.packing={self.packing!r} train.micro_batch_size "
+                                 "does: remove it or set data.packing=pack")
 
         if not self.path:
             raise ValueError("data.path is required: a preference data file, directory or "
@@ -337,6 +351,11 @@ class RunConfig:
             raise ValueError("loss.use_weighting=true (WPO) reads log sum_v p_v^2 from the "
                              "logits, which model.fused_logprobs=true never materialises; set "
                              "model.fused_logprobs=false")
+        budget, sides = self.data.max_tokens_per_micro_batch, self.sides()
+        if budget is not None and budget < sides * self.data.seq_length:
+            raise ValueError(f"data.max_tokens_per_micro_batch({budget}) is below "
+                             f"{sides} x data.seq_length({self.data.seq_length}): a pair of "
+                             "that length would fit no micro-batch")
         t, p = self.model.transformer, self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         if t["num_attention_heads"] % tp:
@@ -384,6 +403,22 @@ class RunConfig:
         if p.sequence_parallel:
             multiple = math.lcm(multiple, p.tensor_model_parallel_size)
         return multiple
+
+    def sides(self) -> int:
+        """Sequences per pair in a micro-batch: 2 (chosen and rejected), 1 for SFT."""
+        return 1 if self.train.stage == "sft" else 2
+
+    def micro_batch_tokens(self) -> int:
+        """data.max_tokens_per_micro_batch, else what a padded micro-batch computes."""
+        return (self.data.max_tokens_per_micro_batch
+                or self.sides() * self.train.micro_batch_size * self.data.seq_length)
+
+    def micro_batch_multiple(self) -> int:
+        """What each rank's micro-batch count must be a multiple of: the pipeline size for
+        megatron-core's interleaved schedule (its default group of micro-batches per virtual
+        stage), else 1."""
+        p = self.parallel
+        return p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size else 1
 
     def segment_multiple(self) -> int:
         """What every packed segment is padded to: 2 x CP, since megatron-core and Transformer
@@ -438,6 +473,22 @@ class RunConfig:
             raise ValueError(f"train.global_batch_size({t.global_batch_size}) is not divisible "
                              f"by train.micro_batch_size({t.micro_batch_size}) * "
                              f"data-parallel size({dp}) = {t.micro_batch_size * dp}")
+        multiple = self.micro_batch_multiple()
+        if multiple > 1:
+            vpp = (f"parallel.virtual_pipeline_model_parallel_size"
+                   f"({p.virtual_pipeline_model_parallel_size})")
+            if self.data.packing == "pack" and t.global_batch_size < dp * pp:
+                raise ValueError(f"train.global_batch_size({t.global_batch_size}) is below "
+                                 f"data-parallel size({dp}) * parallel.pipeline_model_parallel"
+                                 f"_size({pp}): with {vpp} each rank needs a multiple of {pp} "
+                                 "micro-batches, each of at least one pair")
+            per_rank = t.global_batch_size // (t.micro_batch_size * dp)
+            if self.data.packing != "pack" and per_rank % pp:
+                raise ValueError(f"train.global_batch_size({t.global_batch_size}) / "
+                                 f"(train.micro_batch_size({t.micro_batch_size}) * data-parallel "
+                                 f"size({dp})) = {per_rank} micro-batches, not a multiple of "
+                                 f"parallel.pipeline_model_parallel_size({pp}), which {vpp} "
+                                 "needs")
         return dp
 
     def resolve(self, path) -> Optional[Path]:

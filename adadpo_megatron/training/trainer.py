@@ -236,10 +236,12 @@ class Trainer:
         self.dataset, self.data_report = self._load_data()
         self.train_set, self.eval_set = split_held_out(self.dataset, c.data.eval_fraction,
                                                        c.eval_seed)
-        if self.eval_set is not None and len(self.eval_set) < self.dp_size:
+        # a pair for each micro-batch of each rank (packed: a multiple of PP of them for VPP)
+        needed = self.dp_size * (c.micro_batch_multiple() if c.data.packing == "pack" else 1)
+        if self.eval_set is not None and len(self.eval_set) < needed:
             raise ValueError(f"data.eval_fraction={c.data.eval_fraction} holds out "
-                             f"{len(self.eval_set)} pairs, fewer than the data-parallel size "
-                             f"({self.dp_size})")
+                             f"{len(self.eval_set)} pairs, fewer than the {needed} micro-batches "
+                             f"of one evaluation (data-parallel size {self.dp_size})")
         self.vocab_size = model_vocab_size(self.tokenizer.vocab_size, c.model,
                                            p.tensor_model_parallel_size)
         self.dtype = getattr(torch, c.train.dtype)
@@ -385,20 +387,17 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def plan(self, dataset, indices, micro_batch_size: int, mode: Optional[str] = None):
+    def plan(self, dataset, indices, mode: Optional[str] = None):
         """Every data-parallel rank's micro-batches for the pairs ``indices``, laid out as
         ``mode`` (default data.packing) says."""
         c = self.config
         return plan_step(dataset.lengths, indices, mode=mode or c.data.packing,
                          dp_size=self.dp_size,
-                         micro_batch_size=micro_batch_size, seq_length=c.data.seq_length,
+                         micro_batch_size=c.train.micro_batch_size, seq_length=c.data.seq_length,
                          multiple=c.sequence_multiple(), segment_multiple=c.segment_multiple(),
-                         sides=1 if self.sft else 2,
-                         min_micro_batches=self._min_micro_batches())
-
-    def _min_micro_batches(self) -> int:
-        p = self.config.parallel
-        return p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size else 1
+                         sides=c.sides(), max_tokens=c.micro_batch_tokens(),
+                         one_sequence=self.packed_format == "thd",
+                         micro_batch_multiple=c.micro_batch_multiple())
 
     def _materialize(self, dataset, plan):
         batches = [materialize(dataset, mb, pad_id=self.tokenizer.pad_id, chosen_only=self.sft)
@@ -411,7 +410,7 @@ class Trainer:
         """This rank's micro-batches for ``step`` and the step's real-token share."""
         t = self.config.train
         indices = global_batch_indices(step, len(self.train_set), t.global_batch_size, t.seed)
-        plan = self.plan(self.train_set, indices, t.micro_batch_size)
+        plan = self.plan(self.train_set, indices)
         real, computed = step_token_counts(plan)
         return self._materialize(self.train_set, plan), real / computed
 
@@ -425,8 +424,7 @@ class Trainer:
             for step in steps:
                 indices = global_batch_indices(step, len(self.train_set), t.global_batch_size,
                                                t.seed)
-                r, c = step_token_counts(self.plan(self.train_set, indices, t.micro_batch_size,
-                                                   mode))
+                r, c = step_token_counts(self.plan(self.train_set, indices, mode))
                 real, computed = real + r, computed + c
             shares[mode] = real / computed
         text = ", ".join(f"{mode} {share:.2f}" for mode, share in shares.items())
@@ -461,8 +459,7 @@ class Trainer:
 
     def evaluate(self) -> Dict[str, float]:
         """The step metrics on the held-out pairs, forward-only, prefixed "eval/"."""
-        t = self.config.train
-        plan = self.plan(self.eval_set, range(len(self.eval_set)), t.micro_batch_size)
+        plan = self.plan(self.eval_set, range(len(self.eval_set)))
         batches = self._materialize(self.eval_set, plan)
         self._attach_reference(batches)
         for chunk in self.model:

@@ -120,3 +120,53 @@ def test_bad_model_and_optimizer_values_fail_when_the_config_is_read(override, m
 
     with pytest.raises(ValueError, match=message):
         load_run_config(str(REPO / "configs" / "tiny_cpu.yaml"), [override])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.max_tokens_per_micro_batch=0"],
+     r"data\.max_tokens_per_micro_batch=0 must be an integer >= 1"),
+    (["data.max_tokens_per_micro_batch=4096", "data.packing=longest"],
+     r"data\.max_tokens_per_micro_batch=4096 sizes packed micro-batches; with "
+     r"data\.packing='longest'"),
+    (["data.max_tokens_per_micro_batch=255", "data.seq_length=128"],
+     r"data\.max_tokens_per_micro_batch\(255\) is below 2 x data\.seq_length\(128\)"),
+])
+def test_bad_token_budgets_fail_when_the_config_is_read(overrides, message):
+    from adadpo_megatron.training.run_config import load_run_config
+
+    with pytest.raises(ValueError, match=message):
+        load_run_config(str(REPO / "configs" / "tiny_cpu.yaml"), overrides)
+
+
+def test_token_budget_defaults_to_a_padded_micro_batch_and_sft_needs_one_side():
+    from adadpo_megatron.training.run_config import load_run_config
+
+    path = str(REPO / "configs" / "tiny_cpu.yaml")
+    config = load_run_config(path, ["train.micro_batch_size=4", "data.seq_length=128"])
+    assert config.micro_batch_tokens() == 2 * 4 * 128
+    sft = load_run_config(path, ["train.stage=sft", "reference.mode=none", "data.seq_length=128",
+                                 "data.max_tokens_per_micro_batch=128"])
+    assert sft.micro_batch_tokens() == 128
+
+
+def test_interleaved_pipelines_need_micro_batches_in_multiples_of_the_pipeline():
+    """megatron-core's interleaved schedule refuses a micro-batch count that is not a multiple
+    of PP (its microbatch_group_size_per_vp_stage defaults to PP); say so at load, naming the
+    keys, rather than from inside the schedule."""
+    from adadpo_megatron.training.run_config import load_run_config
+
+    vpp = ["parallel.pipeline_model_parallel_size=2",
+           "parallel.virtual_pipeline_model_parallel_size=2", "model.num_layers=4"]
+    path = str(REPO / "configs" / "tiny_cpu.yaml")
+    padded = load_run_config(path, [*vpp, "data.packing=none", "train.global_batch_size=6",
+                                    "train.micro_batch_size=2"])
+    with pytest.raises(ValueError, match=r"= 3 micro-batches, not a multiple of parallel\."
+                                         r"pipeline_model_parallel_size\(2\)"):
+        padded.check_layout(2)
+    packed = load_run_config(path, [*vpp, "train.global_batch_size=3",
+                                    "train.micro_batch_size=1"])
+    assert packed.check_layout(2) == 1
+    with pytest.raises(ValueError, match=r"train.global_batch_size\(3\) is below data-parallel "
+                                         r"size\(3\) \* parallel.pipeline_model_parallel_size"):
+        packed.check_layout(6)
+    assert packed.micro_batch_multiple() == 2
