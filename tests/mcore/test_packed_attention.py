@@ -33,7 +33,8 @@ SEGMENTS = torch.tensor([[0, 0, 0, 2, 2, -1, -1, -1],
                          [4, 4, 4, 4, 4, 4, 4, 4]])
 
 
-def packed_batch(path, seq_length=64, multiple=1, micro_batch_size=3, pairs=12):
+def packed_batch(path, seq_length=64, multiple=1, micro_batch_size=3, pairs=12,
+                 one_sequence=False):
     path.write_text("".join(json.dumps(r) + "\n" for r in varied_rows(pairs)))
     data, _ = load_preference_data(str(path), ByteTokenizer(),
                                    DataSettings(seq_length=seq_length,
@@ -41,7 +42,7 @@ def packed_batch(path, seq_length=64, multiple=1, micro_batch_size=3, pairs=12):
                                    cache=False)
     plan = plan_step(data.lengths, range(pairs), mode="pack", dp_size=1,
                      micro_batch_size=micro_batch_size, seq_length=seq_length,
-                     multiple=multiple, segment_multiple=multiple)
+                     multiple=multiple, segment_multiple=multiple, one_sequence=one_sequence)
     return data, plan[0]
 
 
@@ -89,10 +90,12 @@ def test_thd_split_gives_each_rank_its_two_chunks_of_every_segment(cp_size):
         thd_partition_index(torch.tensor([0, 6], dtype=torch.int32), 6, 4, 0)
 
 
-def _cp_worker(rank, world, tmp):
+def _cp_worker(rank, world, tmp, one_sequence):
     import pathlib
 
-    data, plan = packed_batch(pathlib.Path(tmp) / "pairs.jsonl", multiple=2 * world)
+    data, plan = packed_batch(pathlib.Path(tmp) / "pairs.jsonl", multiple=2 * world,
+                              one_sequence=one_sequence)
+    assert not one_sequence or plan[0].rows == 1
     batch = thd_flatten(materialize(data, plan[0], pad_id=ByteTokenizer.pad_id))
     segments = 2 * len(plan[0].pairs)
     total = batch["tokens"].shape[1]
@@ -124,8 +127,11 @@ def _cp_worker(rank, world, tmp):
 
 
 @pytest.mark.slow
-def test_cp2_segment_sums_of_sharded_packed_logits_match_unsharded(tmp_path):
-    run_distributed(_cp_worker, 2, str(tmp_path))
+@pytest.mark.parametrize("one_sequence", [False, True], ids=["rows", "one_thd_sequence"])
+def test_cp2_segment_sums_of_sharded_packed_logits_match_unsharded(tmp_path, one_sequence):
+    """Rows laid end to end (the mask layout's micro-batch) and the single sequence the
+    planner makes for Transformer Engine's THD attention."""
+    run_distributed(_cp_worker, 2, str(tmp_path), one_sequence)
 
 
 def _model_worker(rank, world, tmp, position_embedding_type):

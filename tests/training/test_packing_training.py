@@ -72,6 +72,34 @@ def test_pack_and_longest_train_as_padded_rows(layout, padded, tmp_path):
     assert pack > 1.5 * none, (pack, none)  # several sequences share a row
 
 
+# Issue 17: large micro-batch sizes and explicit token budgets. 8 pairs of about 40 tokens at
+# seq_length 64 fill 5 or 6 rows, far fewer than 2 x micro_batch_size; the interleaved
+# schedule still gets a multiple of PP micro-batches.
+BUDGETS = {
+    "single_mbs8": (1, {"train.micro_batch_size": 8}),
+    "dp2_mbs4": (2, {"train.micro_batch_size": 4}),
+    "tp2_mbs8_fused": (2, {"parallel.tensor_model_parallel_size": 2,
+                           "train.micro_batch_size": 8, "model.fused_logprobs": True}),
+    "pp2_vpp2_mbs8": (2, {"parallel.pipeline_model_parallel_size": 2,
+                          "parallel.virtual_pipeline_model_parallel_size": 2,
+                          "train.micro_batch_size": 8}),
+    "pp2_budget_2rows": (2, {"parallel.pipeline_model_parallel_size": 2,
+                             "data.max_tokens_per_micro_batch": 128}),
+}
+
+
+@pytest.mark.parametrize("layout", list(BUDGETS))
+def test_pack_at_any_micro_batch_size_trains_as_padded_rows(layout, padded, tmp_path):
+    world, overrides = BUDGETS[layout]
+    out = tmp_path / "pack.pt"
+    run_distributed(_modes_worker, world, overrides, ("pack",), str(out))
+    history, params = torch.load(out, weights_only=False)["pack"]
+    assert history[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert_same_step((history, params), padded)
+    fraction = history[0]["data/real_token_fraction"]
+    assert fraction > 0.8 > 2 * padded[0][0]["data/real_token_fraction"], fraction
+
+
 def _sft_and_eval_worker(rank, world, out_path):
     results = {}
     for mode in ("none", "pack"):
