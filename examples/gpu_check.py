@@ -10,11 +10,13 @@
    again in FP8 (Transformer Engine, hybrid/delayed): step-0 loss (ln 2: the reference is the
    initial policy), finite loss after the step, step time and peak memory. SGD keeps the
    optimizer state small enough for one GPU next to the resident reference.
-3. Packing (data.packing, issue 10): Transformer Engine's THD split for context parallelism
-   against this project's torch version of it (the CPU tests' oracle); then two AdaDPO steps of
-   a 2-layer model of Llama-3-8B widths on the shipped pairs packed as THD (PackedSeqParams,
-   unfused and fused log-probs) against the same pairs padded to seq_length: the step-1 loss
-   (after one update, so the backward counts too) equal to 1e-3 in bf16, and both step times.
+3. Packing (data.packing, issues 10 and 17): Transformer Engine's THD split for context
+   parallelism against this project's torch version of it (the CPU tests' oracle); then two
+   AdaDPO steps of a 2-layer model of Llama-3-8B widths on the shipped pairs packed as THD
+   (PackedSeqParams; micro-batch 4 and 16, an explicit data.max_tokens_per_micro_batch, unfused
+   and fused log-probs) against the same pairs padded to seq_length: the step-1 loss (after one
+   update, so the backward counts too) equal to 1e-3 in bf16, every packed micro-batch one
+   THD sequence ([1, tokens]) with over 95% real tokens, and both step times.
 4. The loss family (issue 12): every loss type on CUDA in float32 against the CPU in float64,
    losses and gradients; LD-DPO and WPO through packed THD steps against padded ones.
 Not run by the test suite (it needs a GPU).
@@ -167,31 +169,38 @@ def _packed_vs_padded(rows, label, variants, loss_overrides=()):
         trainer = Trainer(load_run_config(str(REPO / "configs/tiny_cpu.yaml"),
                                           overrides)).setup()
         assert name == "padded" or trainer.packed_format == "thd", trainer.packed_format
+        # a packed THD micro-batch is one sequence of its segments end to end (issue 17)
+        rows = max(b["tokens"].shape[0] for b in trainer.micro_batches(1)[0])
         trainer.train_step(0)
         torch.cuda.synchronize()
         start = time.perf_counter()
         second = trainer.train_step(1)
         torch.cuda.synchronize()
         results[name] = (second["loss"], 1e3 * (time.perf_counter() - start),
-                         second["data/real_token_fraction"])
+                         second["data/real_token_fraction"], rows)
         trainer.close()
         torch.cuda.empty_cache()
-    padded_loss, padded_ms, padded_real = results["padded"]
+    padded_loss, padded_ms, padded_real, _ = results["padded"]
     rows.append({"check": f"{label}padded step (data.packing=none)", "ms": padded_ms,
                  "peak_mib": float("nan"),
                  "result": f"step-1 loss {padded_loss:.5f}, real tokens {padded_real:.3f}"})
     for name, _ in variants:
-        loss, ms, real = results[name]
-        ok = abs(loss - padded_loss) < 1e-3
+        loss, ms, real, batch_rows = results[name]
+        ok = abs(loss - padded_loss) < 1e-3 and batch_rows == 1 and real > 0.95
         rows.append({"check": f"{label}packed THD step ({name})", "ms": ms,
                      "peak_mib": float("nan"),
                      "result": f"step-1 loss {loss:.5f} vs padded {padded_loss:.5f}, real "
-                               f"tokens {real:.3f}, {padded_ms / ms:.2f}x faster: "
-                               f"{'ok' if ok else 'FAILED'}"})
+                               f"tokens {real:.3f}, {batch_rows} row(s) a micro-batch, "
+                               f"{padded_ms / ms:.2f}x faster: {'ok' if ok else 'FAILED'}"})
 
 
 def check_packed_step(rows):
+    """THD at the default token budget (micro-batch 4), at micro-batch 16 (issue 17: the old
+    planner padded that like `longest`), at an explicit budget, and with fused log-probs."""
     _packed_vs_padded(rows, "", (("thd", ["data.packing=pack"]),
+                                 ("thd_mbs16", ["data.packing=pack", "train.micro_batch_size=16"]),
+                                 ("thd_budget", ["data.packing=pack",
+                                                 "data.max_tokens_per_micro_batch=4096"]),
                                  ("thd_fused", ["data.packing=pack",
                                                 "model.fused_logprobs=true"])))
 

@@ -18,8 +18,9 @@ exactly and the real-token share of the whole step is known without a collective
              multiple of ``micro_batch_multiple``: the interleaved pipeline schedule needs a
              multiple of the pipeline size), with the pairs spread longest first to the least
              loaded rank and, within it, the least loaded micro-batch they fit in. A micro-batch
-             of rows then spreads its segments over as few rows as first-fit needed, each to
-             the least-filled row, and is cut to its fullest row (rounded up to ``multiple``).
+             of rows is cut to its fullest row (rounded up to ``multiple``), so its segments
+             are then laid out in whichever of a few layouts computes least: as few rows as
+             its tokens need up to as many as first-fit used, spread evenly or filled in turn.
 
 ``micro_batch_size`` only sizes the default token budget of pack, so a large micro-batch size
 packs as tightly as a small one.
@@ -204,21 +205,31 @@ class _Bin:
         self.load += sum(sizes)
         self.pairs.append(position)
 
-    def balanced_rows(self, sizes: Dict[Tuple[int, int], int]) -> Dict[Tuple[int, int], int]:
-        """The segments spread over the same number of rows, longest first, each to the
-        least-filled row it fits in, so that the fullest row (what the micro-batch is cut to)
-        is as short as it gets; the first-fit rows where that does not fit."""
-        fill = [0] * len(self.fill)
-        row_of = {}
-        for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
-            fitting = [r for r, used in enumerate(fill)
-                       if used + sizes[key] <= self.shape.row_capacity]
-            if not fitting:
-                return self.row_of
-            row = min(fitting, key=lambda r: (fill[r], r))
-            row_of[key] = row
-            fill[row] += sizes[key]
-        return row_of
+
+def _rows_of(sizes: Dict[Tuple[int, int], int], rows: int, capacity: int,
+             spread: bool) -> Optional[Dict[Tuple[int, int], int]]:
+    """Segments longest first into ``rows`` rows of ``capacity``: each to the least-filled row
+    it fits in (``spread``: rows come out about equally full) or to the first (rows come out
+    as full as they get); None where one does not fit."""
+    fill = [0] * rows
+    row_of = {}
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        fitting = [r for r, used in enumerate(fill) if used + sizes[key] <= capacity]
+        if not fitting:
+            return None
+        row = min(fitting, key=lambda r: (fill[r], r)) if spread else fitting[0]
+        row_of[key] = row
+        fill[row] += sizes[key]
+    return row_of
+
+
+def _computed_tokens(row_of: Dict[Tuple[int, int], int], sizes: Dict[Tuple[int, int], int],
+                     multiple: int) -> int:
+    """Rows x the fullest row rounded up: what a micro-batch with these rows computes."""
+    fill: Dict[int, int] = {}
+    for key, row in row_of.items():
+        fill[row] = fill.get(row, 0) + sizes[key]
+    return len(fill) * round_up(max(fill.values()), multiple)
 
 
 def _plan_packed(indices: List[int], seq_lengths, *, dp_size: int, shape: _BinShape,
@@ -245,13 +256,6 @@ def _plan_packed(indices: List[int], seq_lengths, *, dp_size: int, shape: _BinSh
                              f"of {shape.max_rows} row(s) of {shape.row_capacity} tokens on "
                              f"each of {dp_size} data-parallel ranks")
         per_rank += micro_batch_multiple  # fragmentation: more micro-batches per rank
-    plan = _rank_plans(bins, dp_size, indices, padded, seq_lengths, multiple)
-    return plan
-
-
-def _rank_plans(bins: List[_Bin], dp_size: int, indices, padded, seq_lengths,
-                multiple: int) -> StepPlan:
-    per_rank = len(bins) // dp_size
     return [[_micro_batch(b, indices, padded, seq_lengths, multiple)
              for b in bins[rank * per_rank:(rank + 1) * per_rank]] for rank in range(dp_size)]
 
@@ -290,8 +294,16 @@ def _micro_batch(b: _Bin, indices: List[int], padded: List[List[int]], seq_lengt
     positions = sorted(b.pairs)
     sides = len(padded[positions[0]])
     sizes = {(p, side): padded[p][side] for p in positions for side in range(sides)}
-    row_of = b.balanced_rows(sizes)
-    offsets = [0] * len(b.fill)
+    # The micro-batch computes rows x its fullest row: besides the rows the bin was filled
+    # with, try as few rows as the tokens need, spread evenly or filled in turn; keep the
+    # layout that computes least.
+    layouts = [b.row_of]
+    for rows in range(math.ceil(b.load / b.shape.row_capacity), len(b.fill) + 1):
+        for spread in (True, False):
+            layouts.append(_rows_of(sizes, rows, b.shape.row_capacity, spread))
+    row_of = min((layout for layout in layouts if layout is not None),
+                 key=lambda layout: _computed_tokens(layout, sizes, multiple))
+    offsets = [0] * (max(row_of.values()) + 1)
     placements = []
     for side in range(sides):
         for p in positions:

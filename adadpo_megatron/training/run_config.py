@@ -351,11 +351,6 @@ class RunConfig:
             raise ValueError("loss.use_weighting=true (WPO) reads log sum_v p_v^2 from the "
                              "logits, which model.fused_logprobs=true never materialises; set "
                              "model.fused_logprobs=false")
-        budget, sides = self.data.max_tokens_per_micro_batch, self.sides()
-        if budget is not None and budget < sides * self.data.seq_length:
-            raise ValueError(f"data.max_tokens_per_micro_batch({budget}) is below "
-                             f"{sides} x data.seq_length({self.data.seq_length}): a pair of "
-                             "that length would fit no micro-batch")
         t, p = self.model.transformer, self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         if t["num_attention_heads"] % tp:
@@ -390,6 +385,11 @@ class RunConfig:
         if cp > 1 and self.data.seq_length % (2 * cp):
             raise ValueError(f"data.seq_length({self.data.seq_length}) is not divisible by "
                              f"2 * parallel.context_parallel_size({cp})")
+        budget, sides = self.data.max_tokens_per_micro_batch, self.sides()
+        if budget is not None and budget < sides * self.data.seq_length:
+            raise ValueError(f"data.max_tokens_per_micro_batch({budget}) is below "
+                             f"{sides} x data.seq_length({self.data.seq_length}): a pair of "
+                             "that length would fit no micro-batch")
 
     def sequence_multiple(self) -> int:
         """What the length of a longest-padded or packed micro-batch is rounded up to: FP8

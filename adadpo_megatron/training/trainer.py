@@ -406,28 +406,28 @@ class Trainer:
             attach_precomputed(batches, self.reference_logps)
         return batches
 
-    def micro_batches(self, step: int):
-        """This rank's micro-batches for ``step`` and the step's real-token share."""
+    def step_plan(self, step: int, mode: Optional[str] = None):
+        """Every data-parallel rank's micro-batches of training step ``step``."""
         t = self.config.train
         indices = global_batch_indices(step, len(self.train_set), t.global_batch_size, t.seed)
-        plan = self.plan(self.train_set, indices)
+        return self.plan(self.train_set, indices, mode)
+
+    def micro_batches(self, step: int):
+        """This rank's micro-batches for ``step`` and the step's real-token share."""
+        plan = self.step_plan(step)
         real, computed = step_token_counts(plan)
         return self._materialize(self.train_set, plan), real / computed
 
+    def real_token_fraction(self, steps: range, mode: Optional[str] = None) -> float:
+        """Real tokens per computed token over the training steps ``steps``, all ranks."""
+        counts = [step_token_counts(self.step_plan(step, mode)) for step in steps]
+        return sum(r for r, _ in counts) / sum(c for _, c in counts)
+
     def _packing_report(self) -> str:
         """The real-token share of each packing mode on the first steps of the loaded data."""
-        t = self.config.train
-        steps = range(min(t.max_steps, 8))
-        shares = {}
-        for mode in PACKING_MODES:
-            real = computed = 0
-            for step in steps:
-                indices = global_batch_indices(step, len(self.train_set), t.global_batch_size,
-                                               t.seed)
-                r, c = step_token_counts(self.plan(self.train_set, indices, mode))
-                real, computed = real + r, computed + c
-            shares[mode] = real / computed
-        text = ", ".join(f"{mode} {share:.2f}" for mode, share in shares.items())
+        steps = range(min(self.config.train.max_steps, 8))
+        text = ", ".join(f"{mode} {self.real_token_fraction(steps, mode):.2f}"
+                         for mode in PACKING_MODES)
         return (f"real tokens per computed token over the first {len(steps)} steps: {text} "
                 f"(data.packing={self.config.data.packing})")
 
