@@ -10,7 +10,7 @@ The AdaDPO rule (Chen et al., arXiv 2605.28440): scale the preferred side of the
 ``w = sg(min(k * P_w / P_l, C))`` so that the gradients on the two probabilities have
 equal magnitude. With the default reduction "mean" (Stable AdaDPO) the ratio is built from
 per-token geometric-mean probabilities ``exp(mean log-prob)``. Here w multiplies the chosen
-side's reward in every loss; the formulas are in ADADPO.md and the README's table.
+side's reward in every loss; the formulas are in docs/LOSSES.md.
 """
 
 from __future__ import annotations
@@ -453,7 +453,7 @@ def preference_loss(
             rewards are added to its pending step sum.
     Returns:
         losses: [P] per-pair losses, not reduced, in float32 (float64 inputs stay float64).
-        metrics: detached 0-dim tensors named as in TRL and ADADPO.md: means over the pairs,
+        metrics: detached 0-dim tensors named as in TRL and docs/LOSSES.md: means over the pairs,
             except ``adadpo/coef_max`` (max), ``pairs``, ``tokens`` and
             ``adadpo/grad_ratio_pairs`` (counts), and ``adadpo/grad_ratio`` (the mean over
             the pairs whose two gradients are nonzero, ``adadpo/grad_ratio_pairs`` of them).

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple, Union
 
 from adadpo_megatron.validation import require_choice, require_number
 
-# Every loss type, in the order of the README's table.
+# Every loss type, in the order of docs/LOSSES.md's table.
 LOSS_TYPES = ("dpo", "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
               "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
               "sigmoid_norm", "simpo", "rdpo", "cpo", "orpo", "sft")
@@ -49,11 +49,11 @@ NLL_REDUCTIONS = ("pair", "token")
 
 @dataclass
 class LossConfig:
-    """The preference loss and its AdaDPO coefficient (see ADADPO.md, arXiv 2605.28440).
+    """The preference loss and its AdaDPO coefficient (docs/LOSSES.md; arXiv 2605.28440).
 
     Fields:
         loss_type: one loss type, or a list of them summed with ``loss_weights`` (TRL's MPO
-            usage, e.g. [sigmoid, bco_pair, sft]). See LOSS_TYPES and the README's table:
+            usage, e.g. [sigmoid, bco_pair, sft]). See LOSS_TYPES and docs/LOSSES.md:
             "dpo"/"sigmoid" (Rafailov et al. 2023), "hinge" (SLiC, Zhao et al. 2023), "ipo"
             (Azar et al. 2023), "exo_pair" (Ji et al. 2024), "nca_pair" (Chen et al. 2024),
             "robust" (Chowdhury et al. 2024), "bco_pair" (Jung et al. 2024), "sppo_hard"

@@ -86,7 +86,7 @@ def gradient_balance(policy: Dict[str, Tensor], reference: Dict[str, Tensor],
     Autograd on the per-token log-probs gives g_t = dL/d log p_t; the gradient on the token's
     probability is dL/dp_t = g_t / p_t. Per token, the balance is the ratio of the geometric
     means of |dL/dp_t| over y_w's and over y_l's tokens (equal to
-    (|dL/dpi_w| / exp(m_w)) / (|dL/dpi_l| / exp(m_l)), ADADPO.md's per-token check); per
+    (|dL/dpi_w| / exp(m_w)) / (|dL/dpi_l| / exp(m_l)), docs/LOSSES.md's per-token check); per
     sequence, |dL/dP_w| / |dL/dP_l| with P the sequence probability.
 
     A pair whose loss is saturated (sigma(-z) underflows, so both gradients are exactly 0)

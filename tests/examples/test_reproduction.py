@@ -1,7 +1,7 @@
 """The reproduction study's measurements (examples/reproduction/probes.py) and a smoke run of
 the study itself.
 
-Oracles: ADADPO.md's closed forms for the gradient balance (the probe measures it with
+Oracles: the closed forms of docs/LOSSES.md for the gradient balance (the probe measures it with
 autograd), a one-prompt-at-a-time greedy loop for the batched generation, and the trainer's
 own held-out evaluation (megatron-core's step and the project's vocab-parallel op) for the
 probe's float64 log-probs.
@@ -41,7 +41,7 @@ def _synthetic(num_pairs=16, seq=12, seed=0, scale=3.0):
 
 def test_measured_balance_of_dpo_is_the_probability_ratio():
     """DPO's gradients are equal on the log-probs, so per token the chosen side gets
-    exp(m_w - m_l) times less (Feng et al.; ADADPO.md): log balance = m_l - m_w."""
+    exp(m_w - m_l) times less (Feng et al.; docs/LOSSES.md): log balance = m_l - m_w."""
     held, ref = _synthetic()
     balance = probes.gradient_balance(held, ref, LossConfig(beta=0.5, adaptive=False))
     mean = held["sum"] / held["count"]
@@ -51,7 +51,7 @@ def test_measured_balance_of_dpo_is_the_probability_ratio():
 
 @pytest.mark.parametrize("reduction,key", [("mean", "log_token"), ("sum", "log_sequence")])
 def test_measured_balance_of_unclipped_adadpo_is_one(reduction, key):
-    """ADADPO.md's checks: balanced per token (mean) or per sequence probability (sum).
+    """docs/LOSSES.md's checks: balanced per token (mean) or per sequence probability (sum).
     (Short sequences: an unclipped sum ratio of e^30 would saturate the sigmoid, leaving no
     gradient to measure.)"""
     held, ref = _synthetic(seq=4, scale=1.0)

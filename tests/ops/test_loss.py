@@ -15,7 +15,7 @@ from adadpo_megatron.ops.loss_config import MEAN_SCORED_LOSS_TYPES, LossConfig
 from tests.support.extremes import assert_finite_at_extremes
 from tests.support.slow_reference import reference_coefficient, reference_losses
 
-# The losses ADADPO.md names; every loss type is checked in test_loss_family.py.
+# The paper's losses (docs/LOSSES.md); every loss type is checked in test_loss_family.py.
 LOSS_TYPES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo")
 
 def _variants():
@@ -128,7 +128,7 @@ def _score_gradients(cfg, pc, pr, nc, nr, rc, rr):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("k", [1.0, 0.5])
 def test_balance_mean_reduction(loss_type, k):
-    """ADADPO.md: |dL/d pi_w| / exp(m_w) == k |dL/d pi_l| / exp(m_l) (unclipped, mean).
+    """docs/LOSSES.md: |dL/d pi_w| / exp(m_w) == k |dL/d pi_l| / exp(m_l) (unclipped, mean).
 
     For the sum-scored losses (dpo, rdpo, cpo) this is the check as written, with unequal
     lengths. For the length-normalised losses (simpo, ipo, orpo) the score is m, and the
@@ -147,7 +147,7 @@ def test_balance_mean_reduction(loss_type, k):
 
 @pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "orpo"])
 def test_balance_sum_reduction(loss_type):
-    """ADADPO.md: with reduction "sum", |dL/dP_w| == k |dL/dP_l| (P = exp(pi))."""
+    """docs/LOSSES.md: with reduction "sum", |dL/dP_w| == k |dL/dP_l| (P = exp(pi))."""
     cfg = config_for(loss_type, "sum", clip=math.inf)
     equal = loss_type in MEAN_SCORED_LOSS_TYPES
     batch = make_batch(seed=5, equal_lengths=equal, max_len=5)
@@ -312,8 +312,8 @@ def test_rdpo_follows_park_et_al():
 
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo", "rdpo", "cpo", "orpo"])
 def test_reward_accuracy_is_the_share_the_loss_itself_ranks_right(loss_type):
-    """TRL's implicit rewards, per loss (ADADPO.md): the accuracy counts the pairs whose own
-    score favours the chosen response."""
+    """TRL's implicit rewards, per loss (docs/LOSSES.md, Metrics): the accuracy counts the
+    pairs whose own score favours the chosen response."""
     pc, pr, nc, nr, rc, rr = make_batch(num_pairs=40, seed=13)
     cfg = config_for(loss_type, beta=0.4, orpo_lambda=0.7)
     _, m = call(cfg, pc, pr, nc, nr, rc, rr)

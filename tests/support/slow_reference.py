@@ -1,4 +1,5 @@
-"""Slow, obviously correct references, written from ADADPO.md line by line.
+"""Slow, obviously correct references, written line by line from each paper's formula as
+docs/LOSSES.md states it.
 
 Python floats (float64) and the math module, one pair at a time: no vectorisation, no
 log-space tricks beyond what the formulas need, nothing shared with the package.
@@ -25,7 +26,7 @@ def log_one_minus_exp(m: float) -> float:
 
 
 def reference_coefficient(pw, pl, nw, nl, rw, rl, cfg) -> float:
-    """w of ADADPO.md for one pair."""
+    """w of docs/LOSSES.md for one pair."""
     if not cfg.adaptive:
         return 1.0
     mw, ml = pw / nw, pl / nl
