@@ -1,14 +1,16 @@
 """Hugging Face Llama-family checkpoints as megatron-core GPTModel weights, and back.
 
 A Hugging Face model directory (config.json and safetensors, as ``save_pretrained`` writes
-it) of model_type llama (Llama 2, 3, 3.1, 3.2, 3.3), mistral (without sliding window) or qwen2
-(QKV bias) maps onto megatron-core's GPTModel with RMSNorm, SwiGLU and RoPE:
+it) of model_type llama (Llama 2, 3, 3.1, 3.2, 3.3), mistral (without sliding window), qwen2
+(QKV bias) or qwen3 (per-head RMSNorm of queries and keys, head_dim from config.json) maps onto
+megatron-core's GPTModel with RMSNorm, SwiGLU and RoPE:
 
     Hugging Face (model.)                 megatron-core (decoder.layers.i. for layer i)
     embed_tokens.weight                   embedding.word_embeddings.weight
     layers.i.input_layernorm.weight       self_attention.linear_qkv.layer_norm_weight
     layers.i.self_attn.{q,k,v}_proj.*     self_attention.linear_qkv.* (bias: qwen2)
     layers.i.self_attn.o_proj.weight      self_attention.linear_proj.weight
+    layers.i.self_attn.{q,k}_norm.weight  self_attention.{q,k}_layernorm.weight (qwen3)
     layers.i.post_attention_layernorm.*   mlp.linear_fc1.layer_norm_weight
     layers.i.mlp.{gate,up}_proj.weight    mlp.linear_fc1.weight
     layers.i.mlp.down_proj.weight         mlp.linear_fc2.weight
@@ -37,7 +39,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _MEGATRON_FIXED_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192}
 
@@ -61,6 +63,7 @@ class HFArchitecture:
     rope_scaling_factor: Optional[float]
     max_position_embeddings: int
     dtype: str
+    qk_layernorm: bool = False  # qwen3: RMSNorm of each query and key head before RoPE
 
     def model_section(self) -> Dict[str, object]:
         """The model-section keys (megatron-core TransformerConfig fields and GPTModel
@@ -73,7 +76,7 @@ class HFArchitecture:
             layernorm_epsilon=self.rms_norm_eps, gated_linear_unit=True, activation="swiglu",
             add_bias_linear=False, add_qkv_bias=self.qkv_bias, position_embedding_type="rope",
             rotary_base=self.rope_theta, share_embeddings_and_output_weights=self.tied,
-            rope_scaling=self.rope_scaling_factor is not None)
+            rope_scaling=self.rope_scaling_factor is not None, qk_layernorm=self.qk_layernorm)
         if self.rope_scaling_factor is not None:
             section["rope_scaling_factor"] = self.rope_scaling_factor
         return section
@@ -102,10 +105,10 @@ def read_architecture(directory) -> HFArchitecture:
     if config.get("mlp_bias"):
         raise ValueError(f"{where}: mlp_bias=true is not supported")
     if config.get("sliding_window") and config.get("use_sliding_window", True) \
-            and model_type != "qwen2":
+            and model_type not in ("qwen2", "qwen3"):
         raise ValueError(f"{where}: sliding_window={config['sliding_window']} is not "
                          "supported (megatron-core's GPTModel attends to the whole sequence)")
-    if model_type == "qwen2" and config.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
         raise ValueError(f"{where}: use_sliding_window=true is not supported")
     rope = dict(config.get("rope_parameters") or {})
     legacy = config.get("rope_scaling") or {}
@@ -134,7 +137,8 @@ def read_architecture(directory) -> HFArchitecture:
         tied=bool(config.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
         rope_scaling_factor=factor,
         max_position_embeddings=config.get("max_position_embeddings", 4096),
-        dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"))
+        dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
+        qk_layernorm=model_type == "qwen3")
 
 
 # --------------------------------------------------------------------------- tensors
@@ -144,6 +148,8 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _RENAMED = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }

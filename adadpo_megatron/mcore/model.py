@@ -90,12 +90,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
     )
 
 
-def _layer_spec(gpu: bool):
+def _layer_spec(gpu: bool, qk_layernorm: bool = False):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if uses_transformer_engine(gpu):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm)
 
 
 def uses_transformer_engine(gpu: bool) -> bool:
@@ -124,7 +125,7 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
         vp_stage = stage if vpp > 1 else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=_layer_spec(gpu),
+            transformer_layer_spec=_layer_spec(gpu, config.qk_layernorm),
             vocab_size=vocab_size,
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,

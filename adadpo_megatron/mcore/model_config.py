@@ -66,7 +66,7 @@ HF_ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num
                         "gated_linear_unit", "activation", "add_bias_linear", "add_qkv_bias",
                         "position_embedding_type", "rotary_base",
                         "share_embeddings_and_output_weights", "rope_scaling",
-                        "rope_scaling_factor", "vocab_size")
+                        "rope_scaling_factor", "qk_layernorm", "vocab_size")
 ACTIVATIONS = ("gelu", "swiglu", "relu")
 
 
@@ -93,10 +93,10 @@ class ModelConfig:
             it gives wrong log-probs beyond short contexts.
         rope_scaling_factor: its factor (8 for Llama 3.1 and 3.3, 32 for 3.2).
         hf: a local Hugging Face model directory (config.json + safetensors) of the Llama
-            family (llama, mistral, qwen2): the architecture comes from its config.json, the
-            weights from its safetensors (imported once into output_dir/hf_import), and
-            data.tokenizer defaults to it. Setting an architecture key to another value than
-            config.json's is an error.
+            family (llama, mistral, qwen2, qwen3): the architecture comes from its
+            config.json, the weights from its safetensors (imported once into
+            output_dir/hf_import), and data.tokenizer defaults to it. Setting an
+            architecture key to another value than config.json's is an error.
         vocab_size: the model's own vocabulary (set by model.hf); None pads the tokenizer's.
     """
 

@@ -67,8 +67,10 @@ def _architecture(source: Optional[Path], run: Optional[dict]):
         raise ValueError("the run's model is not a Llama layout (RMSNorm, SwiGLU, RoPE, no "
                          "linear biases), so it has no Hugging Face Llama equivalent")
     heads = t["num_attention_heads"]
+    model_type = ("qwen3" if t.get("qk_layernorm") else
+                  "qwen2" if t.get("add_qkv_bias") else "llama")
     return HFArchitecture(
-        model_type="qwen2" if t.get("add_qkv_bias") else "llama",
+        model_type=model_type,
         num_layers=t["num_layers"], hidden_size=t["hidden_size"], num_attention_heads=heads,
         num_query_groups=t.get("num_query_groups") or heads,
         head_dim=t.get("kv_channels") or t["hidden_size"] // heads,
@@ -77,7 +79,8 @@ def _architecture(source: Optional[Path], run: Optional[dict]):
         tied=bool(model["share_embeddings_and_output_weights"]),
         qkv_bias=bool(t.get("add_qkv_bias")),
         rope_scaling_factor=model["rope_scaling_factor"] if model.get("rope_scaling") else None,
-        max_position_embeddings=run["data"]["seq_length"], dtype="float32")
+        max_position_embeddings=run["data"]["seq_length"], dtype="float32",
+        qk_layernorm=bool(t.get("qk_layernorm")))
 
 
 class _RegionPlanner:
@@ -245,8 +248,10 @@ def _write_config(out: Path, arch, source: Optional[Path], dtype: str) -> None:
         rope = {"rope_type": "llama3", "rope_theta": arch.rope_theta,
                 "factor": arch.rope_scaling_factor, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    config_class = transformers.Qwen2Config if arch.qkv_bias else transformers.LlamaConfig
-    config = config_class(
+    config_class = {"qwen3": transformers.Qwen3Config, "qwen2": transformers.Qwen2Config,
+                    "llama": transformers.LlamaConfig}[arch.model_type]
+    extra = {"attention_bias": arch.qkv_bias} if arch.model_type == "qwen3" else {}
+    config = config_class(**extra,
         vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
         intermediate_size=arch.ffn_hidden_size, num_hidden_layers=arch.num_layers,
         num_attention_heads=arch.num_attention_heads,

@@ -51,6 +51,8 @@ def test_llama31_config_reads_as_the_model_section(tmp_path):
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type 'yarn'"),
     ({"model_type": "mistral", "sliding_window": 4096}, r"sliding_window=4096"),
     ({"hidden_act": "gelu"}, r"hidden_act 'gelu'"),
+    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4096},
+     r"use_sliding_window=true is not supported"),
 ])
 def test_what_the_mapping_does_not_cover_is_refused_by_name(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
@@ -103,3 +105,42 @@ def test_llama31_presets_carry_rope_scaling():
     for preset, scaled in (("llama3-8b", False), ("llama3.1-8b", True), ("llama3.1-70b", True)):
         config = ModelConfig.from_section({"preset": preset})
         assert config.rope_scaling is scaled and config.rope_scaling_factor == 8.0, preset
+
+
+def test_qwen3_config_reads_with_qk_layernorm_and_its_own_head_dim(tmp_path):
+    """Qwen3 (Qwen3-0.6B's shape: 16 heads of 128 over hidden 1024) normalises each query and
+    key head, and its head_dim is not hidden / heads."""
+    arch = read_architecture(write_config(tmp_path, model_type="qwen3", hidden_size=1024,
+                                          num_attention_heads=16, num_key_value_heads=8,
+                                          head_dim=128, attention_bias=False,
+                                          sliding_window=None, use_sliding_window=False))
+    section = arch.model_section()
+    assert section["qk_layernorm"] is True and section["kv_channels"] == 128
+    assert section["add_qkv_bias"] is False
+    assert read_architecture(write_config(tmp_path)).model_section()["qk_layernorm"] is False
+
+
+def test_a_run_without_a_source_exports_qwen3_as_qwen3(tmp_path):
+    """adadpo-export-hf of a checkpoint with no Hugging Face source writes the config from the
+    run's model section: qk_layernorm makes it a Qwen3Config, which transformers reads back."""
+    import transformers
+
+    from adadpo_megatron.training.hf_export import _architecture, _write_config
+
+    run = {"model": {"transformer": {"num_layers": 2, "hidden_size": 64,
+                                     "num_attention_heads": 4, "num_query_groups": 2,
+                                     "kv_channels": 24, "ffn_hidden_size": 160,
+                                     "normalization": "RMSNorm", "gated_linear_unit": True,
+                                     "add_bias_linear": False, "qk_layernorm": True,
+                                     "layernorm_epsilon": 1e-6},
+                     "activation": "swiglu", "position_embedding_type": "rope",
+                     "rotary_base": 1000000.0, "share_embeddings_and_output_weights": True},
+           "data": {"seq_length": 256}}
+    arch = _architecture(None, run)
+    assert arch.model_type == "qwen3" and arch.qk_layernorm
+    _write_config(tmp_path, arch, None, "float32")
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, transformers.Qwen3Config)
+    assert (config.head_dim, config.tie_word_embeddings, config.attention_bias) == \
+        (24, True, False)
+    assert read_architecture(tmp_path).model_section()["qk_layernorm"] is True

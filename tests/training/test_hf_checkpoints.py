@@ -32,6 +32,8 @@ ARCHITECTURES = {
                                        "original_max_position_embeddings": 8192}),
     "qwen2": dict(model_type="qwen2", rope_theta=1000000.0),
     "mistral": dict(model_type="mistral", rope_theta=1000000.0, sliding_window=None),
+    # head_dim 24, not hidden / heads = 16: megatron-core's kv_channels must come from it
+    "qwen3": dict(model_type="qwen3", rope_theta=1000000.0, head_dim=24),
 }
 
 
@@ -42,7 +44,7 @@ def make_hf_model(directory, name, seed=0):
     spec = dict(ARCHITECTURES[name])
     model_type = spec.pop("model_type")
     config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                    "mistral": transformers.MistralConfig}
+                    "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config}
     config = config_class[model_type](
         vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
@@ -272,20 +274,21 @@ def _safetensors(directory):
     return tensors
 
 
-def test_import_then_export_gives_back_the_tensors_bit_for_bit(hf_models, tmp_path):
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_import_then_export_gives_back_the_tensors_bit_for_bit(hf_models, tmp_path, name):
     """On one process, TP=2 and PP=2; the export is sharded with an index."""
     tmp, _ = hf_models
-    original = _safetensors(tmp / "qwen2")
+    original = _safetensors(tmp / name)
     for layout, world in (("single", 1), ("tp2", 2), ("pp2", 2)):
         out = tmp_path / layout
-        run_distributed(_import_export_worker, world, str(tmp), "qwen2", layout, str(out))
+        run_distributed(_import_export_worker, world, str(tmp), name, layout, str(out))
         exported = _safetensors(out)
         assert exported.keys() == original.keys(), layout
         for key, value in original.items():
             assert torch.equal(exported[key], value), (layout, key)
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(original)
-        assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2"
+        assert json.loads((out / "config.json").read_text())["model_type"] == name
 
 
 def _train_and_export_worker(rank, world, tmp, name, data, out_dir, result_path):
