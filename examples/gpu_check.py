@@ -19,6 +19,10 @@
    THD sequence ([1, tokens]) with over 95% real tokens, and both step times.
 4. The loss family (issue 12): every loss type on CUDA in float32 against the CPU in float64,
    losses and gradients; LD-DPO and WPO through packed THD steps against padded ones.
+5. Qwen3-MoE on Transformer Engine layers (issue 18): a tiny random Qwen3-MoE (transformers,
+   float32) through model.hf, the experts as Transformer Engine linears, tokens dispatched by
+   megatron-core's all-to-all dispatcher on NCCL: per-token log-probs against transformers'
+   forward on the GPU (the CPU tests check the local layers and EP=2 over gloo).
 Not run by the test suite (it needs a GPU).
 """
 
@@ -246,6 +250,62 @@ def check_loss_family(rows):
                       ("loss.use_weighting=true", "loss.adaptive=false"))
 
 
+def check_qwen3_moe(rows):
+    import transformers
+
+    from adadpo_megatron.data.micro_batches import collate
+    from adadpo_megatron.mcore.forward_step import _model_forward
+    from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
+    from adadpo_megatron.training.run_config import RunConfig
+    from adadpo_megatron.training.trainer import Trainer
+
+    tmp = Path(tempfile.mkdtemp())
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=384, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.mul_(4.0)  # logits and routing far from uniform
+    model.save_pretrained(tmp / "hf")
+    g = torch.Generator().manual_seed(0)
+    with open(tmp / "pairs.jsonl", "w") as f:
+        for _ in range(4):
+            ids = torch.randint(0, 256, (300,), generator=g).tolist()
+            f.write(json.dumps({"prompt_input_ids": ids[:100], "chosen_input_ids": ids[100:200],
+                                "rejected_input_ids": ids[200:]}) + "\n")
+    run = RunConfig.from_dict({
+        "model": {"hf": str(tmp / "hf")}, "loss": {"loss_type": "dpo"},
+        "data": {"path": str(tmp / "pairs.jsonl"), "tokenizer": "byte", "seq_length": 256,
+                 "max_prompt_length": 128, "packing": "none"},
+        "optimizer": {"optimizer": "sgd", "lr": 0.0, "use_distributed_optimizer": False},
+        "train": {"global_batch_size": 2, "micro_batch_size": 2, "max_steps": 1,
+                  "output_dir": str(tmp / "run"), "resume": "never", "progress": False,
+                  "tensorboard": False}})
+    trainer = Trainer(run).setup()
+    try:
+        batch = collate(trainer.dataset, torch.arange(2))
+        chunk = trainer.model[0].module.eval()
+        with torch.no_grad():
+            cuda = {k: v.cuda() for k, v in batch.items()}
+            ours = vocab_parallel_logprobs(_model_forward(chunk, cuda), cuda["labels"])
+            logits = model.cuda()(cuda["tokens"]).logits.float()
+        theirs = torch.log_softmax(logits, -1).gather(
+            -1, cuda["labels"].clamp(min=0)[..., None]).squeeze(-1)
+        mask = cuda["labels"] != -100
+        error = (ours - theirs)[mask].abs().max().item()
+        ok = error < 5e-3  # float32 both sides; Transformer Engine may use TF32 GEMMs
+        rows.append({"check": "Qwen3-MoE (TE layers) vs transformers", "ms": float("nan"),
+                     "peak_mib": float("nan"),
+                     "result": f"max |log-prob difference| {error:.1e} over {int(mask.sum())} "
+                               f"tokens: {'ok' if ok else 'FAILED'}"})
+    finally:
+        trainer.close()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-fp8", action="store_true")
@@ -264,6 +324,11 @@ def main():
     check_thd_split(rows)
     check_packed_step(rows)
     check_loss_family(rows)
+    try:
+        check_qwen3_moe(rows)
+    except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
+        rows.append({"check": "Qwen3-MoE (TE layers) vs transformers", "ms": float("nan"),
+                     "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
     check_step(rows, fp8=False)
     if not args.skip_fp8:
         try:

@@ -18,7 +18,11 @@ and, outside the proxy,
 - replaces ``clip_grad_by_total_norm_fp32`` as the optimizer sees it with the same maths
   minus its ``'torch.cuda.FloatTensor'`` assertion (we clip here rather than patching the
   check inside megatron's function; the distributed optimizer, which asserts the same
-  type string elsewhere, is refused on CPU by the trainer's config check).
+  type string elsewhere, is refused on CPU by the trainer's config check),
+- gives the MoE all-to-all token dispatcher its split sizes as numpy arrays, as its
+  device-to-host copy does on a GPU (``maybe_move_tensor_to_cpu`` only converts CUDA tensors,
+  and ``all_to_all_single`` refuses tensors as split sizes), so expert parallelism runs over
+  gloo.
 
 Everything else (collectives, autograd, the model code) is untouched. The layer switches
 on only when no GPU is in use (``enable()`` raises otherwise) and is idempotent; modules
@@ -210,6 +214,7 @@ def enable() -> int:
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     version = getattr(megatron.core, "__version__", "unknown").split("+")[0]
     if version not in CHECKED_MEGATRON_CORE_VERSIONS:
@@ -222,6 +227,7 @@ def enable() -> int:
             patched += 1
     megatron_random.CudaRNGStatesTracker.fork = _no_fork
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     # tied embeddings under pipeline parallelism: the last stage's copy is moved with
     # weight.data.cuda() before the first/last-stage all-reduce
     LanguageModule.setup_embeddings_and_output_layer = _on_cpu(
@@ -231,6 +237,13 @@ def enable() -> int:
 
 def _no_fork(self, name=None):
     return contextlib.nullcontext()
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron-core's moe_utils.maybe_move_tensor_to_cpu for tensors already on the CPU."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
 
 
 def is_enabled() -> bool:

@@ -2,8 +2,9 @@
 
 A Hugging Face model directory (config.json and safetensors, as ``save_pretrained`` writes
 it) of model_type llama (Llama 2, 3, 3.1, 3.2, 3.3), mistral (without sliding window), qwen2
-(QKV bias) or qwen3 (per-head RMSNorm of queries and keys, head_dim from config.json) maps onto
-megatron-core's GPTModel with RMSNorm, SwiGLU and RoPE:
+(QKV bias), qwen3 (per-head RMSNorm of queries and keys, head_dim from config.json) or
+qwen3_moe (qwen3's attention, every layer's MLP a mixture of experts without shared experts)
+maps onto megatron-core's GPTModel with RMSNorm, SwiGLU and RoPE:
 
     Hugging Face (model.)                 megatron-core (decoder.layers.i. for layer i)
     embed_tokens.weight                   embedding.word_embeddings.weight
@@ -14,6 +15,9 @@ megatron-core's GPTModel with RMSNorm, SwiGLU and RoPE:
     layers.i.post_attention_layernorm.*   mlp.linear_fc1.layer_norm_weight
     layers.i.mlp.{gate,up}_proj.weight    mlp.linear_fc1.weight
     layers.i.mlp.down_proj.weight         mlp.linear_fc2.weight
+    layers.i.mlp.gate.weight              mlp.router.weight (qwen3_moe)
+    layers.i.mlp.experts.e.{gate,up}_proj mlp.experts.local_experts.e.linear_fc1.weight
+    layers.i.mlp.experts.e.down_proj      mlp.experts.local_experts.e.linear_fc2.weight
     norm.weight                           decoder.final_layernorm.weight
     lm_head.weight                        output_layer.weight (absent when tied)
 
@@ -39,7 +43,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 _MEGATRON_FIXED_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192}
 
@@ -64,6 +68,11 @@ class HFArchitecture:
     max_position_embeddings: int
     dtype: str
     qk_layernorm: bool = False  # qwen3: RMSNorm of each query and key head before RoPE
+    # qwen3_moe: experts in every layer, top-k routing (renormalised over the k or not)
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: Optional[int] = None
+    moe_norm_topk_prob: bool = False
 
     def model_section(self) -> Dict[str, object]:
         """The model-section keys (megatron-core TransformerConfig fields and GPTModel
@@ -79,6 +88,18 @@ class HFArchitecture:
             rope_scaling=self.rope_scaling_factor is not None, qk_layernorm=self.qk_layernorm)
         if self.rope_scaling_factor is not None:
             section["rope_scaling_factor"] = self.rope_scaling_factor
+        if self.num_experts:
+            # Top-k then a softmax over the k is softmax, top-k and renormalising, as
+            # norm_topk_prob does; without it the softmax comes first. Experts as one module
+            # each (not grouped GEMM), so that a parameter is one Hugging Face expert tensor.
+            # The auxiliary load-balancing loss is off: preference training keeps the
+            # pretrained routing (model.moe_router_load_balancing_type turns it on).
+            section.update(num_moe_experts=self.num_experts,
+                           moe_ffn_hidden_size=self.moe_ffn_hidden_size,
+                           moe_router_topk=self.moe_router_topk,
+                           moe_router_pre_softmax=not self.moe_norm_topk_prob,
+                           moe_grouped_gemm=False, moe_router_load_balancing_type="none",
+                           moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="alltoall")
         return section
 
 
@@ -125,6 +146,19 @@ def read_architecture(directory) -> HFArchitecture:
     elif rope_type not in ("default", None):
         raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (default or "
                          "llama3)")
+    moe = {}
+    if model_type == "qwen3_moe":
+        if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+            raise ValueError(f"{where}: decoder_sparse_step={config.get('decoder_sparse_step')} "
+                             f"/ mlp_only_layers={config.get('mlp_only_layers')}: only models "
+                             "whose every layer is a mixture of experts are mapped")
+        if config.get("shared_expert_intermediate_size"):
+            raise ValueError(f"{where}: shared experts are not mapped")
+        # the Hub's config.json says num_experts; transformers 5 writes num_local_experts
+        moe = dict(num_experts=config.get("num_experts") or config["num_local_experts"],
+                   moe_ffn_hidden_size=config["moe_intermediate_size"],
+                   moe_router_topk=config["num_experts_per_tok"],
+                   moe_norm_topk_prob=bool(config.get("norm_topk_prob", False)))
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     qkv_bias = model_type == "qwen2" or bool(config.get("attention_bias"))
@@ -138,20 +172,21 @@ def read_architecture(directory) -> HFArchitecture:
         rope_scaling_factor=factor,
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
-        qk_layernorm=model_type == "qwen3")
+        qk_layernorm=model_type in ("qwen3", "qwen3_moe"), **moe)
 
 
 # --------------------------------------------------------------------------- tensors
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
 # One tensor each side, in a layer: megatron-core's checkpoint name -> Hugging Face's.
 _RENAMED = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "mlp.router.weight": "mlp.gate.weight",
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 # megatron-core's local layer spec names its norms apart; its checkpoints use the names above.
 _LOCAL_SPEC_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -231,9 +266,18 @@ def megatron_tensor(name: str, tensors: HFTensors, arch: HFArchitecture) -> torc
         kind = rest.rsplit(".", 1)[1]
         return _fuse_qkv(*(tensors.get(f"{layer}self_attn.{x}_proj.{kind}") for x in "qkv"),
                          arch)
+    expert = _EXPERT.match(rest)
+    if expert is not None:  # a global expert index (see global_parameter_names)
+        mlp = f"{layer}mlp.experts.{expert.group(1)}."
+        rest = "mlp.linear_fc1.weight" if expert.group(2) == "linear_fc1" else \
+            "mlp.linear_fc2.weight"
+    else:
+        mlp = f"{layer}mlp."
     if rest == "mlp.linear_fc1.weight":
-        return torch.cat([tensors.get(f"{layer}mlp.gate_proj.weight"),
-                          tensors.get(f"{layer}mlp.up_proj.weight")])
+        return torch.cat([tensors.get(f"{mlp}gate_proj.weight"),
+                          tensors.get(f"{mlp}up_proj.weight")])
+    if rest == "mlp.linear_fc2.weight":
+        return tensors.get(f"{mlp}down_proj.weight")
     rest = _LOCAL_SPEC_NAMES.get(rest, rest)
     if rest not in _RENAMED:
         raise KeyError(f"no Hugging Face tensor maps to megatron-core's {name!r}")
@@ -263,10 +307,21 @@ def hf_tensors(name: str, value: torch.Tensor, arch: HFArchitecture, prefix: str
         for x, part in zip("qkv", _split_qkv(value, arch), strict=True):
             yield f"{layer}self_attn.{x}_proj.{kind}", part
         return
-    if rest == "mlp.linear_fc1.weight":
+    if rest in ("mlp.experts.experts.linear_fc1.weight", "mlp.experts.experts.linear_fc2.weight"):
+        # a distributed checkpoint stacks a layer's experts: [experts, out, in]
+        for e, one in enumerate(value):
+            yield from hf_tensors(f"decoder.layers.{match.group(1)}.mlp.experts.local_experts."
+                                  f"{e}.{rest.split('.')[-2]}.weight", one, arch, prefix)
+        return
+    expert = _EXPERT.match(rest)
+    mlp = f"{layer}mlp.experts.{expert.group(1)}." if expert else f"{layer}mlp."
+    if rest == "mlp.linear_fc1.weight" or (expert and expert.group(2) == "linear_fc1"):
         gate, up = value.chunk(2)
-        yield f"{layer}mlp.gate_proj.weight", gate
-        yield f"{layer}mlp.up_proj.weight", up
+        yield f"{mlp}gate_proj.weight", gate
+        yield f"{mlp}up_proj.weight", up
+        return
+    if rest == "mlp.linear_fc2.weight" or expert:
+        yield f"{mlp}down_proj.weight", value
         return
     if rest not in _RENAMED:
         raise KeyError(f"megatron-core tensor {name!r} has no Hugging Face counterpart")

@@ -80,6 +80,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -90,13 +91,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
     )
 
 
-def _layer_spec(gpu: bool, qk_layernorm: bool = False):
+def _layer_spec(gpu: bool, config):
+    """megatron-core's layer spec for the config: Transformer Engine's on a GPU that has it,
+    else the local one; q/k norms and experts (one module each, see hf_mapping) as set."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    options = dict(qk_layernorm=config.qk_layernorm, num_experts=config.num_moe_experts,
+                   moe_grouped_gemm=config.moe_grouped_gemm)
     if uses_transformer_engine(gpu):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**options)
+    return gpt_layer_specs.get_gpt_layer_local_spec(**options)
 
 
 def uses_transformer_engine(gpu: bool) -> bool:
@@ -125,7 +129,7 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
         vp_stage = stage if vpp > 1 else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=_layer_spec(gpu, config.qk_layernorm),
+            transformer_layer_spec=_layer_spec(gpu, config),
             vocab_size=vocab_size,
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
@@ -141,23 +145,37 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
         )
         if not gpu:
             chunk.to(config.params_dtype)
+        if not model.moe_train_router:
+            for name, param in chunk.named_parameters():
+                if ".mlp.router." in name:  # before DDP, which then keeps no gradient for it
+                    param.requires_grad_(False)
         chunks.append(chunk)
     return chunks
 
 
 def global_parameter_names(chunk: torch.nn.Module):
-    """(global parameter name, parameter): local layer indices replaced by global ones."""
+    """(global parameter name, parameter): local layer indices replaced by global ones, and
+    under expert parallelism local expert indices by global ones (``local_experts.j`` of EP
+    rank r is expert ``r * experts_per_rank + j``)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    local_to_global = {}
+    layers, experts = {}, {}
     for name, module in chunk.named_modules():
         if isinstance(module, TransformerLayer):
-            local_to_global[name + "."] = name.rsplit(".", 1)[0] + f".{module.layer_number - 1}."
+            layers[name + "."] = name.rsplit(".", 1)[0] + f".{module.layer_number - 1}."
+        elif isinstance(module, SequentialMLP):
+            first = (parallel_state.get_expert_model_parallel_rank()
+                     * module.num_local_experts)
+            for j in range(module.num_local_experts):
+                experts[f"{name}.local_experts.{j}."] = f"{name}.local_experts.{first + j}."
     for name, param in chunk.named_parameters():
-        for local, global_prefix in local_to_global.items():
-            if name.startswith(local):
-                name = global_prefix + name[len(local):]
-                break
+        for table in (experts, layers):  # the deeper prefix first
+            for local, global_prefix in table.items():
+                if name.startswith(local):
+                    name = global_prefix + name[len(local):]
+                    break
         yield name, param
 
 

@@ -59,14 +59,16 @@ MODEL_PRESETS["llama3.1-70b"] = dict(MODEL_PRESETS["llama3-70b"], rope_scaling=T
 MODEL_EXTRA_KEYS = ("preset", "position_embedding_type", "rotary_base",
                     "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
                     "activation", "load", "fused_logprobs", "rope_scaling",
-                    "rope_scaling_factor", "hf", "vocab_size")
+                    "rope_scaling_factor", "hf", "vocab_size", "moe_train_router")
 # What model.hf decides; the user may still set everything else (parallelism, precision, ...).
 HF_ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                         "kv_channels", "ffn_hidden_size", "normalization", "layernorm_epsilon",
                         "gated_linear_unit", "activation", "add_bias_linear", "add_qkv_bias",
                         "position_embedding_type", "rotary_base",
                         "share_embeddings_and_output_weights", "rope_scaling",
-                        "rope_scaling_factor", "qk_layernorm", "vocab_size")
+                        "rope_scaling_factor", "qk_layernorm", "num_moe_experts",
+                        "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax",
+                        "moe_grouped_gemm", "vocab_size")
 ACTIVATIONS = ("gelu", "swiglu", "relu")
 
 
@@ -98,6 +100,10 @@ class ModelConfig:
             output_dir/hf_import), and data.tokenizer defaults to it. Setting an
             architecture key to another value than config.json's is an error.
         vocab_size: the model's own vocabulary (set by model.hf); None pads the tokenizer's.
+        moe_train_router: with experts (num_moe_experts), train the router too. False (the
+            default) freezes it, so that preference training keeps the pretrained routing;
+            megatron-core's auxiliary losses are off unless moe_router_load_balancing_type
+            and moe_aux_loss_coeff turn them on.
     """
 
     preset: Optional[str] = None
@@ -113,6 +119,7 @@ class ModelConfig:
     rope_scaling_factor: float = 8.0
     hf: Optional[str] = None
     vocab_size: Optional[int] = None
+    moe_train_router: bool = False
 
     @classmethod
     def from_section(cls, section: Optional[Dict[str, Any]],
@@ -153,6 +160,15 @@ class ModelConfig:
                     "ffn_hidden_size", "kv_channels"):
             if self.transformer.get(key) is not None:
                 require_int(f"model.{key}", self.transformer[key])
+        if not self.transformer.get("num_moe_experts"):
+            moe_keys = sorted(k for k in self.transformer if k.startswith("moe_")
+                              and self.transformer[k] is not None)
+            if self.moe_train_router:
+                moe_keys.append("moe_train_router")
+            if moe_keys:
+                raise ValueError(f"{', '.join('model.' + k for k in moe_keys)} set on a dense "
+                                 "model: mixture-of-experts keys need model.num_moe_experts "
+                                 "(or a model.hf with experts)")
 
 
 @dataclass
@@ -165,6 +181,10 @@ class ParallelConfig:
         virtual_pipeline_model_parallel_size: VPP (interleaved 1F1B), None or >= 2 with PP > 1.
         context_parallel_size: CP, >= 1; CP > 1 needs Transformer Engine attention (GPU).
         sequence_parallel: Megatron sequence parallelism, needs TP > 1.
+        expert_model_parallel_size: EP, >= 1: the experts of a mixture-of-experts model are
+            split over this many ranks of the data-parallel (times context-parallel) ranks,
+            tokens reaching them by megatron-core's all-to-all dispatcher. Must divide the
+            number of experts.
     """
 
     tensor_model_parallel_size: int = 1
@@ -172,10 +192,11 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    expert_model_parallel_size: int = 1
 
     def __post_init__(self):
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                    "context_parallel_size"):
+                    "context_parallel_size", "expert_model_parallel_size"):
             require_int(f"parallel.{key}", getattr(self, key))
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:

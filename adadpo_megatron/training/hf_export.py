@@ -67,8 +67,17 @@ def _architecture(source: Optional[Path], run: Optional[dict]):
         raise ValueError("the run's model is not a Llama layout (RMSNorm, SwiGLU, RoPE, no "
                          "linear biases), so it has no Hugging Face Llama equivalent")
     heads = t["num_attention_heads"]
-    model_type = ("qwen3" if t.get("qk_layernorm") else
+    experts = t.get("num_moe_experts")
+    if experts and not t.get("qk_layernorm"):
+        raise ValueError("the run's model has experts but no q/k norms: of the mixture-of-"
+                         "experts models only Qwen3-MoE is mapped to Hugging Face")
+    model_type = ("qwen3_moe" if experts else "qwen3" if t.get("qk_layernorm") else
                   "qwen2" if t.get("add_qkv_bias") else "llama")
+    moe = {}
+    if experts:
+        moe = dict(num_experts=experts, moe_ffn_hidden_size=t["moe_ffn_hidden_size"],
+                   moe_router_topk=t["moe_router_topk"],
+                   moe_norm_topk_prob=not t.get("moe_router_pre_softmax", False))
     return HFArchitecture(
         model_type=model_type,
         num_layers=t["num_layers"], hidden_size=t["hidden_size"], num_attention_heads=heads,
@@ -80,7 +89,7 @@ def _architecture(source: Optional[Path], run: Optional[dict]):
         qkv_bias=bool(t.get("add_qkv_bias")),
         rope_scaling_factor=model["rope_scaling_factor"] if model.get("rope_scaling") else None,
         max_position_embeddings=run["data"]["seq_length"], dtype="float32",
-        qk_layernorm=bool(t.get("qk_layernorm")))
+        qk_layernorm=bool(t.get("qk_layernorm")), **moe)
 
 
 class _RegionPlanner:
@@ -248,9 +257,17 @@ def _write_config(out: Path, arch, source: Optional[Path], dtype: str) -> None:
         rope = {"rope_type": "llama3", "rope_theta": arch.rope_theta,
                 "factor": arch.rope_scaling_factor, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    config_class = {"qwen3": transformers.Qwen3Config, "qwen2": transformers.Qwen2Config,
+    config_class = {"qwen3_moe": transformers.Qwen3MoeConfig, "qwen3": transformers.Qwen3Config,
+                    "qwen2": transformers.Qwen2Config,
                     "llama": transformers.LlamaConfig}[arch.model_type]
-    extra = {"attention_bias": arch.qkv_bias} if arch.model_type == "qwen3" else {}
+    extra = {}
+    if arch.model_type.startswith("qwen3"):
+        extra["attention_bias"] = arch.qkv_bias
+    if arch.num_experts:
+        extra.update(num_experts=arch.num_experts, moe_intermediate_size=arch.moe_ffn_hidden_size,
+                     num_experts_per_tok=arch.moe_router_topk,
+                     norm_topk_prob=arch.moe_norm_topk_prob, decoder_sparse_step=1,
+                     mlp_only_layers=[])
     config = config_class(**extra,
         vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
         intermediate_size=arch.ffn_hidden_size, num_hidden_layers=arch.num_layers,

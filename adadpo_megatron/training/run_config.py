@@ -385,6 +385,14 @@ class RunConfig:
         if cp > 1 and self.data.seq_length % (2 * cp):
             raise ValueError(f"data.seq_length({self.data.seq_length}) is not divisible by "
                              f"2 * parallel.context_parallel_size({cp})")
+        ep, experts = p.expert_model_parallel_size, t.get("num_moe_experts")
+        if ep > 1 and not experts:
+            raise ValueError(f"parallel.expert_model_parallel_size={ep} on a dense model: "
+                             "expert parallelism needs model.num_moe_experts (or a model.hf "
+                             "with experts)")
+        if experts and experts % ep:
+            raise ValueError(f"model.num_moe_experts({experts}) is not divisible by "
+                             f"parallel.expert_model_parallel_size({ep})")
         budget, sides = self.data.max_tokens_per_micro_batch, self.sides()
         if budget is not None and budget < sides * self.data.seq_length:
             raise ValueError(f"data.max_tokens_per_micro_batch({budget}) is below "
@@ -469,6 +477,11 @@ class RunConfig:
                              f"parallel.pipeline_model_parallel_size({pp}) * "
                              f"parallel.context_parallel_size({cp}) = {tp * pp * cp}")
         dp = world_size // (tp * pp * cp)
+        ep = p.expert_model_parallel_size
+        if (dp * cp) % ep:
+            raise ValueError(f"parallel.expert_model_parallel_size({ep}) does not divide "
+                             f"data-parallel size({dp}) * parallel.context_parallel_size({cp}) "
+                             f"= {dp * cp}: the experts are split over those ranks")
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ValueError(f"train.global_batch_size({t.global_batch_size}) is not divisible "
                              f"by train.micro_batch_size({t.micro_batch_size}) * "

@@ -118,6 +118,7 @@ def _import_megatron_modules() -> None:
     import megatron.core.models.gpt  # noqa: F401
     import megatron.core.optimizer  # noqa: F401
     import megatron.core.pipeline_parallel  # noqa: F401
+    import megatron.core.transformer.moe.moe_layer  # noqa: F401
 
     from adadpo_megatron.training.checkpoint import _import_checkpointing
 
@@ -224,6 +225,7 @@ class Trainer:
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
             context_parallel_size=p.context_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
             # every subgroup megatron-core creates (TP, PP, DP, ...) waits this long too
             distributed_timeout_minutes=timeout,
         )

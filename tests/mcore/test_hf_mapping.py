@@ -53,6 +53,12 @@ def test_llama31_config_reads_as_the_model_section(tmp_path):
     ({"hidden_act": "gelu"}, r"hidden_act 'gelu'"),
     ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4096},
      r"use_sliding_window=true is not supported"),
+    ({"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+      "moe_intermediate_size": 32, "decoder_sparse_step": 2},
+     r"decoder_sparse_step=2 / mlp_only_layers=None: only models whose every layer"),
+    ({"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+      "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64},
+     r"shared experts are not mapped"),
 ])
 def test_what_the_mapping_does_not_cover_is_refused_by_name(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
@@ -144,3 +150,59 @@ def test_a_run_without_a_source_exports_qwen3_as_qwen3(tmp_path):
     assert (config.head_dim, config.tie_word_embeddings, config.attention_bias) == \
         (24, True, False)
     assert read_architecture(tmp_path).model_section()["qk_layernorm"] is True
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_qwen3_moe_config_reads_as_experts_with_its_routing(tmp_path, norm_topk_prob):
+    """Qwen3-30B-A3B's config.json keys (num_experts, as the Hub writes them)."""
+    arch = read_architecture(write_config(
+        tmp_path, model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, norm_topk_prob=norm_topk_prob, head_dim=128,
+        decoder_sparse_step=1, mlp_only_layers=[]))
+    section = arch.model_section()
+    assert (section["num_moe_experts"], section["moe_router_topk"],
+            section["moe_ffn_hidden_size"]) == (128, 8, 768)
+    # top-k, then a softmax over the k, is renormalising: softmax first only without it
+    assert section["moe_router_pre_softmax"] is (not norm_topk_prob)
+    assert section["qk_layernorm"] and section["moe_aux_loss_coeff"] == 0.0
+    assert section["moe_router_load_balancing_type"] == "none"
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"preset": "tiny", "moe_router_topk": 2}, r"model\.moe_router_topk set on a dense model"),
+    ({"preset": "tiny", "moe_train_router": True},
+     r"model\.moe_train_router set on a dense model"),
+])
+def test_expert_keys_on_a_dense_model_are_refused_by_name(section, message):
+    from adadpo_megatron.mcore.model_config import ModelConfig
+
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_section(section)
+
+
+def test_a_run_without_a_source_exports_qwen3_moe_with_its_routing(tmp_path):
+    import transformers
+
+    from adadpo_megatron.training.hf_export import _architecture, _write_config
+
+    transformer = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                   "num_query_groups": 2, "kv_channels": 24, "ffn_hidden_size": 160,
+                   "normalization": "RMSNorm", "gated_linear_unit": True,
+                   "add_bias_linear": False, "qk_layernorm": True, "num_moe_experts": 8,
+                   "moe_ffn_hidden_size": 32, "moe_router_topk": 2,
+                   "moe_router_pre_softmax": False}
+    run = {"model": {"transformer": transformer, "activation": "swiglu",
+                     "position_embedding_type": "rope", "rotary_base": 1000000.0,
+                     "share_embeddings_and_output_weights": False},
+           "data": {"seq_length": 256}}
+    _write_config(tmp_path, _architecture(None, run), None, "float32")
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, transformers.Qwen3MoeConfig)
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+            config.norm_topk_prob) == (8, 2, 32, True)
+    section = read_architecture(tmp_path).model_section()
+    assert {k: section[k] for k in transformer if k in section} == \
+        {k: v for k, v in transformer.items() if k in section}
+    del transformer["qk_layernorm"]
+    with pytest.raises(ValueError, match="only Qwen3-MoE is mapped"):
+        _architecture(None, run)

@@ -34,6 +34,13 @@ ARCHITECTURES = {
     "mistral": dict(model_type="mistral", rope_theta=1000000.0, sliding_window=None),
     # head_dim 24, not hidden / heads = 16: megatron-core's kv_channels must come from it
     "qwen3": dict(model_type="qwen3", rope_theta=1000000.0, head_dim=24),
+    # 4 experts of width 32, 2 per token: renormalised over the 2 (Qwen3-30B-A3B's routing),
+    # and softmax over all 4 first (the transformers default)
+    "qwen3_moe": dict(model_type="qwen3_moe", rope_theta=1000000.0, head_dim=24, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "qwen3_moe_softmax_first": dict(model_type="qwen3_moe", rope_theta=1000000.0, head_dim=24,
+                                    num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, norm_topk_prob=False),
 }
 
 
@@ -44,7 +51,8 @@ def make_hf_model(directory, name, seed=0):
     spec = dict(ARCHITECTURES[name])
     model_type = spec.pop("model_type")
     config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                    "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config}
+                    "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
+                    "qwen3_moe": transformers.Qwen3MoeConfig}
     config = config_class[model_type](
         vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
@@ -53,8 +61,8 @@ def make_hf_model(directory, name, seed=0):
     model = transformers.AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():
         for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(4.0)  # std 0.08: logits far from uniform
+            if param.dim() >= 2:  # (transformers' experts are one [E, out, in] tensor)
+                param.mul_(4.0)  # std 0.08: logits (and routing) far from uniform
             else:
                 param.add_(0.1 * torch.randn(param.shape))  # norms and biases not all equal
     model.save_pretrained(directory)
@@ -274,7 +282,7 @@ def _safetensors(directory):
     return tensors
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "qwen3_moe"])
 def test_import_then_export_gives_back_the_tensors_bit_for_bit(hf_models, tmp_path, name):
     """On one process, TP=2 and PP=2; the export is sharded with an index."""
     tmp, _ = hf_models
@@ -366,3 +374,82 @@ def test_the_readme_three_commands_on_a_tiny_llama(hf_models, tmp_path):
     assert tokenizer.eos_token_id == 301 and len(tokenizer) == 302
     assert GenerationConfig.from_pretrained(tmp_path / "exported") is not None
     assert (tmp_path / "run" / "hf_import" / "hf_source.json").is_file()
+
+
+def _router_worker(rank, world, tmp, data, train_router, out):
+    import pathlib
+
+    from adadpo_megatron.training.trainer import Trainer
+
+    tmp = pathlib.Path(tmp)
+    config = hf_config(tmp, "qwen3_moe", data, **{
+        "model.moe_train_router": train_router, "optimizer.lr": 0.5,
+        "train.output_dir": str(tmp / f"run_router_{train_router}")})
+    trainer = Trainer(config).setup()
+    try:
+        def weights():
+            return {name: param.detach().clone()
+                    for name, param in trainer.model[0].module.named_parameters()
+                    if ".mlp." in name}
+
+        before = weights()
+        trainer.train_step(0)
+        trainer.train_step(1)  # step 0's loss is ln 2 with zero gradient only at the margin
+        after = weights()
+    finally:
+        trainer.close()
+    torch.save({name: not torch.equal(before[name], after[name]) for name in before}, out)
+
+
+@pytest.mark.parametrize("train_router", [False, True], ids=["frozen", "trained"])
+def test_the_router_is_frozen_unless_asked(hf_models, tmp_path, train_router):
+    """Preference training keeps the pretrained routing by default (model.moe_train_router)."""
+    tmp, data = hf_models
+    out = tmp_path / "moved.pt"
+    run_distributed(_router_worker, 1, str(tmp), data, train_router, str(out))
+    moved = torch.load(out)
+    routers = [name for name in moved if ".mlp.router." in name]
+    experts = [name for name in moved if ".mlp.experts." in name]
+    assert routers and experts
+    assert all(moved[name] for name in experts), "the experts train"
+    assert all(moved[name] == train_router for name in routers), moved
+
+
+def _expert_parallel_worker(rank, world, tmp, data, overrides, out):
+    import pathlib
+
+    from tests.support.training import run_steps
+
+    tmp = pathlib.Path(tmp)
+    config = hf_config(tmp, "qwen3_moe", data, **{
+        "optimizer.lr": 0.5, "train.global_batch_size": 4, "train.micro_batch_size": 1,
+        "train.output_dir": str(tmp / f"run_ep_{world}_{len(overrides)}"), **overrides})
+    history, params = run_steps(config, steps=2)
+    if rank == 0:
+        torch.save((history, params), out)
+
+
+@pytest.mark.parametrize("layout", [{"parallel.expert_model_parallel_size": 2},
+                                    {"parallel.expert_model_parallel_size": 2,
+                                     "data.packing": "pack"}],
+                         ids=["ep2_dp2", "ep2_dp2_packed"])
+def test_expert_parallel_training_equals_one_process(hf_models, tmp_path, layout):
+    """Two experts on each of two ranks (megatron-core's all-to-all dispatcher over gloo)
+    train as the four on one process: losses, gradient norms and every weight, experts
+    gathered by their global index."""
+    tmp, data = hf_models
+    results = []
+    for world, overrides in ((1, {}), (2, layout)):
+        out = tmp_path / f"{world}.pt"
+        run_distributed(_expert_parallel_worker, world, str(tmp), data, overrides, str(out))
+        results.append(torch.load(out, weights_only=False))
+    (one, one_params), (two, two_params) = results
+    for got, want in zip(two, one, strict=True):
+        for key in ("loss", "grad_norm", "logps/chosen"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert one[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert two_params.keys() == one_params.keys()
+    assert any(".local_experts.3." in name for name in two_params)
+    for name, value in one_params.items():
+        torch.testing.assert_close(two_params[name], value, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
