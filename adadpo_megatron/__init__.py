@@ -1,6 +1,7 @@
 """AdaDPO for megatron-core: preference losses over tensor-, pipeline- and context-parallel models.
 
-The package has three layers, each importing only the ones below it:
+The package has four layers, each importing only the ones below it (data stands beside ops
+and mcore, importing neither):
 
     ops/       the maths: the AdaDPO coefficient and the losses, vocab-parallel and fused
                log-probs, the TP and CP reductions (torch and process groups only)
@@ -25,17 +26,27 @@ from adadpo_megatron.mcore.forward_step import (
     collect_reference,
     reduce_reports,
 )
+from adadpo_megatron.ops.batch_statistics import RewardRunningMean
 from adadpo_megatron.ops.logprobs import sequence_logprobs, vocab_parallel_logprobs
-from adadpo_megatron.ops.loss import adadpo_coefficient, coefficient_log_ratio, preference_loss
+from adadpo_megatron.ops.loss import (
+    LengthTails,
+    PairStats,
+    adadpo_coefficient,
+    coefficient_log_ratio,
+    preference_loss,
+)
 from adadpo_megatron.ops.loss_config import LossConfig
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "LengthTails",
     "LossConfig",
     "PairDataset",
+    "PairStats",
     "PreferenceForwardStep",
     "ReferenceForwardStep",
+    "RewardRunningMean",
     "SFTForwardStep",
     "adadpo_coefficient",
     "coefficient_log_ratio",

@@ -50,3 +50,22 @@ def test_importing_the_package_loads_neither_megatron_nor_datasets():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_what_the_public_functions_take_is_exported_beside_them():
+    """preference_loss takes LengthTails and a RewardRunningMean, coefficient_log_ratio takes
+    PairStats: a user needs no module path to call them."""
+    import inspect
+
+    import adadpo_megatron
+
+    for name in ("LengthTails", "PairStats", "RewardRunningMean"):
+        assert name in adadpo_megatron.__all__ and hasattr(adadpo_megatron, name), name
+    assert "running_mean" in inspect.signature(adadpo_megatron.preference_loss).parameters
+    import torch
+
+    # m_w = -1, m_l = -2 per token: log r = m_w - m_l = 1 (docs/LOSSES.md)
+    stats = adadpo_megatron.PairStats(torch.tensor([-4.0]), torch.tensor([-4.0]),
+                                      torch.tensor([4.0]), torch.tensor([2.0]))
+    log_r = adadpo_megatron.coefficient_log_ratio(stats, adadpo_megatron.LossConfig())
+    assert log_r.tolist() == [1.0]
