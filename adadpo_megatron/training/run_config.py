@@ -233,7 +233,7 @@ class TrainConfig:
             of the chosen responses; needs reference.mode none).
         exit_after_minutes: a wall-time budget, > 0, or None: once it has run out, every rank
             finishes the step, saves a checkpoint and the run exits with code 75, as on
-            SIGTERM (README, "Running for days").
+            SIGTERM (docs/TRAINING.md, "Running for days").
         overwrite: with resume "never", allow a run into an output_dir that holds
             checkpoints: they and metrics.jsonl are removed first. Without it such a run is
             refused.

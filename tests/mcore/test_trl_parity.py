@@ -5,7 +5,7 @@ concatenated_forward + odds_ratio_loss, run unmodified on a stand-in trainer obj
 loss code reads a handful of attributes) and a stand-in model that returns the outputs of
 fixed logits. This project's side is the real PreferenceForwardStep.loss_func on the same
 logits. Compared: the loss, its gradient with respect to the logits, and the metrics both
-name the same. The conventions that differ are documented in the README ("TRL
+name the same. The conventions that differ are documented in docs/LOSSES.md ("TRL
 conventions") and asserted here as what they are. trl is in the test extra, pinned to 1.16
 (the stand-in trainer names the attributes that release's loss code reads).
 """
@@ -133,7 +133,7 @@ def test_dpo_trainer_loss_types(loss_type):
               "logps/chosen", "logps/rejected"}
     if loss_type in ("ipo", "sigmoid_norm"):
         # TRL reports beta * rho for every DPOTrainer loss; here the loss's own reward,
-        # beta * rho / n (README, "TRL conventions")
+        # beta * rho / n (docs/LOSSES.md, "TRL conventions")
         shared -= {"rewards/chosen", "rewards/rejected", "rewards/margins"}
     if loss_type == "sft":
         shared = {"logps/chosen", "logps/rejected"}  # no preference reward (reference-free)

@@ -81,7 +81,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, launc
     proc = _signal_after(command, out, steps=3)
     if launcher == "single":
         assert proc.returncode == PREEMPTED_EXIT_CODE, proc.output
-    else:  # torchrun forwards the signal to its workers, then exits 1 itself (README)
+    else:  # torchrun forwards the signal to its workers, then exits 1 itself (docs/TRAINING.md)
         assert proc.returncode != 0, proc.output
     assert "stopped early (SIGTERM" in proc.output, proc.output
     stopped = len(_metrics(out))
