@@ -43,6 +43,43 @@ def test_lower_layers_never_import_upper_ones(layer):
     assert not wrong, "\n".join(wrong)
 
 
+def _module_name(path):
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycles_even_through_imports_inside_functions():
+    """An import inside a function hides a cycle from Python, not from the design: module A
+    needing B needing A makes every change to either wide. Edges are every import statement
+    of the package, at any depth, between modules of the package (a package's __init__
+    re-exporting its modules is not a dependency of those modules)."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for module in _imported_modules(path):
+            for target in (module, module.rsplit(".", 1)[0]):
+                if target in modules and target != name and not name.startswith(target + "."):
+                    imported.add(target)
+        graph[name] = imported
+    cycles = []
+    state = {}  # name -> "open" while on the DFS path, "done" after
+
+    def visit(name, path):
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+            elif target not in state:
+                visit(target, path + [target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "\n".join(cycles)
+
+
 def test_importing_the_package_loads_neither_megatron_nor_datasets():
     code = ("import sys, adadpo_megatron; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "

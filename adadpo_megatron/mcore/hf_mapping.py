@@ -353,7 +353,7 @@ def load_hf_weights(chunks, directory, arch: HFArchitecture) -> None:
     """
     from megatron.core import parallel_state
 
-    from adadpo_megatron.mcore.model import global_parameter_names
+    from adadpo_megatron.mcore.parameter_names import global_parameter_names
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()

@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -50,6 +49,7 @@ from adadpo_megatron.training.checkpoint import (
     save_checkpoint,
 )
 from adadpo_megatron.training.preemption import StopRequests
+from adadpo_megatron.training.process_groups import import_megatron_modules, init_distributed
 from adadpo_megatron.training.reference_cache import (
     attach_precomputed,
     default_cache_path,
@@ -87,42 +87,6 @@ class GradNormWatch:
 
 class CollectiveTimeout(RuntimeError):
     """A collective waited longer than train.distributed_timeout_minutes for some rank."""
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(gpu: bool, timeout_minutes: float = 30.0) -> None:
-    """Joins torchrun's process group (or makes a one-process one, on a free port unless
-    MASTER_PORT is set, so that two runs on one host never collide). ``timeout_minutes``
-    bounds every collective of the default group."""
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    if gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if gpu else "gloo",
-                            timeout=timedelta(minutes=timeout_minutes))
-
-
-def _import_megatron_modules() -> None:
-    """Imports what the loop uses, so that cpu_compat.enable() covers all of it."""
-    import megatron.core.distributed  # noqa: F401
-    import megatron.core.models.gpt  # noqa: F401
-    import megatron.core.optimizer  # noqa: F401
-    import megatron.core.pipeline_parallel  # noqa: F401
-    import megatron.core.transformer.moe.moe_layer  # noqa: F401
-
-    from adadpo_megatron.training.checkpoint import _import_checkpointing
-
-    _import_checkpointing()
 
 
 class Trainer:
@@ -216,7 +180,7 @@ class Trainer:
         init_distributed(self.gpu, timeout)
         if claim_output_dir:
             self._claim_output_dir()
-        _import_megatron_modules()
+        import_megatron_modules()
         if not self.gpu:
             cpu_compat.enable()
         p = c.parallel

@@ -60,7 +60,7 @@ def gather_full_parameters(trainer):
     """
     from megatron.core import parallel_state
 
-    from adadpo_megatron.mcore.model import global_parameter_names
+    from adadpo_megatron.mcore.parameter_names import global_parameter_names
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(tp_group)

@@ -325,7 +325,7 @@ def test_two_single_process_runs_on_one_host_do_not_share_a_port(tmp_path):
     run on the host failed to start while the first held it."""
     script = textwrap.dedent("""
         import sys, time
-        from adadpo_megatron.training.trainer import init_distributed
+        from adadpo_megatron.training.process_groups import init_distributed
         init_distributed(gpu=False, timeout_minutes=1)
         print("up", flush=True)
         time.sleep(float(sys.argv[1]))
