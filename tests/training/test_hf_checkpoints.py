@@ -394,7 +394,7 @@ def _router_worker(rank, world, tmp, data, train_router, out):
 
         before = weights()
         trainer.train_step(0)
-        trainer.train_step(1)  # step 0's loss is ln 2 with zero gradient only at the margin
+        trainer.train_step(1)  # two updates: a frozen router stays put across steps
         after = weights()
     finally:
         trainer.close()
