@@ -247,6 +247,18 @@ def _split_qkv(fused, arch: HFArchitecture):
             v.reshape(-1, *fused.shape[2:]))
 
 
+def _mlp_linear(layer: str, rest: str) -> Tuple[str, Optional[str]]:
+    """(the Hugging Face MLP's prefix, "linear_fc1" or "linear_fc2") of a layer's dense MLP
+    or of one expert (by its global index, see parameter_names); (_, None) for other
+    tensors."""
+    expert = _EXPERT.match(rest)
+    if expert is not None:
+        return f"{layer}mlp.experts.{expert.group(1)}.", expert.group(2)
+    if rest in ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
+        return f"{layer}mlp.", rest.split(".")[1]
+    return f"{layer}mlp.", None
+
+
 def megatron_tensor(name: str, tensors: HFTensors, arch: HFArchitecture) -> torch.Tensor:
     """The full (unsharded) megatron-core tensor ``name`` (a global checkpoint name, layer
     index included) built from the Hugging Face tensors it maps from."""
@@ -266,17 +278,11 @@ def megatron_tensor(name: str, tensors: HFTensors, arch: HFArchitecture) -> torc
         kind = rest.rsplit(".", 1)[1]
         return _fuse_qkv(*(tensors.get(f"{layer}self_attn.{x}_proj.{kind}") for x in "qkv"),
                          arch)
-    expert = _EXPERT.match(rest)
-    if expert is not None:  # a global expert index (see global_parameter_names)
-        mlp = f"{layer}mlp.experts.{expert.group(1)}."
-        rest = "mlp.linear_fc1.weight" if expert.group(2) == "linear_fc1" else \
-            "mlp.linear_fc2.weight"
-    else:
-        mlp = f"{layer}mlp."
-    if rest == "mlp.linear_fc1.weight":
+    mlp, linear = _mlp_linear(layer, rest)
+    if linear == "linear_fc1":
         return torch.cat([tensors.get(f"{mlp}gate_proj.weight"),
                           tensors.get(f"{mlp}up_proj.weight")])
-    if rest == "mlp.linear_fc2.weight":
+    if linear == "linear_fc2":
         return tensors.get(f"{mlp}down_proj.weight")
     rest = _LOCAL_SPEC_NAMES.get(rest, rest)
     if rest not in _RENAMED:
@@ -313,14 +319,13 @@ def hf_tensors(name: str, value: torch.Tensor, arch: HFArchitecture, prefix: str
             yield from hf_tensors(f"decoder.layers.{match.group(1)}.mlp.experts.local_experts."
                                   f"{e}.{rest.split('.')[-2]}.weight", one, arch, prefix)
         return
-    expert = _EXPERT.match(rest)
-    mlp = f"{layer}mlp.experts.{expert.group(1)}." if expert else f"{layer}mlp."
-    if rest == "mlp.linear_fc1.weight" or (expert and expert.group(2) == "linear_fc1"):
+    mlp, linear = _mlp_linear(layer, rest)
+    if linear == "linear_fc1":
         gate, up = value.chunk(2)
         yield f"{mlp}gate_proj.weight", gate
         yield f"{mlp}up_proj.weight", up
         return
-    if rest == "mlp.linear_fc2.weight" or expert:
+    if linear == "linear_fc2":
         yield f"{mlp}down_proj.weight", value
         return
     if rest not in _RENAMED:
