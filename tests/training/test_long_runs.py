@@ -102,9 +102,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, launc
     want = {m["step"]: m for m in _metrics(straight_dir)}
     assert sorted(got) == sorted(want) == list(range(stopped + 2))
     for step in (stopped, stopped + 1):
-        for key in ("loss", "grad_norm", "rewards/margins"):
+        for key in ("loss", "grad_norm"):
             assert got[step][key] == pytest.approx(want[step][key], rel=rel, abs=1e-9), \
                 (step, key)
+        # the margin is beta (0.1) times differences of log-prob sums of tens of nats: their
+        # float32 rounding (~1e-7 relative, so ~5e-7 absolute after beta) bounds it, not a
+        # share of the small result (seen: 7e-8 apart at 0.00334 after 5 TP=2 steps)
+        assert got[step]["rewards/margins"] == pytest.approx(
+            want[step]["rewards/margins"], rel=rel, abs=1e-9 if launcher == "single" else 1e-6), \
+            (step, "rewards/margins")
 
 
 @pytest.mark.slow
