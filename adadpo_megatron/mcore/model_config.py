@@ -95,7 +95,7 @@ class ModelConfig:
             it gives wrong log-probs beyond short contexts.
         rope_scaling_factor: its factor (8 for Llama 3.1 and 3.3, 32 for 3.2).
         hf: a local Hugging Face model directory (config.json + safetensors) of the Llama
-            family (llama, mistral, qwen2, qwen3): the architecture comes from its
+            family (llama, mistral, qwen2, qwen3, qwen3_moe): the architecture comes from its
             config.json, the weights from its safetensors (imported once into
             output_dir/hf_import), and data.tokenizer defaults to it. Setting an
             architecture key to another value than config.json's is an error.
