@@ -351,13 +351,14 @@ Loader = Callable[[str], torch.Tensor]
 def load_hf_weights(chunks, directory, arch: HFArchitecture) -> None:
     """Fills this rank's model chunks (its TP shard of its pipeline stages) from a Hugging
     Face directory, one tensor at a time: a process holds its own shard plus one full tensor,
-    never the whole model.
+    never the whole model. LoRA adapters are not the checkpoint's: they are left as they are.
 
     Raises:
         ValueError: a tensor whose shape differs from the parameter's, naming both.
     """
     from megatron.core import parallel_state
 
+    from adadpo_megatron.mcore.lora import is_adapter_name
     from adadpo_megatron.mcore.parameter_names import global_parameter_names
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -365,6 +366,8 @@ def load_hf_weights(chunks, directory, arch: HFArchitecture) -> None:
     tensors = HFTensors(directory)
     for chunk in chunks:
         for name, param in global_parameter_names(getattr(chunk, "module", chunk)):
+            if is_adapter_name(name):
+                continue
             full = megatron_tensor(name, tensors, arch)
             shard = shard_of(full, param, tp_rank, tp_size)
             if shard.shape != param.shape:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import zlib
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from adadpo_megatron.mcore.lora import LoRAConfig, add_adapters, is_adapter_name
 from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
 from adadpo_megatron.mcore.parameter_names import global_parameter_names
 
@@ -119,8 +120,9 @@ def uses_transformer_engine(gpu: bool) -> bool:
 
 
 def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: int, *,
-                       gpu: bool) -> List[torch.nn.Module]:
-    """This rank's GPTModel chunks (one per virtual pipeline stage), not yet DDP-wrapped."""
+                       gpu: bool, lora: Optional[LoRAConfig] = None) -> List[torch.nn.Module]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), not yet DDP-wrapped;
+    with ``lora``, with adapters and everything else frozen (see init_adapters_)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -150,6 +152,8 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
             for name, param in chunk.named_parameters():
                 if ".mlp.router." in name:  # before DDP, which then keeps no gradient for it
                     param.requires_grad_(False)
+        if lora is not None:
+            add_adapters(chunk, lora, config)
         chunks.append(chunk)
     return chunks
 
@@ -163,7 +167,8 @@ def canonical_init_(chunks: List[torch.nn.Module], config, seed: int) -> None:
     is cut out with megatron-core's own splitting (stride-aware, so fused QKV and GLU
     weights shard as megatron shards them). So TP, PP and VPP layouts start from the same
     weights as the single-process model. Norm weights and biases keep megatron's constant
-    initialisation. CPU runs use it; GPU runs start from checkpoints.
+    initialisation. CPU runs use it; GPU runs start from checkpoints. LoRA adapters are
+    left to init_adapters_.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
@@ -172,7 +177,8 @@ def canonical_init_(chunks: List[torch.nn.Module], config, seed: int) -> None:
     rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
         for name, param in global_parameter_names(chunk):
-            if not getattr(param, "tensor_model_parallel", False) or param.dim() != 2:
+            if (not getattr(param, "tensor_model_parallel", False) or param.dim() != 2
+                    or is_adapter_name(name)):
                 continue
             dim = param.partition_dim
             full = list(param.shape)

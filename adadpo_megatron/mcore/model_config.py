@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from adadpo_megatron.validation import require_choice, require_int, require_like_defaults
+from adadpo_megatron.mcore.lora import LoRAConfig
+from adadpo_megatron.validation import (
+    from_mapping,
+    require_choice,
+    require_int,
+    require_like_defaults,
+)
 
 
 def _from_hf(section: Dict[str, Any], base: Optional[Path]) -> Dict[str, Any]:
@@ -59,7 +65,7 @@ MODEL_PRESETS["llama3.1-70b"] = dict(MODEL_PRESETS["llama3-70b"], rope_scaling=T
 MODEL_EXTRA_KEYS = ("preset", "position_embedding_type", "rotary_base",
                     "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
                     "activation", "load", "fused_logprobs", "rope_scaling",
-                    "rope_scaling_factor", "hf", "vocab_size", "moe_train_router")
+                    "rope_scaling_factor", "hf", "vocab_size", "moe_train_router", "lora")
 # What model.hf decides; the user may still set everything else (parallelism, precision, ...).
 HF_ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                         "kv_channels", "ffn_hidden_size", "normalization", "layernorm_epsilon",
@@ -104,6 +110,9 @@ class ModelConfig:
             default) freezes it, so that preference training keeps the pretrained routing;
             megatron-core's auxiliary losses are off unless moe_router_load_balancing_type
             and moe_aux_loss_coeff turn them on.
+        lora: LoRA adapters (adadpo_megatron.mcore.lora.LoRAConfig: rank, alpha, dropout,
+            target_modules) on a frozen base that model.hf or model.load gives; None trains
+            every weight.
     """
 
     preset: Optional[str] = None
@@ -120,6 +129,7 @@ class ModelConfig:
     hf: Optional[str] = None
     vocab_size: Optional[int] = None
     moe_train_router: bool = False
+    lora: Optional[LoRAConfig] = None
 
     @classmethod
     def from_section(cls, section: Optional[Dict[str, Any]],
@@ -147,6 +157,11 @@ class ModelConfig:
                              "neither a megatron-core TransformerConfig field nor one of "
                              f"{', '.join('model.' + k for k in MODEL_EXTRA_KEYS)}")
         require_like_defaults(TransformerConfig, merged, "model")
+        if extra.get("lora") is not None:
+            if not isinstance(extra["lora"], dict):
+                raise ValueError(f"model.lora must be a mapping (rank, alpha, dropout, "
+                                 f"target_modules), got {extra['lora']!r}")
+            extra["lora"] = from_mapping(LoRAConfig, extra["lora"], "model.lora")
         return cls(transformer=merged, **extra)
 
     def __post_init__(self):
@@ -169,6 +184,16 @@ class ModelConfig:
                 raise ValueError(f"{', '.join('model.' + k for k in moe_keys)} set on a dense "
                                  "model: mixture-of-experts keys need model.num_moe_experts "
                                  "(or a model.hf with experts)")
+        elif self.lora is not None:
+            mlp = [m for m in self.lora.target_modules if m in ("linear_fc1", "linear_fc2")]
+            if mlp:
+                raise ValueError(f"model.lora.target_modules has {', '.join(mlp)}, which a "
+                                 "mixture-of-experts layer does not have (its MLP is experts, "
+                                 "which LoRA does not adapt); target linear_qkv and "
+                                 "linear_proj")
+        if self.lora is not None and not (self.hf or self.load):
+            raise ValueError("model.lora trains adapters on a pretrained base: set model.hf "
+                             "or model.load")
 
 
 @dataclass

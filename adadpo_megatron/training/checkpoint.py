@@ -24,6 +24,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from adadpo_megatron.mcore.lora import is_adapter_name
+
 STATE_FILE = "adadpo_state.pt"
 LATEST = "latest"
 
@@ -40,10 +42,41 @@ def _import_checkpointing():
     return dist_checkpointing
 
 
-def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict:
-    """{"model<i>": sharded state dict} of the unwrapped chunks (DDP or plain)."""
-    return {f"model{i}": getattr(chunk, "module", chunk).sharded_state_dict()
-            for i, chunk in enumerate(chunks)}
+PARTS = ("all", "base", "adapters")
+
+
+def model_sharded_state_dict(chunks: List[torch.nn.Module], part: str = "all") -> Dict:
+    """{"model<i>": sharded state dict} of the unwrapped chunks (DDP or plain): every tensor,
+    the base model's only (no LoRA adapters) or the adapters' only."""
+    assert part in PARTS, part
+    states = {}
+    for i, chunk in enumerate(chunks):
+        state = getattr(chunk, "module", chunk).sharded_state_dict()
+        if part != "all":
+            state = {k: v for k, v in state.items()
+                     if is_adapter_name(k) == (part == "adapters")}
+        states[f"model{i}"] = state
+    return states
+
+
+def load_model_state(chunks: List[torch.nn.Module], loaded: Dict, part: str = "all") -> None:
+    """Copies a loaded ``model_sharded_state_dict(chunks, part)`` into the chunks; for one
+    part, every tensor of that part and nothing else."""
+    for i, chunk in enumerate(chunks):
+        module = getattr(chunk, "module", chunk)
+        result = module.load_state_dict(loaded[f"model{i}"], strict=part == "all")
+        if part != "all":
+            missing = [k for k in result.missing_keys if is_adapter_name(k) == (part == "adapters")
+                       and not k.endswith("_extra_state")]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"loading the model's {part}: missing {missing}, unexpected "
+                                 f"{result.unexpected_keys}")
+
+
+def model_part(config) -> str:
+    """What a run's checkpoints hold: its adapters with LoRA (the base is model.hf's or
+    model.load's, loaded again on resume), else the whole model."""
+    return "adapters" if config.model.lora is not None else "all"
 
 
 def checkpoint_root(output_dir: str) -> Path:
@@ -99,7 +132,7 @@ def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_state = model_sharded_state_dict(trainer.model)
+    model_state = model_sharded_state_dict(trainer.model, model_part(trainer.config))
     state = dict(model_state)
     state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state)
     dist_checkpointing.save(state, str(tmp))
@@ -111,6 +144,8 @@ def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
         # where the weights' architecture and tokenizer came from, resolved, for
         # adadpo-export-hf (the config's own paths are relative to its file)
         sources = {"hf": str(c.resolve(c.model.hf).resolve()) if c.model.hf else None,
+                   "load": (str(resolve_checkpoint(c.resolve(c.model.load)).resolve())
+                            if c.model.load else None),
                    "tokenizer": c.tokenizer_spec()}
         # the loss's running state (bco_pair's reward mean) is the same on every rank
         loss_state = (trainer.forward_step.state_dict()
@@ -178,7 +213,8 @@ def load_checkpoint(trainer, path: Path) -> int:
         # megatron-core calls init_state_fn before loading; SGD without momentum has none
         if getattr(optimizer, "init_state_fn", True) is None:
             optimizer.init_state_fn = lambda *args: None
-    model_state = model_sharded_state_dict(trainer.model)
+    part = model_part(trainer.config)
+    model_state = model_sharded_state_dict(trainer.model, part)
     state = dict(model_state)
     state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=True)
     try:
@@ -187,8 +223,7 @@ def load_checkpoint(trainer, path: Path) -> int:
         raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or "
                          "incomplete: resume from another one (train.resume=<path>)") from err
-    for i, chunk in enumerate(trainer.model):
-        getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{i}"])
+    load_model_state(trainer.model, loaded, part)
     trainer.optimizer.load_state_dict(loaded["optimizer"])
     meta = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     trainer.scheduler.load_state_dict(meta["scheduler"])
@@ -208,18 +243,18 @@ def load_model_weights(chunks: List[torch.nn.Module], path: str) -> None:
 
     Works for this project's checkpoints and for Megatron-LM's torch_dist checkpoints of the
     same architecture (e.g. converted from Hugging Face with Megatron's conversion tools):
-    tensors are matched by their global ShardedTensor keys.
+    tensors are matched by their global ShardedTensor keys. LoRA adapters, if the chunks have
+    any, are not loaded: model.load is the base they adapt.
     """
     dist_checkpointing = _import_checkpointing()
     path = resolve_checkpoint(path)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint "
                                 "(no metadata.json)")
-    state = model_sharded_state_dict(chunks)
+    state = model_sharded_state_dict(chunks, "base")
     check_tensor_shapes(state, path)
     loaded = dist_checkpointing.load(state, str(path))
-    for i, chunk in enumerate(chunks):
-        getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{i}"])
+    load_model_state(chunks, loaded, "base")
 
 
 def _sharded_tensors(state) -> Iterator:

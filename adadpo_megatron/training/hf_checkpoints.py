@@ -47,8 +47,8 @@ def hf_fingerprint(directory) -> Dict[str, object]:
 def save_model_weights(chunks: List[torch.nn.Module], path: Path,
                        marker: Optional[Dict[str, object]] = None) -> None:
     """Writes the chunks' weights as a torch_dist checkpoint at ``path`` (every rank its
-    shards), atomically: written beside it and renamed when every rank is done. ``marker`` is
-    saved as ``hf_source.json``."""
+    shards; the base model's, without LoRA adapters), atomically: written beside it and
+    renamed when every rank is done. ``marker`` is saved as ``hf_source.json``."""
     from adadpo_megatron.training.checkpoint import _import_checkpointing, model_sharded_state_dict
 
     dist_checkpointing = _import_checkpointing()
@@ -58,7 +58,7 @@ def save_model_weights(chunks: List[torch.nn.Module], path: Path,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
+    dist_checkpointing.save(model_sharded_state_dict(chunks, "base"), str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
         if marker is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
@@ -33,22 +34,36 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def _source_of(checkpoint: Path) -> Tuple[Optional[Path], Optional[dict], Optional[Path]]:
-    """(Hugging Face source directory, saved run config, tokenizer directory) of a
-    checkpoint, as far as it records them."""
+@dataclass
+class _Origin:
+    """What a checkpoint records about where it came from."""
+
+    source: Optional[Path]  # the Hugging Face directory of the architecture and weights
+    run: Optional[dict]  # the saved run config (a run checkpoint's)
+    tokenizer: Optional[Path]
+    base: Optional[Path] = None  # a LoRA run's model.load (the base its adapters adapt)
+
+
+def _source_of(checkpoint: Path) -> _Origin:
+    """Where a checkpoint came from, as far as it records it."""
     from adadpo_megatron.training.checkpoint import STATE_FILE
 
     if (checkpoint / SOURCE_FILE).is_file():
         source = Path(json.loads((checkpoint / SOURCE_FILE).read_text())["directory"])
-        return source, None, source
+        return _Origin(source, None, source)
     if not (checkpoint / STATE_FILE).is_file():
         raise FileNotFoundError(f"{checkpoint}: neither a run checkpoint ({STATE_FILE}) nor "
                                 f"a Hugging Face import ({SOURCE_FILE})")
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
     sources = state.get("sources") or {}
-    hf, tokenizer = sources.get("hf"), sources.get("tokenizer")
-    return (Path(hf) if hf else None, state["config"],
-            Path(tokenizer) if tokenizer and tokenizer != "byte" else None)
+    hf, tokenizer, load = sources.get("hf"), sources.get("tokenizer"), sources.get("load")
+    source = Path(hf) if hf else None
+    if source is None and load and (Path(load) / SOURCE_FILE).is_file():
+        # model.load was an adadpo-import-hf checkpoint: its source is the architecture's
+        source = _source_of(Path(load)).source
+    return _Origin(source, state["config"],
+                   Path(tokenizer) if tokenizer and tokenizer != "byte" else None,
+                   Path(load) if load else None)
 
 
 def _architecture(source: Optional[Path], run: Optional[dict]):
@@ -200,35 +215,59 @@ def _write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out: Path,
 
 
 def export_checkpoint(path, out, *, dtype: Optional[str] = None,
-                      shard_bytes: int = SHARD_BYTES) -> Path:
-    """Writes the Hugging Face directory ``out`` for the checkpoint (or run) ``path``."""
+                      shard_bytes: int = SHARD_BYTES, peft: bool = False) -> Path:
+    """Writes the Hugging Face directory ``out`` for the checkpoint (or run) ``path``; a LoRA
+    run's adapters merged into its base, or with ``peft`` as a PEFT adapter directory."""
     from adadpo_megatron.mcore.hf_mapping import hf_tensors
+    from adadpo_megatron.training import lora_export
     from adadpo_megatron.training.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(path)
     if not (checkpoint / "metadata.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a megatron-core distributed checkpoint")
-    source, run, tokenizer = _source_of(checkpoint)
-    arch = _architecture(source, run)
+    origin = _source_of(checkpoint)
+    lora = origin.run["model"]["lora"] if lora_export.is_lora_run(origin.run) else None
+    if peft and lora is None:
+        raise ValueError(f"{checkpoint} is not a LoRA run's checkpoint (model.lora): it has no "
+                         "adapters to write as a PEFT directory")
+    if lora is not None and origin.source is None and origin.base is None:
+        raise ValueError(f"{checkpoint}: a LoRA checkpoint holds adapters only, and its run "
+                         "recorded no base (model.hf or model.load) to merge them into")
+    arch = _architecture(origin.source, origin.run)
     metadata = tensor_metadata(checkpoint)
-    vocab = metadata["embedding.word_embeddings.weight"][0][0]
+    weights = metadata if lora is None or origin.base is None else tensor_metadata(origin.base)
     if arch.vocab_size == 0:
-        from dataclasses import replace
-
-        arch = replace(arch, vocab_size=vocab)
+        arch = replace(arch, vocab_size=weights["embedding.word_embeddings.weight"][0][0])
+    out = Path(out)
+    if peft:
+        return lora_export.write_peft_adapter(checkpoint, metadata, arch, lora, out,
+                                              origin.source)
     cast = getattr(torch, dtype) if dtype else None
+    # a LoRA run on model.hf: its safetensors, adapters merged, under their own names and dtype
+    merged_into_hf = lora is not None and origin.base is None
 
     def hf_items():
-        for name, value in _layer_slices(checkpoint, metadata, arch.num_layers):
-            for hf_name, tensor in hf_tensors(name, value, arch):
-                yield hf_name, tensor.to(cast) if cast is not None else tensor
+        if merged_into_hf:
+            yield from lora_export.merged_hf_tensors(origin.source, checkpoint, metadata, arch,
+                                                     lora["alpha"] / lora["rank"])
+            return
+        megatron = (_layer_slices(checkpoint, metadata, arch.num_layers) if lora is None else
+                    lora_export.merged_megatron_tensors(origin.base, checkpoint, metadata,
+                                                        arch.num_layers,
+                                                        lora["alpha"] / lora["rank"]))
+        for name, value in megatron:
+            yield from hf_tensors(name, value, arch)
 
-    out = Path(out)
+    def cast_items():
+        for name, tensor in hf_items():
+            yield name, tensor.to(cast) if cast is not None else tensor
+
     out.mkdir(parents=True, exist_ok=True)
-    _write_shards(hf_items(), out, shard_bytes)
-    _write_config(out, arch, source, dtype or _dtype_name(metadata))
+    _write_shards(cast_items(), out, shard_bytes)
+    _write_config(out, arch, origin.source,
+                  dtype or (arch.dtype if merged_into_hf else _dtype_name(weights)))
     for name in _TOKENIZER_FILES + ("generation_config.json",):
-        for folder in (tokenizer, source):
+        for folder in (origin.tokenizer, origin.source):
             if folder is not None and (folder / name).is_file():
                 shutil.copy2(folder / name, out / name)
                 break
@@ -289,10 +328,14 @@ def export_main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="cast the weights (default: as stored)")
     parser.add_argument("--shard-gb", type=float, default=5.0, help="largest shard, GiB")
+    parser.add_argument("--peft", action="store_true",
+                        help="a LoRA run: write out as a PEFT adapter directory "
+                             "(adapter_config.json, adapter_model.safetensors) for its base, "
+                             "instead of the adapters merged into the base")
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype,
-                                shard_bytes=int(args.shard_gb * 1024**3))
+                                shard_bytes=int(args.shard_gb * 1024**3), peft=args.peft)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"adadpo-export-hf: error: {err}\n")
     print(f"wrote {out}", flush=True)

@@ -124,7 +124,7 @@ class DataConfig:
 # Token alignment FP8 GEMMs need, by recipe (MXFP8 scales blocks of 32 along the tokens).
 FP8_SEQUENCE_MULTIPLE = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
 
-REFERENCE_MODES = ("precompute", "resident", "none")
+REFERENCE_MODES = ("precompute", "resident", "adapters_off", "none")
 
 
 @dataclass
@@ -133,20 +133,24 @@ class ReferenceConfig:
 
     Fields:
         mode: "precompute" (read a cache written by adadpo-precompute-reference), "resident"
-            (a frozen copy of the initial policy runs forward-only in each step) or "none"
-            (reference-free losses: simpo, cpo, orpo).
+            (a frozen copy of the initial policy runs forward-only in each step),
+            "adapters_off" (with model.lora: the policy itself with its adapters switched off,
+            which is the base, runs forward-only; no second copy of the weights) or "none"
+            (reference-free losses: simpo, cpo, orpo). Unset: adapters_off with model.lora,
+            else resident.
         cache_path: the precompute cache; None means next to the data file, as
             ``<data>.reference.pt``.
         load: a megatron-core distributed checkpoint for the reference's weights; None
             means the policy's initial weights (model.load, or the initialisation).
     """
 
-    mode: str = "resident"
+    mode: Optional[str] = None
     cache_path: Optional[str] = None
     load: Optional[str] = None
 
     def __post_init__(self):
-        require_choice("reference.mode", self.mode, REFERENCE_MODES)
+        if self.mode is not None:
+            require_choice("reference.mode", self.mode, REFERENCE_MODES)
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
@@ -330,6 +334,8 @@ class RunConfig:
             train=from_mapping(TrainConfig, raw.get("train"), "train"),
             source=source,
         )
+        if config.reference.mode is None:
+            config.reference.mode = "adapters_off" if config.model.lora else "resident"
         config._check_consistency()
         return config
 
@@ -343,10 +349,19 @@ class RunConfig:
                                  f"reference.mode=none (got {self.reference.mode!r})")
         elif self.loss.needs_reference and self.reference.mode == "none":
             raise ValueError(f"loss.loss_type={self.loss.loss_type!r} needs a reference; set "
-                             "reference.mode to precompute or resident")
+                             "reference.mode to precompute or resident (or adapters_off "
+                             "with model.lora)")
         elif not self.loss.needs_reference and self.reference.mode != "none":
             raise ValueError(f"loss.loss_type={self.loss.loss_type!r} is reference-free; set "
                              f"reference.mode=none (got {self.reference.mode!r})")
+        if self.reference.mode == "adapters_off":
+            if self.model.lora is None:
+                raise ValueError("reference.mode=adapters_off is the policy with its LoRA "
+                                 "adapters switched off: it needs model.lora")
+            if self.reference.load:
+                raise ValueError("reference.mode=adapters_off uses the base the adapters "
+                                 "adapt as the reference; reference.load needs "
+                                 "reference.mode=resident or precompute")
         if self.train.stage != "sft" and self.loss.use_weighting and self.model.fused_logprobs:
             raise ValueError("loss.use_weighting=true (WPO) reads log sum_v p_v^2 from the "
                              "logits, which model.fused_logprobs=true never materialises; set "

@@ -10,6 +10,7 @@ Launch under torchrun for more than one process; see adadpo_megatron.training.cl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -33,6 +34,7 @@ from adadpo_megatron.mcore.forward_step import (
     reduce_reports,
     require_output_processor_hook,
 )
+from adadpo_megatron.mcore.lora import adapters_disabled, init_adapters_, is_adapter_name
 from adadpo_megatron.mcore.model import (
     build_model_chunks,
     canonical_init_,
@@ -83,6 +85,18 @@ class GradNormWatch:
             return None
         return (f"the gradient norm was {norm} for {self.count} consecutive steps (to step "
                 f"{step}): nothing is learned; check optimizer.lr and the loss's scale")
+
+
+@contextlib.contextmanager
+def evaluating(chunks: List[torch.nn.Module]):
+    """The chunks in eval mode (no dropout) inside the block, in train mode after it."""
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for chunk in chunks:
+            chunk.train()
 
 
 class CollectiveTimeout(RuntimeError):
@@ -255,13 +269,16 @@ class Trainer:
         c = self.config
         config = transformer_config(c.model, c.parallel, dtype=self.dtype, gpu=self.gpu,
                                     variable_seq_lengths=c.data.packing != "none")
+        lora = None if frozen else c.model.lora
         chunks = build_model_chunks(c.model, config, self.vocab_size, c.data.seq_length,
-                                    gpu=self.gpu)
+                                    gpu=self.gpu, lora=lora)
         if self.gpu:
             for chunk in chunks:
                 chunk.cuda(torch.cuda.current_device())
         else:
             canonical_init_(chunks, config, c.train.seed)
+        if lora is not None:
+            init_adapters_(chunks, c.train.seed)
         if frozen:
             for chunk in chunks:
                 chunk.eval()
@@ -290,9 +307,10 @@ class Trainer:
         path = reference_weights_path(self.config)
         if path:
             load_model_weights(chunks, path)
-        elif self.model:
+        elif self.model:  # the policy's base (the policy itself unless it has adapters)
             for reference, policy in zip(chunks, self.model, strict=True):
-                reference.load_state_dict(policy.module.state_dict())
+                reference.load_state_dict({k: v for k, v in policy.module.state_dict().items()
+                                           if not is_adapter_name(k)})
         elif self.config.model.hf:
             self._import_hf(chunks)
         return chunks
@@ -398,10 +416,16 @@ class Trainer:
                 f"(data.packing={self.config.data.packing})")
 
     def _attach_reference(self, batches) -> None:
-        """Fills ``ref_logps`` from the resident reference (precomputed ones are already in)."""
-        if not self.reference_model:
+        """Fills ``ref_logps`` from the resident reference, or from the policy with its
+        adapters off (precomputed ones are already in)."""
+        if self.config.reference.mode == "adapters_off":
+            with adapters_disabled(self.model), evaluating(self.model):
+                reports = self._forward_only_by_size(self.reference_step, self.model, batches)
+        elif self.reference_model:
+            reports = self._forward_only_by_size(self.reference_step, self.reference_model,
+                                                 batches)
+        else:
             return
-        reports = self._forward_only_by_size(self.reference_step, self.reference_model, batches)
         if self.is_last_stage:
             collect_reference(reports, batches)
 
@@ -428,13 +452,8 @@ class Trainer:
         plan = self.plan(self.eval_set, range(len(self.eval_set)))
         batches = self._materialize(self.eval_set, plan)
         self._attach_reference(batches)
-        for chunk in self.model:
-            chunk.eval()
-        try:
+        with evaluating(self.model):
             reports = self._forward_only_by_size(self.forward_step, self.model, batches)
-        finally:
-            for chunk in self.model:
-                chunk.train()
         if not self.is_last_stage:
             return {}
         metrics = reduce_reports(reports, self.metrics_group,

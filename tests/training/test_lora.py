@@ -1,0 +1,206 @@
+"""LoRA preference training (model.lora) on a tiny Hugging Face Llama, end to end.
+
+Oracles: full-model DPO's first step (with B = 0 the adapted model is the base, so the loss
+is the base's and the gradient of B is scale * G A^T, G the full model's weight gradient);
+the single-process run for TP2 / PP2 and for resuming on another layout; the resident frozen
+copy of the base for reference.mode adapters_off; transformers (merged export) and peft (the
+PEFT directory) for the exports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+
+from tests.support.distributed import run_distributed
+from tests.support.hf_models import (
+    hf_config,
+    make_hf_model,
+    make_pairs,
+    policy_token_logps,
+    transformers_token_logps,
+)
+from tests.support.training import gather_full_parameters
+
+pytestmark = pytest.mark.slow
+
+LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["linear_qkv", "linear_proj", "linear_fc1",
+                                                     "linear_fc2"]}
+SCALE = LORA["alpha"] / LORA["rank"]
+TARGETS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+           "mlp.linear_fc2")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    make_hf_model(tmp / "llama3", "llama3")
+    return tmp, make_pairs(tmp / "pairs.jsonl")
+
+
+def _config(tmp, data, run, **overrides):
+    settings = {"model.lora": LORA, "reference.mode": "adapters_off",
+                "train.output_dir": str(tmp / run), **overrides}
+    if settings["model.lora"] is None:
+        del settings["model.lora"]
+    return hf_config(tmp, "llama3", data, **settings)
+
+
+def _steps_worker(rank, world, tmp, data, run, overrides, steps, out):
+    """Trains ``steps`` steps; saves (metrics, full parameters before and after) on rank 0."""
+    from adadpo_megatron.training.precompute import precompute_reference
+    from adadpo_megatron.training.trainer import Trainer
+
+    tmp = pathlib.Path(tmp)
+    config = _config(tmp, data, run, **overrides)
+    if config.reference.mode == "precompute":
+        precompute_reference(config)
+    trainer = Trainer(config).setup()
+    try:
+        before = gather_full_parameters(trainer)
+        history = [trainer.train_step(step) for step in range(steps)]
+        after = gather_full_parameters(trainer)
+    finally:
+        trainer.close()
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, history)
+    if rank == 0:
+        torch.save({"history": max(everyone, key=lambda h: len(h[0])), "before": before,
+                    "after": after}, out)
+
+
+def _run(world, tmp, data, run, overrides, steps, out):
+    run_distributed(_steps_worker, world, str(tmp), data, run, overrides, steps, str(out))
+    return torch.load(out, weights_only=False)
+
+
+def test_a_zero_b_starts_as_the_base_and_steps_as_full_dpo_projected(llama, tmp_path):
+    """Step 0: loss ln 2 and equal to full-model DPO's; after one SGD step (no clipping) A is
+    unchanged and B = -lr * scale * G A^T = scale * (W1 - W0) A^T, W1 - W0 being full DPO's
+    own step; the base weights do not move."""
+    tmp, data = llama
+    sgd = {"optimizer.clip_grad": 0.0, "optimizer.lr": 0.5}
+    lora = _run(1, tmp, data, "zero_b", sgd, 1, tmp_path / "lora.pt")
+    full = _run(1, tmp, data, "full", {**sgd, "model.lora": None, "reference.mode": "resident"},
+                1, tmp_path / "full.pt")
+    assert lora["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert lora["history"][0]["loss"] == pytest.approx(full["history"][0]["loss"], abs=1e-7)
+    layers = 2
+    for layer in range(layers):
+        for target in TARGETS:
+            prefix = f"decoder.layers.{layer}.{target}"
+            a0 = lora["before"][f"{prefix}_lora.lora_a"]
+            assert torch.equal(lora["before"][f"{prefix}_lora.lora_b"],
+                               torch.zeros_like(lora["before"][f"{prefix}_lora.lora_b"]))
+            assert torch.equal(lora["after"][f"{prefix}_lora.lora_a"], a0), prefix
+            step = full["after"][f"{prefix}.weight"] - full["before"][f"{prefix}.weight"]
+            expected = SCALE * step @ a0.T
+            assert expected.abs().max() > 1e-4, "the step moves B"
+            torch.testing.assert_close(lora["after"][f"{prefix}_lora.lora_b"], expected,
+                                       rtol=1e-3, atol=1e-7)
+    for name, value in lora["before"].items():
+        if "_lora." not in name:
+            assert torch.equal(lora["after"][name], value), f"the base moved: {name}"
+
+
+@pytest.fixture(scope="module")
+def one_process(llama, tmp_path_factory):
+    tmp, data = llama
+    return _run(1, tmp, data, "single", {}, 2, tmp_path_factory.mktemp("one") / "r.pt")
+
+
+@pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2},
+                                    {"parallel.pipeline_model_parallel_size": 2}],
+                         ids=["tp2", "pp2"])
+def test_two_ranks_equal_one(llama, one_process, tmp_path, layout):
+    tmp, data = llama
+    two = _run(2, tmp, data, f"two_{len(layout)}_{list(layout)[0]}", layout, 2,
+               tmp_path / "r.pt")
+    for got, want in zip(two["history"], one_process["history"], strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert two["after"].keys() == one_process["after"].keys()
+    for name, value in one_process["after"].items():
+        torch.testing.assert_close(two["after"][name], value, rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("mode", ["resident", "precompute"])
+def test_adapters_off_equals_a_frozen_copy_of_the_base(llama, one_process, tmp_path, mode):
+    """reference.mode adapters_off (one_process) against a resident frozen copy of the base
+    and against log-probs precomputed from it: the same metrics and weights, two steps."""
+    tmp, data = llama
+    overrides = {"reference.mode": mode}
+    if mode == "precompute":
+        overrides["reference.cache_path"] = str(tmp_path / "reference.pt")
+    other = _run(1, tmp, data, f"ref_{mode}", overrides, 2, tmp_path / "r.pt")
+    for got, want in zip(other["history"], one_process["history"], strict=True):
+        for key, value in want.items():
+            if key.startswith(("loss", "rewards", "logps", "grad_norm")):
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for name, value in one_process["after"].items():
+        torch.testing.assert_close(other["after"][name], value, rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+
+def _train_export_worker(rank, world, tmp, data, layout, out_dir, peft_dir, result_path):
+    from adadpo_megatron.training.hf_export import export_checkpoint
+    from adadpo_megatron.training.trainer import Trainer
+
+    tmp = pathlib.Path(tmp)
+    run = tmp / f"trained_{world}"
+    config = _config(tmp, data, run.name, **{"train.max_steps": 2, **layout})
+    trainer = Trainer(config).setup()
+    try:
+        trainer.train()  # saves the final checkpoint
+        ours, batch = policy_token_logps(trainer)  # the oracle of both exports
+    finally:
+        trainer.close()
+    if rank == 0:  # export is one process, whatever layout wrote the checkpoint
+        export_checkpoint(run, out_dir)
+        export_checkpoint(run, peft_dir, peft=True)
+        torch.save({"ours": ours, "batch": batch}, result_path)
+
+
+def _peft_token_logps(base, adapter, batch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        logits = model(batch["tokens"]).logits.float()
+    labels = batch["labels"].clamp(min=0)[..., None]
+    return torch.log_softmax(logits, -1).gather(-1, labels).squeeze(-1)
+
+
+@pytest.mark.parametrize("world,layout", [(1, {}),
+                                          (2, {"parallel.tensor_model_parallel_size": 2})],
+                         ids=["single", "tp2"])
+def test_a_lora_run_exports_merged_and_as_a_peft_adapter(llama, tmp_path, world, layout):
+    """The merged export in transformers and the PEFT directory on the base in peft give the
+    trained policy's log-probs; the checkpoints hold the adapters only."""
+    pytest.importorskip("peft")
+    tmp, data = llama
+    merged, adapter, result = tmp_path / "merged", tmp_path / "peft", tmp_path / "r.pt"
+    run_distributed(_train_export_worker, world, str(tmp), data, layout, str(merged),
+                    str(adapter), str(result))
+    trained = torch.load(result, weights_only=False)
+    batch = trained["batch"]
+    mask = batch["labels"] != -100
+    theirs, logits = transformers_token_logps(merged, batch)
+    torch.testing.assert_close(trained["ours"][mask], theirs[mask], rtol=1e-5, atol=1e-5)
+    base, base_logits = transformers_token_logps(tmp / "llama3", batch)
+    assert (base_logits - logits).abs().max() > 1e-3, "the adapters changed the model"
+    with_peft = _peft_token_logps(tmp / "llama3", adapter, batch)
+    torch.testing.assert_close(trained["ours"][mask], with_peft[mask], rtol=1e-5, atol=1e-5)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == LORA["rank"] and config["lora_alpha"] == LORA["alpha"]
+    from adadpo_megatron.training.hf_export import tensor_metadata
+
+    saved = tensor_metadata(tmp / f"trained_{world}" / "checkpoints" / "step_0000002")
+    assert saved and all("_lora." in key for key in saved), sorted(saved)
