@@ -175,6 +175,24 @@ def _add_adapter_output(adapter: LoRAAdapter, module, args, output):
     return out, bias
 
 
+def attach_adapter(parent: torch.nn.Module, name: str, lora: LoRAConfig, *,
+                   sequence_parallel: bool, tp_group) -> LoRAAdapter:
+    """An adapter on ``parent``'s linear ``name`` (one of TARGETS), registered as
+    ``parent.<name>_lora`` and run from a forward hook on the linear."""
+    linear = getattr(parent, name)
+    if hasattr(linear, "return_layernorm_output"):  # TE's norm-fused linear
+        linear.return_layernorm_output = True
+        linear.return_layernorm_output_gathered = False
+    out_features, in_features = linear.weight.shape
+    adapter = LoRAAdapter(TARGETS[name][1], in_features, out_features, lora,
+                          stride=getattr(linear.weight, "partition_stride", 1),
+                          sequence_parallel=sequence_parallel, tp_group=tp_group,
+                          dtype=linear.weight.dtype, device=linear.weight.device)
+    parent.add_module(name + SUFFIX, adapter)
+    linear.register_forward_hook(partial(_add_adapter_output, adapter))
+    return adapter
+
+
 def add_adapters(chunk: torch.nn.Module, lora: LoRAConfig, config) -> None:
     """Attaches adapters to ``lora.target_modules`` of every transformer layer of ``chunk``
     and freezes everything else (before DDP, which then keeps gradients for the adapters
@@ -191,25 +209,15 @@ def add_adapters(chunk: torch.nn.Module, lora: LoRAConfig, config) -> None:
     sequence_parallel = config.sequence_parallel and config.tensor_model_parallel_size > 1
     for layer in [m for m in chunk.modules() if isinstance(m, TransformerLayer)]:
         for name in lora.target_modules:
-            parent_name, kind = TARGETS[name]
+            parent_name = TARGETS[name][0]
             parent = getattr(layer, parent_name)
-            linear = getattr(parent, name, None)
-            if linear is None or not hasattr(linear, "weight"):
+            if not hasattr(getattr(parent, name, None), "weight"):
                 raise ValueError(
                     f"model.lora.target_modules: {name!r} is not in this model's "
                     f"{parent_name} ({type(parent).__name__}); LoRA adapts the dense "
                     "linears only (not mixture-of-experts experts): drop it")
-            if hasattr(linear, "return_layernorm_output"):  # TE's norm-fused linear
-                linear.return_layernorm_output = True
-                linear.return_layernorm_output_gathered = False
-            out_features, in_features = linear.weight.shape
-            adapter = LoRAAdapter(
-                kind, in_features, out_features, lora,
-                stride=getattr(linear.weight, "partition_stride", 1),
-                sequence_parallel=sequence_parallel,
-                tp_group=tp_group, dtype=linear.weight.dtype, device=linear.weight.device)
-            parent.add_module(name + SUFFIX, adapter)
-            linear.register_forward_hook(partial(_add_adapter_output, adapter))
+            attach_adapter(parent, name, lora, sequence_parallel=sequence_parallel,
+                           tp_group=tp_group)
     for name, param in chunk.named_parameters():
         param.requires_grad_(is_adapter_name(name))
 

@@ -206,13 +206,23 @@ def check_resume_config(trainer, path: Path) -> None:
             f"{k}: {a!r} -> {b!r}" for k, a, b in changes), flush=True)
 
 
+def _init_sgd_state(optimizer, config=None) -> None:
+    """torch SGD's momentum buffers, as zeros (its first step sets a missing buffer to the
+    gradient, which is the same as momentum times a zero buffer plus the gradient)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum"):
+            for param in group["params"]:
+                optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+
+
 def load_checkpoint(trainer, path: Path) -> int:
     """Restores a checkpoint (on any layout); returns the step to continue from."""
     dist_checkpointing = _import_checkpointing()
     for optimizer in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
-        # megatron-core calls init_state_fn before loading; SGD without momentum has none
+        # megatron-core calls init_state_fn before loading, so that the state has tensors to
+        # load into; it has none for SGD
         if getattr(optimizer, "init_state_fn", True) is None:
-            optimizer.init_state_fn = lambda *args: None
+            optimizer.init_state_fn = _init_sgd_state
     part = model_part(trainer.config)
     model_state = model_sharded_state_dict(trainer.model, part)
     state = dict(model_state)

@@ -16,7 +16,7 @@ REFUSED = ("loss.", "model.", "optimizer.", "train.global_batch_size", "train.se
            "train.dtype", "train.stage", "data.format", "data.tokenizer", "data.seq_length",
            "data.max_prompt_length", "data.prompt_truncation", "data.skip_invalid", "data.split",
            "data.eval_fraction", "data.content", "reference.load")
-# where a checkpoint's weights come from on resume is the checkpoint itself
+# where a checkpoint's weights come from on resume is the checkpoint itself (but for LoRA)
 IGNORED = ("model.load", "train.resume", "train.overwrite", "train.resume_allow_changes")
 
 Change = Tuple[str, Any, Any]
@@ -41,9 +41,12 @@ def _matches(key: str, patterns: Sequence[str]) -> bool:
 def config_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[Change]:
     """[(dotted key, saved value, current value)] for every key that differs."""
     old, new = _flatten(saved), _flatten(current)
+    # a LoRA checkpoint holds the adapters only: its base is model.load's, loaded again
+    ignored = [k for k in IGNORED if k != "model.load" or not (old.get("model.lora.rank")
+                                                               or new.get("model.lora.rank"))]
     changes = []
     for key in sorted(set(old) | set(new)):
-        if _matches(key, IGNORED):
+        if _matches(key, ignored):
             continue
         if key not in old or key not in new:
             # a field one version of the package has and the other not (its default then

@@ -378,3 +378,13 @@ def test_resume_ignores_fields_one_package_version_lacks_but_not_architecture_ke
         check_resume(saved, current, allowed=[])
     del current["model"]["transformer"]["ffn_hidden_size"]
     assert check_resume(saved, current, allowed=[]) == []
+
+
+def test_resume_of_a_lora_run_refuses_another_base():
+    """A LoRA checkpoint holds the adapters only; model.load, ignored on resume otherwise
+    (the checkpoint has the weights), is then the base they were trained on."""
+    lora = {"rank": 4, "alpha": 8.0}
+    saved = {"model": {"load": "base_a", "lora": lora}}
+    with pytest.raises(ValueError, match=r"model.load: 'base_a' in the checkpoint, 'base_b'"):
+        check_resume(saved, {"model": {"load": "base_b", "lora": lora}}, allowed=[])
+    assert check_resume({"model": {"load": "a"}}, {"model": {"load": "b"}}, allowed=[]) == []

@@ -204,3 +204,52 @@ def test_a_lora_run_exports_merged_and_as_a_peft_adapter(llama, tmp_path, world,
 
     saved = tensor_metadata(tmp / f"trained_{world}" / "checkpoints" / "step_0000002")
     assert saved and all("_lora." in key for key in saved), sorted(saved)
+
+
+def _resume_worker(rank, world, tmp, data, run, overrides, steps, resume, out):
+    from adadpo_megatron.training.trainer import Trainer
+
+    tmp = pathlib.Path(tmp)
+    extra = {"train.resume": resume} if resume else {}
+    config = _config(tmp, data, run, **{**MOMENTUM, "train.max_steps": steps, **overrides,
+                                        **extra})
+    trainer = Trainer(config).setup()
+    try:
+        history = trainer.train()
+        after = gather_full_parameters(trainer)
+    finally:
+        trainer.close()
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, history)
+    if rank == 0:
+        torch.save({"history": max(everyone, key=lambda h: len(h[0]) if h else 0),
+                    "after": after}, out)
+
+
+# momentum: optimizer state that the checkpoint must carry. (Not Adam: its first update of A,
+# lr * g / (|g| + eps), flips sign on float noise where g ~ 0, and TP2's float noise is not
+# one process's.)
+MOMENTUM = {"optimizer.sgd_momentum": 0.9}
+
+
+def test_a_lora_checkpoint_resumes_exactly_on_another_layout(llama, tmp_path):
+    """SGD with momentum, 1 step at TP2 (saved: adapters and their momentum only), then 1
+    step on one process from that checkpoint, equals 2 steps on one process."""
+    tmp, data = llama
+    results = {}
+    for name, world, overrides, steps, resume in (
+            ("straight", 1, {}, 2, None),
+            ("first", 2, {"parallel.tensor_model_parallel_size": 2}, 1, None),
+            ("resumed", 1, {}, 2, str(tmp / "resume_first" / "checkpoints" / "step_0000001"))):
+        out = tmp_path / f"{name}.pt"
+        run_distributed(_resume_worker, world, str(tmp), data, f"resume_{name}", overrides,
+                        steps, resume, str(out))
+        results[name] = torch.load(out, weights_only=False)
+    straight, resumed = results["straight"], results["resumed"]
+    assert [m["step"] for m in resumed["history"]] == [1]
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert resumed["history"][0][key] == pytest.approx(straight["history"][1][key],
+                                                          rel=1e-5, abs=1e-6), key
+    for name, value in straight["after"].items():
+        torch.testing.assert_close(resumed["after"][name], value, rtol=1e-5, atol=1e-6,
+                                   msg=name)

@@ -170,3 +170,41 @@ def test_interleaved_pipelines_need_micro_batches_in_multiples_of_the_pipeline()
                                          r"size\(3\) \* parallel.pipeline_model_parallel_size"):
         packed.check_layout(6)
     assert packed.micro_batch_multiple() == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.lora.rank=0"], r"model\.lora\.rank=0 must be an integer >= 1"),
+    (["model.lora.rank=4", "model.lora.alpha=0"], r"model\.lora\.alpha=0 is out of range"),
+    (["model.lora.dropout=1.0"], r"model\.lora\.dropout=1\.0 is out of range"),
+    (["model.lora.target_modules=[q_proj]"],
+     r"model\.lora\.target_modules: 'q_proj' is not a linear layer LoRA adapts; choose from "
+     r"linear_qkv, linear_proj, linear_fc1, linear_fc2"),
+    (["model.lora.ranks=4"], r"unknown key model\.lora\.ranks"),
+    (["model.lora=4"], r"model\.lora must be a mapping"),
+    (["model.lora.rank=4", "model.load=null"], r"model\.lora trains adapters on a pretrained "
+                                               r"base: set model\.hf or model\.load"),
+    (["reference.mode=adapters_off", "model.load=null"],
+     r"reference\.mode=adapters_off is the policy with its LoRA adapters switched off: it "
+     r"needs model\.lora"),
+    (["model.lora.rank=4", "reference.mode=adapters_off", "reference.load=ref"],
+     r"reference\.mode=adapters_off uses the base .* reference\.load needs"),
+    (["model.lora.rank=4", "model.num_moe_experts=4", "model.moe_ffn_hidden_size=32",
+      "model.moe_router_topk=2"],
+     r"model\.lora\.target_modules has linear_fc1, linear_fc2, which a mixture-of-experts "
+     r"layer does not have"),
+])
+def test_bad_lora_settings_fail_when_the_config_is_read(overrides, message):
+    from adadpo_megatron.training.run_config import load_run_config
+
+    base = ["model.load=base_checkpoint"] if "model.load=null" not in overrides else []
+    with pytest.raises(ValueError, match=message):
+        load_run_config(str(REPO / "configs" / "tiny_cpu.yaml"), base + overrides)
+
+
+def test_reference_mode_defaults_to_adapters_off_with_lora():
+    from adadpo_megatron.training.run_config import load_run_config
+
+    tiny = str(REPO / "configs" / "tiny_cpu.yaml")  # which sets reference.mode: unset it
+    lora = load_run_config(tiny, ["model.load=base", "model.lora.rank=4", "reference.mode=null"])
+    assert lora.reference.mode == "adapters_off"
+    assert load_run_config(tiny, ["reference.mode=null"]).reference.mode == "resident"
