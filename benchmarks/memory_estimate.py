@@ -14,10 +14,19 @@ Counts, for the most loaded pipeline rank (first or last stage):
                   with the distributed optimizer
     fp8 copies    Transformer Engine's FP8 weight and transpose caches, 2 bytes per linear
                   parameter, when model.fp8 is set
-    reference     resident reference weights, 2 bytes/param (none when precomputed)
+    reference     resident reference weights, 2 bytes/param (none when precomputed, or
+                  with LoRA's reference.mode adapters_off)
+    LoRA          with model.lora, the base is frozen: its weights only; the adapters
+                  (rank r on each targeted linear, sharded as adadpo_megatron.mcore.lora
+                  shards them) get the gradients and the optimizer
+    experts       with num_moe_experts, each rank holds 1 / EP of every layer's experts,
+                  whose optimizer state is sharded over the expert-data-parallel ranks
+                  (DP x CP / EP) only; activations are counted as for a dense layer (a
+                  rough figure for a mixture of experts)
     activations   Korthikanti et al. 2022 (arXiv 2205.05198), sequence parallel + selective
-                  recompute: 34 s b h / t bytes per layer and micro-batch (b = 2 sequences
-                  per pair), times the layers of all in-flight micro-batches of the first
+                  recompute: 34 s b h / t bytes per layer and micro-batch (s b its tokens:
+                  2 sequences per pair of seq_length, or data.max_tokens_per_micro_batch
+                  packed), times the layers of all in-flight micro-batches of the first
                   stage (PP of them in 1F1B), times Megatron-LM's interleaving penalty
                   1 + (PP - 1) / (PP * VPP)
     log-probs     this project's op on the last stage: bf16 logits and their gradient for one
@@ -35,6 +44,22 @@ from adadpo_megatron.training.run_config import load_run_config
 GIB = 2**30
 
 
+def _lora_params_per_layer(config, h, q, kv_out, ffn, glu, tp) -> float:
+    """This rank's adapter parameters of one layer (adadpo_megatron.mcore.lora's sharding:
+    a column-parallel linear's A replicated and B split, a row-parallel linear's A split
+    and B replicated)."""
+    lora = config.model.lora
+    r = lora.rank
+    shapes = {"linear_qkv": ("column", h, q + 2 * kv_out), "linear_proj": ("row", q, h),
+              "linear_fc1": ("column", h, glu * ffn), "linear_fc2": ("row", ffn, h)}
+    total = 0.0
+    for name in lora.target_modules:
+        kind, fan_in, fan_out = shapes[name]
+        total += r * fan_in + fan_out * r / tp if kind == "column" else r * fan_in / tp + \
+            fan_out * r
+    return total
+
+
 def estimate(config) -> dict:
     t, p = config.model.transformer, config.parallel
     h, layers, heads = t["hidden_size"], t["num_layers"], t["num_attention_heads"]
@@ -42,50 +67,81 @@ def estimate(config) -> dict:
     ffn = t.get("ffn_hidden_size") or 4 * h
     kv = t.get("kv_channels") or h // heads
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    ep = p.expert_model_parallel_size
     vpp = p.virtual_pipeline_model_parallel_size or 1
     vocab = config.model.vocab_size or padded_vocab_size(
         128256 if "llama3" in (config.model.preset or "") else 32000, config.model, tp)
     glu = 2 if t.get("gated_linear_unit") else 1
-    linear_per_layer = h * (heads * kv + 2 * groups * kv) + heads * kv * h + h * glu * ffn + \
-        ffn * h
-    per_layer = linear_per_layer + 2 * h
+    attention = h * (heads * kv + 2 * groups * kv) + heads * kv * h
+    experts = t.get("num_moe_experts")
+    if experts:  # every layer's MLP: experts (split over EP, each over TP) and a router
+        expert_per_layer = experts * (h * glu * t["moe_ffn_hidden_size"]
+                                      + t["moe_ffn_hidden_size"] * h)
+        mlp = h * experts
+    else:
+        expert_per_layer, mlp = 0, h * glu * ffn + ffn * h
+    norms = 2 * h + (2 * kv if t.get("qk_layernorm") else 0)
     embedding = vocab * h
     # the first stage holds the input embedding, the last the output layer (and final norm)
-    rank_params = per_layer * layers / pp / tp + embedding / tp * (2 if pp == 1 else 1) + \
-        (h if pp == 1 else 0)
-    linear_params = linear_per_layer * layers / pp / tp
-    return {"vocab": vocab, "total_params": per_layer * layers + 2 * embedding + h,
-            "rank_params": rank_params, "linear_params": linear_params,
-            "h": h, "layers": layers, "tp": tp, "pp": pp, "vpp": vpp}
+    dense_rank = (attention + mlp + norms) * layers / pp / tp + \
+        embedding / tp * (2 if pp == 1 else 1) + (h if pp == 1 else 0)
+    expert_rank = expert_per_layer * layers / pp / tp / ep
+    lora_rank = (_lora_params_per_layer(config, h, heads * kv, groups * kv, ffn, glu, tp)
+                 * layers / pp if config.model.lora else 0.0)
+    linear_params = ((attention + mlp) * layers / pp / tp + expert_rank)
+    return {"vocab": vocab,
+            "total_params": (attention + mlp + norms + expert_per_layer) * layers
+            + 2 * embedding + h,
+            "active_params": None if not experts else (attention + mlp + norms) * layers
+            + 2 * embedding + h + expert_per_layer * layers * t["moe_router_topk"] / experts,
+            "dense_rank": dense_rank, "expert_rank": expert_rank, "lora_rank": lora_rank,
+            "linear_params": linear_params,
+            "h": h, "layers": layers, "tp": tp, "pp": pp, "vpp": vpp, "ep": ep}
 
 
 def report(config, world_size: int) -> str:
     e = estimate(config)
     dp = config.check_layout(world_size)
+    expert_dp = dp * config.parallel.context_parallel_size // e["ep"]
     bf16 = config.train.dtype == "bfloat16"
     distributed = config.optimizer.megatron.get("use_distributed_optimizer", True)
-    s, b = config.data.seq_length, 2 * config.train.micro_batch_size
+    # tokens of one micro-batch: data.max_tokens_per_micro_batch when packed
+    tokens = (config.micro_batch_tokens() if config.data.packing == "pack"
+              else config.data.seq_length * 2 * config.train.micro_batch_size)
+    weights = e["dense_rank"] + e["expert_rank"]
+    if config.model.lora:  # the base is frozen: gradients and Adam for the adapters only
+        trained, shards = e["lora_rank"], dp if distributed else 1
+        optimizer = trained * 12 / shards
+    else:
+        trained = weights
+        optimizer = 12 * (e["dense_rank"] / (dp if distributed else 1)
+                          + e["expert_rank"] / (expert_dp if distributed else 1))
     rows = {
-        "weights": e["rank_params"] * (2 if bf16 else 4),
-        "gradients (fp32)": e["rank_params"] * 4,
-        "optimizer (fp32 main + Adam)": e["rank_params"] * 12 / (dp if distributed else 1),
+        "weights": weights * (2 if bf16 else 4),
+        "LoRA adapters": e["lora_rank"] * (2 if bf16 else 4),
+        "gradients (fp32)": trained * 4,
+        "optimizer (fp32 main + Adam)": optimizer,
         "fp8 weight caches": e["linear_params"] * 2 if config.model.transformer.get("fp8")
         else 0.0,
-        "resident reference": e["rank_params"] * 2 if config.reference.mode == "resident"
-        else 0.0,
+        "resident reference": weights * 2 if config.reference.mode == "resident" else 0.0,
     }
-    per_layer_act = 34 * s * b * e["h"] / e["tp"]
+    per_layer_act = 34 * tokens * e["h"] / e["tp"]
     penalty = 1 + (e["pp"] - 1) / (e["pp"] * e["vpp"])
     rows["activations (first stage)"] = per_layer_act * e["layers"] * penalty
     shard = e["vocab"] // e["tp"]
-    rows["log-probs (last stage)"] = 2 * (s * b * shard * 2) + 64 * 2**20
+    rows["log-probs (last stage)"] = 2 * (tokens * shard * 2) + 64 * 2**20
     total = sum(rows.values())
-    lines = [f"{config.source}: {e['total_params'] / 1e9:.2f}B parameters, world {world_size} "
-             f"= TP {e['tp']} x PP {e['pp']} (VPP {e['vpp']}) x CP "
-             f"{config.parallel.context_parallel_size} x DP {dp}; "
-             f"{e['rank_params'] / 1e9:.3f}B parameters on the most loaded rank",
+    active = (f" ({e['active_params'] / 1e9:.2f}B active per token)" if e["active_params"]
+              else "")
+    lines = [f"{config.source}: {e['total_params'] / 1e9:.2f}B parameters{active}, world "
+             f"{world_size} = TP {e['tp']} x PP {e['pp']} (VPP {e['vpp']}) x CP "
+             f"{config.parallel.context_parallel_size} x DP {dp} (EP {e['ep']}); "
+             f"{weights / 1e9:.3f}B parameters on the most loaded rank"
+             + (f", {e['lora_rank'] / 1e6:.1f}M of LoRA adapters" if config.model.lora
+                else ""),
              f"{'part':<32}{'GiB':>8}"]
-    lines += [f"{name:<32}{value / GIB:>8.1f}" for name, value in rows.items()]
+    lines += [f"{name:<32}{value / GIB:>8.1f}" for name, value in rows.items()
+              if value or name != "LoRA adapters"]
     lines.append(f"{'total (estimate)':<32}{total / GIB:>8.1f}")
     return "\n".join(lines)
 

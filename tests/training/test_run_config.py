@@ -9,29 +9,47 @@ from tests.support.training import REPO
 LLAMA3 = {"model_type": "llama", "vocab_size": 128256, "rms_norm_eps": 1e-5,
           "rope_theta": 500000.0, "num_key_value_heads": 8, "tie_word_embeddings": False,
           "max_position_embeddings": 8192, "hidden_act": "silu", "torch_dtype": "bfloat16"}
-LLAMA3_SHAPES = {
-    "llama3_8b_paper.yaml": dict(hidden_size=4096, intermediate_size=14336,
+LLAMA3_70B = dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                  num_attention_heads=64)
+# Llama-3.1-70B-Instruct's and Qwen3-30B-A3B's config.json (their published shapes)
+LLAMA31_70B = dict(LLAMA3_70B, max_position_embeddings=131072, rope_scaling={
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192})
+QWEN3_30B_A3B = {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+                 "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 128, "moe_intermediate_size": 768,
+                 "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+                 "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+                 "max_position_embeddings": 40960, "hidden_act": "silu",
+                 "torch_dtype": "bfloat16", "decoder_sparse_step": 1, "mlp_only_layers": [],
+                 "attention_bias": False}
+RECIPE_MODELS = {
+    "llama3_8b_paper.yaml": dict(LLAMA3, hidden_size=4096, intermediate_size=14336,
                                  num_hidden_layers=32, num_attention_heads=32),
-    "llama3_70b_h100_fp8.yaml": dict(hidden_size=8192, intermediate_size=28672,
-                                     num_hidden_layers=80, num_attention_heads=64),
+    "llama3_70b_h100_fp8.yaml": LLAMA3_70B,
+    "llama31_70b_lora_adadpo.yaml": LLAMA31_70B,
+    "qwen3_30b_a3b_adadpo.yaml": QWEN3_30B_A3B,
 }
 
 
 def recipe_model_overrides(name, tmp_path):
-    """model.hf=<a directory holding the recipe model's config.json>, for the Llama-3 ones."""
+    """model.hf=<a directory holding the recipe model's config.json>, for the recipes of
+    published models."""
     import json
 
-    if name not in LLAMA3_SHAPES:
+    if name not in RECIPE_MODELS:
         return []
     directory = tmp_path / name
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({**LLAMA3, **LLAMA3_SHAPES[name]}))
+    (directory / "config.json").write_text(json.dumps(RECIPE_MODELS[name]))
     return [f"model.hf={directory}"]
 
 
 @pytest.mark.parametrize("name,world", [("tiny_cpu.yaml", 1), ("demo_sft.yaml", 2),
                                         ("demo_adadpo.yaml", 2), ("llama3_8b_paper.yaml", 8),
-                                        ("llama3_70b_h100_fp8.yaml", 64)])
+                                        ("llama3_70b_h100_fp8.yaml", 64),
+                                        ("llama31_70b_lora_adadpo.yaml", 8),
+                                        ("qwen3_30b_a3b_adadpo.yaml", 16)])
 def test_shipped_recipes_are_consistent(name, world, tmp_path):
     """Every recipe parses and its layout fits the world it is written for (the Llama-3
     recipes' model.hf directories replaced by config.json files of the same shapes)."""
@@ -45,6 +63,13 @@ def test_shipped_recipes_are_consistent(name, world, tmp_path):
         assert (dp, config.parallel.virtual_pipeline_model_parallel_size) == (2, 5)
         with pytest.raises(ValueError, match="model.fp8='hybrid' needs a GPU"):
             config.check_machine(gpu=False)
+    if name.startswith("llama31_70b_lora"):  # one node; the reference is the base itself
+        assert (dp, config.reference.mode, config.model.lora.rank) == (1, "adapters_off", 16)
+        assert config.model.rope_scaling and config.model.rope_scaling_factor == 8.0
+    if name.startswith("qwen3"):
+        assert config.model.transformer["num_moe_experts"] == 128
+        assert (dp, config.parallel.expert_model_parallel_size) == (16, 8)
+        assert not config.model.moe_train_router
 
 
 def test_fp8_needs_bf16_and_aligned_sequences(tmp_path):
