@@ -23,6 +23,11 @@
    float32) through model.hf, the experts as Transformer Engine linears, tokens dispatched by
    megatron-core's all-to-all dispatcher on NCCL: per-token log-probs against transformers'
    forward on the GPU (the CPU tests check the local layers and EP=2 over gloo).
+6. LoRA on Transformer Engine layers (issue 18): a tiny Llama with adapters on all four
+   linears (the norm-fused ones hand the adapters their normalised input) trains 2 steps with
+   the adapters_off reference (step-0 loss ln 2), its checkpoint holds the adapters only, and
+   adadpo-export-hf's merged model in transformers gives the trained policy's log-probs.
+   (Sequence parallelism needs TP > 1; the CPU tests check the adapters' SP communication.)
 Not run by the test suite (it needs a GPU).
 """
 
@@ -105,10 +110,8 @@ def check_logprobs(rows):
         torch.cuda.empty_cache()
 
 
-def check_step(rows, fp8: bool):
-    from adadpo_megatron.training.run_config import load_run_config
-    from adadpo_megatron.training.trainer import Trainer
-
+def step_overrides(fp8: bool):
+    """check_step's overrides of configs/tiny_cpu.yaml."""
     overrides = [
         "model.preset=llama3-70b", "model.num_layers=2", "model.load=null",
         "model.make_vocab_size_divisible_by=128256",  # the byte tokenizer padded to 128256
@@ -116,10 +119,19 @@ def check_step(rows, fp8: bool):
         "train.global_batch_size=1", "train.micro_batch_size=1", "train.max_steps=2",
         "train.progress=false", "train.tensorboard=false", "train.resume=never",
         f"train.output_dir={tempfile.mkdtemp()}", "optimizer.optimizer=sgd",
-        "optimizer.lr=1e-5", "optimizer.use_distributed_optimizer=false",
+        "optimizer.lr=1e-5", "optimizer.min_lr=0.0",  # tiny_cpu.yaml's min_lr is above it
+        "optimizer.use_distributed_optimizer=false",
     ]
     if fp8:
         overrides += ["model.fp8=hybrid", "model.fp8_recipe=delayed"]
+    return overrides
+
+
+def check_step(rows, fp8: bool):
+    from adadpo_megatron.training.run_config import load_run_config
+    from adadpo_megatron.training.trainer import Trainer
+
+    overrides = step_overrides(fp8)
     trainer = Trainer(load_run_config(str(REPO / "configs/tiny_cpu.yaml"), overrides)).setup()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -154,6 +166,25 @@ def check_thd_split(rows):
                  "result": "ok" if not mismatches else f"FAILED: {', '.join(mismatches)}"})
 
 
+def packed_overrides(extra, loss_overrides=()):
+    """_packed_vs_padded's overrides of configs/tiny_cpu.yaml for one variant."""
+    return ["model.preset=llama3-8b", "model.num_layers=2", "model.load=null",
+            "data.seq_length=2048", "data.max_prompt_length=64", "train.dtype=bfloat16",
+            "train.global_batch_size=32", "train.micro_batch_size=4", "train.max_steps=2",
+            "train.progress=false", "train.tensorboard=false", "train.resume=never",
+            f"train.output_dir={tempfile.mkdtemp()}", "optimizer.optimizer=sgd",
+            "optimizer.lr=0.05", "optimizer.use_distributed_optimizer=false",
+            *loss_overrides, *extra]
+
+
+PACKED_VARIANTS = (("thd", ["data.packing=pack"]),
+                   ("thd_mbs16", ["data.packing=pack", "train.micro_batch_size=16"]),
+                   ("thd_budget", ["data.packing=pack", "data.max_tokens_per_micro_batch=4096"]),
+                   ("thd_fused", ["data.packing=pack", "model.fused_logprobs=true"]))
+LOSS_VARIANTS = (("LD-DPO ", ("loss.ld_alpha=0.5",)),
+                 ("WPO ", ("loss.use_weighting=true", "loss.adaptive=false")))
+
+
 def _packed_vs_padded(rows, label, variants, loss_overrides=()):
     """Two steps of a 2-layer Llama-3-8B-width model per variant; every variant's step-1 loss
     against the padded one's."""
@@ -162,14 +193,7 @@ def _packed_vs_padded(rows, label, variants, loss_overrides=()):
 
     results = {}
     for name, extra in (("padded", ["data.packing=none"]), *variants):
-        overrides = [
-            "model.preset=llama3-8b", "model.num_layers=2", "model.load=null",
-            "data.seq_length=2048", "data.max_prompt_length=64", "train.dtype=bfloat16",
-            "train.global_batch_size=32", "train.micro_batch_size=4", "train.max_steps=2",
-            "train.progress=false", "train.tensorboard=false", "train.resume=never",
-            f"train.output_dir={tempfile.mkdtemp()}", "optimizer.optimizer=sgd",
-            "optimizer.lr=0.05", "optimizer.use_distributed_optimizer=false",
-            *loss_overrides, *extra]
+        overrides = packed_overrides(extra, loss_overrides)
         trainer = Trainer(load_run_config(str(REPO / "configs/tiny_cpu.yaml"),
                                           overrides)).setup()
         assert name == "padded" or trainer.packed_format == "thd", trainer.packed_format
@@ -201,12 +225,7 @@ def _packed_vs_padded(rows, label, variants, loss_overrides=()):
 def check_packed_step(rows):
     """THD at the default token budget (micro-batch 4), at micro-batch 16 (issue 17: the old
     planner padded that like `longest`), at an explicit budget, and with fused log-probs."""
-    _packed_vs_padded(rows, "", (("thd", ["data.packing=pack"]),
-                                 ("thd_mbs16", ["data.packing=pack", "train.micro_batch_size=16"]),
-                                 ("thd_budget", ["data.packing=pack",
-                                                 "data.max_tokens_per_micro_batch=4096"]),
-                                 ("thd_fused", ["data.packing=pack",
-                                                "model.fused_logprobs=true"])))
+    _packed_vs_padded(rows, "", PACKED_VARIANTS)
 
 
 def check_loss_family(rows):
@@ -244,32 +263,23 @@ def check_loss_family(rows):
                  "ms": float("nan"), "peak_mib": float("nan"),
                  "result": f"worst relative error {worst:.1e}: "
                            f"{'ok' if not failed else 'FAILED ' + ', '.join(failed)}"})
-    _packed_vs_padded(rows, "LD-DPO ", (("thd", ["data.packing=pack"]),),
-                      ("loss.ld_alpha=0.5",))
-    _packed_vs_padded(rows, "WPO ", (("thd", ["data.packing=pack"]),),
-                      ("loss.use_weighting=true", "loss.adaptive=false"))
+    for label, loss_overrides in LOSS_VARIANTS:
+        _packed_vs_padded(rows, label, (("thd", ["data.packing=pack"]),), loss_overrides)
 
 
-def check_qwen3_moe(rows):
+def _tiny_hf_run(tmp: Path, config, model_section=None, **train):
+    """(transformers model, RunConfig) of a tiny random model of ``config`` (weights scaled so
+    that logits and routing are far from uniform) saved under tmp / "hf", with 4 pairs."""
     import transformers
 
-    from adadpo_megatron.data.micro_batches import collate
-    from adadpo_megatron.mcore.forward_step import _model_forward
-    from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
     from adadpo_megatron.training.run_config import RunConfig
-    from adadpo_megatron.training.trainer import Trainer
 
-    tmp = Path(tempfile.mkdtemp())
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=384, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, rms_norm_eps=1e-6)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
-                param.mul_(4.0)  # logits and routing far from uniform
+                param.mul_(4.0)
     model.save_pretrained(tmp / "hf")
     g = torch.Generator().manual_seed(0)
     with open(tmp / "pairs.jsonl", "w") as f:
@@ -278,30 +288,103 @@ def check_qwen3_moe(rows):
             f.write(json.dumps({"prompt_input_ids": ids[:100], "chosen_input_ids": ids[100:200],
                                 "rejected_input_ids": ids[200:]}) + "\n")
     run = RunConfig.from_dict({
-        "model": {"hf": str(tmp / "hf")}, "loss": {"loss_type": "dpo"},
+        "model": {"hf": str(tmp / "hf"), **(model_section or {})},
+        "loss": {"loss_type": "dpo"},
         "data": {"path": str(tmp / "pairs.jsonl"), "tokenizer": "byte", "seq_length": 256,
                  "max_prompt_length": 128, "packing": "none"},
-        "optimizer": {"optimizer": "sgd", "lr": 0.0, "use_distributed_optimizer": False},
+        "optimizer": {"optimizer": "sgd", "lr": train.pop("lr", 1e-6),  # > 0, as required
+                      "use_distributed_optimizer": False},
         "train": {"global_batch_size": 2, "micro_batch_size": 2, "max_steps": 1,
                   "output_dir": str(tmp / "run"), "resume": "never", "progress": False,
-                  "tensorboard": False}})
+                  "tensorboard": False, **train}})
+    return model, run
+
+
+def _policy_vs_transformers(trainer, model, label: str, rows) -> None:
+    """The trainer's policy's per-token log-probs against ``model``'s (transformers, on the
+    GPU), on the first 2 pairs."""
+    from adadpo_megatron.data.micro_batches import collate
+    from adadpo_megatron.mcore.forward_step import _model_forward
+    from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
+
+    batch = collate(trainer.dataset, torch.arange(2))
+    chunk = trainer.model[0].module.eval()
+    with torch.no_grad():
+        cuda = {k: v.cuda() for k, v in batch.items()}
+        ours = vocab_parallel_logprobs(_model_forward(chunk, cuda), cuda["labels"])
+        logits = model.cuda()(cuda["tokens"]).logits.float()
+    theirs = torch.log_softmax(logits, -1).gather(
+        -1, cuda["labels"].clamp(min=0)[..., None]).squeeze(-1)
+    mask = cuda["labels"] != -100
+    error = (ours - theirs)[mask].abs().max().item()
+    ok = error < 5e-3  # float32 both sides; Transformer Engine may use TF32 GEMMs
+    rows.append({"check": label, "ms": float("nan"), "peak_mib": float("nan"),
+                 "result": f"max |log-prob difference| {error:.1e} over {int(mask.sum())} "
+                           f"tokens: {'ok' if ok else 'FAILED'}"})
+
+
+def qwen3_moe_config():
+    import transformers
+
+    return transformers.Qwen3MoeConfig(
+        vocab_size=384, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, rms_norm_eps=1e-6)
+
+
+def lora_run():
+    """check_lora's (model config, model section, train keys) for _tiny_hf_run."""
+    import transformers
+
+    return (transformers.LlamaConfig(
+        vocab_size=384, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5),
+        {"lora": {"rank": 8, "alpha": 16}}, {"lr": 0.5, "max_steps": 2})
+
+
+def check_qwen3_moe(rows):
+    from adadpo_megatron.training.trainer import Trainer
+
+    model, run = _tiny_hf_run(Path(tempfile.mkdtemp()), qwen3_moe_config())
     trainer = Trainer(run).setup()
     try:
-        batch = collate(trainer.dataset, torch.arange(2))
-        chunk = trainer.model[0].module.eval()
-        with torch.no_grad():
-            cuda = {k: v.cuda() for k, v in batch.items()}
-            ours = vocab_parallel_logprobs(_model_forward(chunk, cuda), cuda["labels"])
-            logits = model.cuda()(cuda["tokens"]).logits.float()
-        theirs = torch.log_softmax(logits, -1).gather(
-            -1, cuda["labels"].clamp(min=0)[..., None]).squeeze(-1)
-        mask = cuda["labels"] != -100
-        error = (ours - theirs)[mask].abs().max().item()
-        ok = error < 5e-3  # float32 both sides; Transformer Engine may use TF32 GEMMs
-        rows.append({"check": "Qwen3-MoE (TE layers) vs transformers", "ms": float("nan"),
+        _policy_vs_transformers(trainer, model, "Qwen3-MoE (TE layers) vs transformers", rows)
+    finally:
+        trainer.close()
+
+
+def check_lora(rows):
+    """LoRA on Transformer Engine layers (issue 18): the adapters read the normalised input
+    TE's norm-fused linear_qkv / linear_fc1 return (return_layernorm_output). A tiny Llama
+    trains 2 steps with adapters on all four linears (adapters_off reference: step-0 loss
+    ln 2), is exported merged (adadpo-export-hf) and compared with transformers on the
+    merged model; the checkpoint must hold the adapters only."""
+    import transformers
+
+    from adadpo_megatron.training.hf_export import export_checkpoint, tensor_metadata
+    from adadpo_megatron.training.trainer import Trainer
+
+    tmp = Path(tempfile.mkdtemp())
+    config, section, train = lora_run()
+    _, run = _tiny_hf_run(tmp, config, section, **train)
+    trainer = Trainer(run).setup()
+    try:
+        history = trainer.train()  # saves the final checkpoint
+        export_checkpoint(tmp / "run", tmp / "merged")
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp / "merged",
+                                                                   dtype=torch.float32)
+        saved = tensor_metadata(tmp / "run" / "checkpoints" / "step_0000002")
+        only_adapters = bool(saved) and all("_lora." in key for key in saved)
+        first = history[0]["loss"]
+        te = trainer.packed_format == "thd"  # the layer spec is Transformer Engine's
+        ok = abs(first - math.log(2)) < 1e-4 and only_adapters and te
+        rows.append({"check": "LoRA (TE layers): step 0, checkpoint", "ms": float("nan"),
                      "peak_mib": float("nan"),
-                     "result": f"max |log-prob difference| {error:.1e} over {int(mask.sum())} "
-                               f"tokens: {'ok' if ok else 'FAILED'}"})
+                     "result": f"step-0 loss {first:.6f} (ln 2), step-1 loss "
+                               f"{history[1]['loss']:.6f}, checkpoint adapters only "
+                               f"{only_adapters}, TE layers {te}: "
+                               f"{'ok' if ok else 'FAILED'}"})
+        _policy_vs_transformers(trainer, merged, "LoRA (TE layers) vs merged export", rows)
     finally:
         trainer.close()
 
@@ -328,6 +411,11 @@ def main():
         check_qwen3_moe(rows)
     except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
         rows.append({"check": "Qwen3-MoE (TE layers) vs transformers", "ms": float("nan"),
+                     "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
+    try:
+        check_lora(rows)
+    except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
+        rows.append({"check": "LoRA (TE layers)", "ms": float("nan"),
                      "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
     check_step(rows, fp8=False)
     if not args.skip_fp8:

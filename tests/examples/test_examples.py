@@ -28,3 +28,31 @@ def test_every_example_compiles():
 
     for path in sorted((REPO / "examples").rglob("*.py")):
         py_compile.compile(str(path), doraise=True)
+
+
+def test_every_gpu_check_run_config_is_valid(tmp_path):
+    """examples/gpu_check.py runs only on a GPU; a config it builds that fails validation
+    (as an lr of 0 and an lr below tiny_cpu.yaml's min_lr once did) would make its first GPU
+    run report FAILED for a reason that has nothing to do with the GPU."""
+    import importlib.util
+
+    from adadpo_megatron.training.run_config import load_run_config
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "examples" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    tiny = str(REPO / "configs" / "tiny_cpu.yaml")
+    configs = [load_run_config(tiny, gpu_check.step_overrides(fp8)) for fp8 in (False, True)]
+    padded = [("padded", ["data.packing=none"])]
+    for loss_overrides, variants in (((), padded + list(gpu_check.PACKED_VARIANTS)),
+                                     *((o, padded + [("thd", ["data.packing=pack"])])
+                                       for _, o in gpu_check.LOSS_VARIANTS)):
+        for _, extra in variants:
+            configs.append(load_run_config(tiny, gpu_check.packed_overrides(extra,
+                                                                           loss_overrides)))
+    _, moe = gpu_check._tiny_hf_run(tmp_path / "moe", gpu_check.qwen3_moe_config())
+    config, section, train = gpu_check.lora_run()
+    _, lora = gpu_check._tiny_hf_run(tmp_path / "lora", config, section, **train)
+    assert moe.model.transformer["num_moe_experts"] == 8
+    assert lora.model.lora.rank == 8 and lora.reference.mode == "adapters_off"
+    assert all(c.train.dtype == "bfloat16" for c in configs)
