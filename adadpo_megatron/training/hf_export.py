@@ -3,6 +3,7 @@ vLLM) load.
 
     adadpo-export-hf runs/llama31_8b_adadpo out/llama31_8b_adadpo      # a run: its latest
     adadpo-export-hf runs/x/checkpoints/step_0000100 out/x_step100     # one checkpoint
+    adadpo-export-hf runs/lora_run out/adapter --peft                   # LoRA: PEFT directory
 
 Writes config.json, model-0000k-of-0000n.safetensors with model.safetensors.index.json,
 generation_config.json and the tokenizer's files. One CPU process, from a checkpoint of any
@@ -13,7 +14,8 @@ Tensors are read with torch.distributed.checkpoint directly (no process group, n
 megatron-core model), one region at a time. The architecture comes from the run's model
 section (saved in every checkpoint); when the run started from ``model.hf`` (or the
 checkpoint is an adadpo-import-hf one), its config.json, generation config and tokenizer are
-carried over, so the export differs from the source only in the weights.
+carried over, so the export differs from the source only in the weights. A LoRA run's
+checkpoint holds its adapters only: they are merged into its base (lora_export).
 """
 
 from __future__ import annotations
