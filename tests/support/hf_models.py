@@ -35,7 +35,7 @@ ARCHITECTURES = {
 }
 
 
-def make_hf_model(directory, name, seed=0):
+def make_hf_model(directory, name, seed=0, layers=2):
     """A tiny model of ``name``'s architecture, saved as save_pretrained writes it."""
     import transformers
 
@@ -45,7 +45,7 @@ def make_hf_model(directory, name, seed=0):
                     "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
                     "qwen3_moe": transformers.Qwen3MoeConfig}
     config = config_class[model_type](
-        vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
         rms_norm_eps=1e-5, **spec)
     torch.manual_seed(seed)

@@ -129,6 +129,25 @@ def test_two_ranks_equal_one(llama, one_process, tmp_path, layout):
                                    msg=name)
 
 
+def test_interleaved_pipeline_equals_one_process(llama, tmp_path):
+    """PP 2 x VPP 2 (a 4-layer model: one layer a virtual stage) against one process."""
+    tmp, data = llama
+    make_hf_model(tmp / "llama3_4", "llama3", layers=4)
+    runs = {}
+    for world, layout in ((1, {}), (2, {"parallel.pipeline_model_parallel_size": 2,
+                                        "parallel.virtual_pipeline_model_parallel_size": 2})):
+        runs[world] = _run(world, tmp, data, f"vpp_{world}",
+                           {"model.hf": str(tmp / "llama3_4"), **layout}, 2,
+                           tmp_path / f"{world}.pt")
+    for got, want in zip(runs[2]["history"], runs[1]["history"], strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert any(".3.self_attention.linear_qkv_lora." in name for name in runs[1]["after"])
+    for name, value in runs[1]["after"].items():
+        torch.testing.assert_close(runs[2]["after"][name], value, rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+
 @pytest.mark.parametrize("mode", ["resident", "precompute"])
 def test_adapters_off_equals_a_frozen_copy_of_the_base(llama, one_process, tmp_path, mode):
     """reference.mode adapters_off (one_process) against a resident frozen copy of the base
