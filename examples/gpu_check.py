@@ -1,4 +1,5 @@
-"""The single-GPU check: one H100 or H200, under 8 minutes, one summary table.
+"""The single-GPU check: one H100 or H200, under 8 minutes, one summary table. Unlike the
+other examples it checks internals, so it imports the package's modules directly.
 
     python examples/gpu_check.py [--skip-fp8] [--out gpu_check.json]
 

@@ -16,9 +16,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from adadpo_megatron.ops.logprobs import sequence_logprobs, vocab_parallel_logprobs
-from adadpo_megatron.ops.loss import preference_loss
-from adadpo_megatron.ops.loss_config import LossConfig
+from adadpo_megatron import (
+    LossConfig,
+    preference_loss,
+    sequence_logprobs,
+    vocab_parallel_logprobs,
+)
 
 
 def main():

@@ -45,9 +45,13 @@ def datasets_provider(train_val_test_num_samples):
     """PairDataset items; Megatron-LM's loader stacks them into [m, 2, S] micro-batches."""
     from megatron.training import get_args
 
-    from adadpo_megatron.data.micro_batches import PairDataset, split_held_out
-    from adadpo_megatron.data.preference_data import DataSettings, load_preference_data
-    from adadpo_megatron.data.tokenizers import build_tokenizer
+    from adadpo_megatron import (
+        DataSettings,
+        PairDataset,
+        build_tokenizer,
+        load_preference_data,
+        split_held_out,
+    )
 
     args = get_args()
     settings = DataSettings(format="auto", seq_length=args.seq_length,
@@ -67,8 +71,7 @@ if __name__ == "__main__":
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
-    from adadpo_megatron.mcore.forward_step import PreferenceForwardStep
-    from adadpo_megatron.ops.loss_config import LossConfig
+    from adadpo_megatron import LossConfig, PreferenceForwardStep
 
     pretrain(datasets_provider, model_provider, ModelType.encoder_or_decoder,
              PreferenceForwardStep(LossConfig(loss_type="dpo", beta=0.01, clip=2.0)))

@@ -45,17 +45,18 @@ def main():
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from adadpo_megatron.data.micro_batches import step_micro_batches
-    from adadpo_megatron.data.preference_data import DataSettings, load_preference_data
-    from adadpo_megatron.data.tokenizers import ByteTokenizer
-    from adadpo_megatron.mcore import cpu_compat
-    from adadpo_megatron.mcore.forward_step import (
+    from adadpo_megatron import (
+        ByteTokenizer,
+        DataSettings,
+        LossConfig,
         PreferenceForwardStep,
         ReferenceForwardStep,
         collect_reference,
+        cpu_compat,
+        load_preference_data,
         reduce_reports,
+        step_micro_batches,
     )
-    from adadpo_megatron.ops.loss_config import LossConfig
 
     if not torch.cuda.is_available():
         cpu_compat.enable()

@@ -106,3 +106,25 @@ def test_what_the_public_functions_take_is_exported_beside_them():
                                       torch.tensor([4.0]), torch.tensor([2.0]))
     log_r = adadpo_megatron.coefficient_log_ratio(stats, adadpo_megatron.LossConfig())
     assert log_r.tolist() == [1.0]
+
+
+def test_examples_use_the_public_api_only():
+    """The examples are what users copy: they import from ``adadpo_megatron`` and the
+    application from ``adadpo_megatron.training``, never a module path that may move.
+    examples/gpu_check.py, which checks internals on a GPU, is the one exception."""
+    examples = sorted(p for p in (REPO / "examples").rglob("*.py") if p.name != "gpu_check.py")
+    assert len(examples) > 3
+    wrong = [f"{path.relative_to(REPO)} imports {module}"
+             for path in examples for module in _imported_modules(path)
+             if module.startswith("adadpo_megatron")
+             and module not in ("adadpo_megatron", "adadpo_megatron.training")]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_application_is_exported_lazily():
+    import adadpo_megatron.training as training
+
+    for name in training.__all__:
+        assert callable(getattr(training, name)), name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        training.Nope  # noqa: B018

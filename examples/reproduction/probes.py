@@ -16,14 +16,15 @@ from typing import Dict, List
 
 import torch
 
-from adadpo_megatron.data.preference_data import IGNORE_INDEX, PreferenceDataset
-from adadpo_megatron.ops.loss import (
+from adadpo_megatron import (
+    IGNORE_INDEX,
+    LossConfig,
     PairStats,
+    PreferenceDataset,
     adadpo_coefficient,
     coefficient_log_ratio,
     preference_loss,
 )
-from adadpo_megatron.ops.loss_config import LossConfig
 
 Tensor = torch.Tensor
 

@@ -111,9 +111,7 @@ def _start_worker() -> None:
 
 def warm_up(out: Path, steps: int) -> Path:
     """The supervised warm-up, once; returns its output directory (its latest checkpoint)."""
-    from adadpo_megatron.training.checkpoint import latest_checkpoint
-    from adadpo_megatron.training.run_config import load_run_config
-    from adadpo_megatron.training.trainer import Trainer
+    from adadpo_megatron.training import Trainer, latest_checkpoint, load_run_config
 
     sft = out / "sft"
     marker = sft / "warm_up.json"  # what the checkpoint was made with
@@ -160,8 +158,7 @@ def train_one(run: Run, sft: Path, out: Path) -> Dict:
     """Trains one run and measures it; writes and returns its record."""
     import probes
 
-    from adadpo_megatron.training.run_config import load_run_config
-    from adadpo_megatron.training.trainer import Trainer
+    from adadpo_megatron.training import Trainer, load_run_config
 
     record_path = out / "records" / f"{run.name}.json"
     if record_path.is_file():
