@@ -350,7 +350,9 @@ def _sequence(prompt: List[int], response: List[int], eos_id: int, pad_id: int,
 
 @dataclass(frozen=True)
 class DataSettings:
-    """The settings the tokenised data depend on (a subset of DataConfig)."""
+    """The settings the tokenised data depend on: the fields of the run config's data section
+    (DataConfig) that tokenising reads, and what the tokenised-data cache and the reference
+    cache's fingerprint are keyed by. Checked here, once, for both."""
 
     format: str = "auto"
     seq_length: int = 128
@@ -358,6 +360,14 @@ class DataSettings:
     prompt_truncation: str = "left"
     skip_invalid: bool = False
     split: str = "train"
+
+    def __post_init__(self):
+        for key, value, allowed in (("format", self.format, FORMATS),
+                                    ("prompt_truncation", self.prompt_truncation,
+                                     ("left", "drop"))):
+            if value not in allowed:
+                raise ValueError(f"data.{key}={value!r} is not allowed; choose one of "
+                                 f"{', '.join(map(repr, allowed))}")
 
 
 def _cache_file(source: str, content_hash: str, tokenizer, settings: DataSettings,
@@ -382,9 +392,6 @@ def load_preference_data(source: str, tokenizer, settings: DataSettings, *,
         ValueError: the first bad row, naming file, row and field (unless skip_invalid), a
             source that cannot be read, or no pair left.
     """
-    if settings.format not in FORMATS:
-        raise ValueError(f"data.format={settings.format!r} is not allowed; choose one of "
-                         f"{', '.join(FORMATS)}")
     ds, content_hash, where = open_source(source, settings.split)
     cache_file = _cache_file(source, content_hash, tokenizer, settings, cache_dir)
     if cache and cache_file.is_file():

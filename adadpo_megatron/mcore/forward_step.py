@@ -324,10 +324,7 @@ class PreferenceForwardStep(_ForwardStep):
         super().__init__(tp_group=tp_group, cp_group=cp_group, model_forward=model_forward,
                          fused=fused, packed_format=packed_format,
                          ld_alpha=loss_config.ld_alpha)
-        if fused and loss_config.use_weighting:
-            raise ValueError("loss.use_weighting=true (WPO) reads log sum_v p_v^2 from the "
-                             "logits, which model.fused_logprobs=true never materialises; "
-                             "set model.fused_logprobs=false")
+        loss_config.check_fused_logprobs(fused)
         self.loss_config = loss_config
         self.dp_group = dp_group
         self.running_mean = RewardRunningMean()

@@ -219,6 +219,14 @@ class LossConfig:
                 return name
         return "sft"
 
+    def check_fused_logprobs(self, fused: bool) -> None:
+        """Raises if the loss cannot run on fused log-probs (model.fused_logprobs), which
+        never materialise the logits: WPO reads log sum_v p_v^2 from them."""
+        if fused and self.use_weighting:
+            raise ValueError("loss.use_weighting=true (WPO) reads log sum_v p_v^2 from the "
+                             "logits, which model.fused_logprobs=true never materialises; "
+                             "set model.fused_logprobs=false")
+
     @property
     def needs_reference(self) -> bool:
         """Whether the loss reads reference log-probs."""

@@ -46,17 +46,16 @@ def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict
 
         # the weights' bytes, not the path: a checkpoint retrained in place is another one
         init = {"kind": "checkpoint", "content": content_digest(resolve_checkpoint(weights))}
-    architecture = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "load"}
+    # the base's architecture: LoRA's adapters are switched off in the reference (and a cache
+    # of the base serves any adapters on it)
+    architecture = {k: v for k, v in dataclasses.asdict(config.model).items()
+                    if k not in ("load", "lora")}
     reference_model = {"model": architecture, "dtype": config.train.dtype, "init": init}
     parts = {
         "reference_model": _digest(reference_model),
         "tokenizer": _digest(tokenizer.fingerprint()),
-        "truncation": _digest({"seq_length": config.data.seq_length,
-                               "max_prompt_length": config.data.max_prompt_length,
-                               "prompt_truncation": config.data.prompt_truncation,
-                               "format": config.data.format,
-                               "skip_invalid": config.data.skip_invalid,
-                               "split": config.data.split}),
+        # what tokenising read (the same dict, so the same digest, as before DataSettings)
+        "truncation": _digest(dataclasses.asdict(config.data.settings())),
         "data": dataset.content_hash[:16],
     }
     if config.loss.ld_alpha is not None:  # LD-DPO weights the reference's sums too

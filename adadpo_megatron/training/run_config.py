@@ -83,7 +83,6 @@ class DataConfig:
 
     def __post_init__(self):
         from adadpo_megatron.data.packing import PACKING_MODES
-        from adadpo_megatron.data.preference_data import FORMATS
 
         require_choice("data.packing", self.packing, PACKING_MODES)
         if self.max_tokens_per_micro_batch is not None:
@@ -97,8 +96,6 @@ class DataConfig:
         if not self.path:
             raise ValueError("data.path is required: a preference data file, directory or "
                              "cached dataset name")
-        require_choice("data.format", self.format, FORMATS)
-        require_choice("data.prompt_truncation", self.prompt_truncation, ("left", "drop"))
         require_int("data.seq_length", self.seq_length, low=4)
         if self.max_prompt_length is None:
             self.max_prompt_length = self.seq_length // 2
@@ -111,14 +108,14 @@ class DataConfig:
         for key in ("skip_invalid", "cache"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"data.{key}={getattr(self, key)!r} must be true or false")
+        self.settings()  # format and prompt_truncation: checked where they are used
 
     def settings(self):
+        """The DataSettings (the fields tokenising reads) of this section."""
         from adadpo_megatron.data.preference_data import DataSettings
 
-        return DataSettings(format=self.format, seq_length=self.seq_length,
-                            max_prompt_length=self.max_prompt_length,
-                            prompt_truncation=self.prompt_truncation,
-                            skip_invalid=self.skip_invalid, split=self.split)
+        return DataSettings(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(DataSettings)})
 
 
 # Token alignment FP8 GEMMs need, by recipe (MXFP8 scales blocks of 32 along the tokens).
@@ -362,10 +359,8 @@ class RunConfig:
                 raise ValueError("reference.mode=adapters_off uses the base the adapters "
                                  "adapt as the reference; reference.load needs "
                                  "reference.mode=resident or precompute")
-        if self.train.stage != "sft" and self.loss.use_weighting and self.model.fused_logprobs:
-            raise ValueError("loss.use_weighting=true (WPO) reads log sum_v p_v^2 from the "
-                             "logits, which model.fused_logprobs=true never materialises; set "
-                             "model.fused_logprobs=false")
+        if self.train.stage != "sft":  # as PreferenceForwardStep checks, but before building
+            self.loss.check_fused_logprobs(self.model.fused_logprobs)
         t, p = self.model.transformer, self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         if t["num_attention_heads"] % tp:

@@ -286,3 +286,24 @@ def _stale_trainer_worker(rank, world, data, cache):
 def test_trainer_refuses_a_stale_cache_before_building(precomputed):
     _, data, cache = precomputed
     run_distributed(_stale_trainer_worker, 1, data, cache)
+
+
+def test_the_fingerprint_is_the_base_models_with_or_without_lora(tmp_path):
+    """LoRA's adapters are off in the reference: a cache of the base serves any adapters on
+    it (the LoRA settings are not part of the fingerprint), while the base's own weights
+    (model.load's content) are."""
+    data = tmp_path / "pairs.jsonl"
+    _small_data(data)
+    tokenizer = ByteTokenizer()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "metadata.json").write_text("{}")
+    config = tiny_config({"data.path": str(data), "model.load": str(base)})
+    dataset, _ = load_preference_data(str(data), tokenizer, config.data.settings(), cache=False)
+    lora = tiny_config({"data.path": str(data), "model.load": str(base),
+                        "model.lora": {"rank": 8}, "reference.mode": "precompute"})
+    before = reference_fingerprint(lora, tokenizer, dataset)
+    assert before == reference_fingerprint(config, tokenizer, dataset)
+    (base / "metadata.json").write_text('{"another": "base"}')
+    assert reference_fingerprint(lora, tokenizer, dataset)["reference_model"] != \
+        before["reference_model"]
