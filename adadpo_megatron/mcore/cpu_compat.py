@@ -25,9 +25,10 @@ and, outside the proxy,
   gloo.
 
 Everything else (collectives, autograd, the model code) is untouched. The layer switches
-on only when no GPU is in use (``enable()`` raises otherwise) and is idempotent; modules
-imported after a call are covered by calling it again. Checked against megatron-core
-0.19.2 with torch 2.14.1 (see ``CHECKED_MEGATRON_CORE_VERSIONS``).
+on only when no GPU is in use (``enable()`` raises otherwise) and is idempotent. Its effect
+does not depend on import order: modules loaded before the call are redirected by it, and
+those loaded after it as they are imported (an import hook on ``megatron.core``). Checked
+against megatron-core 0.19.2 with torch 2.14.1 (see ``CHECKED_MEGATRON_CORE_VERSIONS``).
 """
 
 from __future__ import annotations
@@ -198,11 +199,56 @@ def _on_cpu(method):
     return wrapped
 
 
+def _redirect(module) -> bool:
+    """Gives a megatron.core module the CPU torch proxy; whether it had the real torch."""
+    if getattr(module, "torch", None) is torch:
+        module.torch = _CPU_TORCH
+        return True
+    return False
+
+
+class _RedirectingLoader:
+    """A module's own loader, then the redirect, for megatron.core modules imported after
+    ``enable()``."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _redirect(module)
+
+    def __getattr__(self, name):  # get_code, get_source, is_package, ...: the loader's own
+        return getattr(self._loader, name)
+
+
+class _RedirectOnImport:
+    """A sys.meta_path finder: finds megatron.core modules with the other finders and wraps
+    their loaders in _RedirectingLoader."""
+
+    def find_spec(self, name, path=None, target=None):
+        if not name.startswith("megatron.core"):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _RedirectingLoader(spec.loader)
+                return spec
+        return None
+
+
 def enable() -> int:
-    """Applies the CPU redirects to every loaded megatron.core module.
+    """Applies the CPU redirects to every loaded megatron.core module, and to every one
+    imported from now on.
 
     Returns:
-        how many modules it newly redirected (0 when called again with nothing new loaded).
+        how many loaded modules it newly redirected (0 when called again).
 
     Raises:
         RuntimeError: when a GPU is visible; this layer is for CPU-only runs.
@@ -220,11 +266,10 @@ def enable() -> int:
     if version not in CHECKED_MEGATRON_CORE_VERSIONS:
         warnings.warn(f"adadpo_megatron.mcore.cpu_compat was checked against megatron-core "
                       f"{', '.join(CHECKED_MEGATRON_CORE_VERSIONS)}, not {version}", stacklevel=2)
-    patched = 0
-    for name, module in list(sys.modules.items()):
-        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
-            module.torch = _CPU_TORCH
-            patched += 1
+    if not any(isinstance(finder, _RedirectOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RedirectOnImport())
+    patched = sum(_redirect(module) for name, module in list(sys.modules.items())
+                  if name.startswith("megatron.core"))
     megatron_random.CudaRNGStatesTracker.fork = _no_fork
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     token_dispatcher.maybe_move_tensor_to_cpu = _host_copy

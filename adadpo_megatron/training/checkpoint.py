@@ -31,13 +31,8 @@ LATEST = "latest"
 
 
 def _import_checkpointing():
-    """Imports dist_checkpointing and its strategies (so that cpu_compat can cover them)."""
+    """megatron-core's dist_checkpointing (imported on use: this module needs no megatron)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies import (  # noqa: F401
-        async_utils,
-        filesystem_async,
-        state_dict_saver,
-    )
 
     return dist_checkpointing
 

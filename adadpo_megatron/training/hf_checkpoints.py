@@ -99,7 +99,7 @@ def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None) 
     from adadpo_megatron.mcore.hf_mapping import load_hf_weights, read_architecture
     from adadpo_megatron.mcore.model import build_model_chunks, transformer_config
     from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
-    from adadpo_megatron.training.process_groups import import_megatron_modules, init_distributed
+    from adadpo_megatron.training.process_groups import init_distributed
 
     gpu = torch.cuda.is_available()
     arch = read_architecture(directory)
@@ -110,7 +110,6 @@ def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None) 
         raise ValueError(f"--tp {tp} x --pp {pp} != WORLD_SIZE({world})")
     if arch.num_layers % pp:
         raise ValueError(f"{directory}: {arch.num_layers} layers are not divisible by --pp {pp}")
-    import_megatron_modules()
     if not gpu:
         cpu_compat.enable()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,

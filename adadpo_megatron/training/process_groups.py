@@ -1,4 +1,4 @@
-"""The process group and the megatron-core modules a run needs, before anything is built.
+"""The process group a run needs, before anything is built.
 
 Shared by the trainer and ``adadpo-import-hf``, which sets up the same way without training.
 """
@@ -34,15 +34,3 @@ def init_distributed(gpu: bool, timeout_minutes: float = 30.0) -> None:
     dist.init_process_group("nccl" if gpu else "gloo",
                             timeout=timedelta(minutes=timeout_minutes))
 
-
-def import_megatron_modules() -> None:
-    """Imports what the loop uses, so that cpu_compat.enable() covers all of it."""
-    import megatron.core.distributed  # noqa: F401
-    import megatron.core.models.gpt  # noqa: F401
-    import megatron.core.optimizer  # noqa: F401
-    import megatron.core.pipeline_parallel  # noqa: F401
-    import megatron.core.transformer.moe.moe_layer  # noqa: F401
-
-    from adadpo_megatron.training.checkpoint import _import_checkpointing
-
-    _import_checkpointing()

@@ -51,7 +51,7 @@ from adadpo_megatron.training.checkpoint import (
     save_checkpoint,
 )
 from adadpo_megatron.training.preemption import StopRequests
-from adadpo_megatron.training.process_groups import import_megatron_modules, init_distributed
+from adadpo_megatron.training.process_groups import init_distributed
 from adadpo_megatron.training.reference_cache import (
     attach_precomputed,
     default_cache_path,
@@ -135,8 +135,6 @@ class Trainer:
         if c.reference.mode == "resident":
             self.reference_model = self.build_reference()
         self._build_optimizer()
-        if not self.gpu:
-            cpu_compat.enable()  # covers modules imported while building
         fused, packed = c.model.fused_logprobs, self.packed_format
         self.forward_step = (SFTForwardStep(fused=fused, packed_format=packed) if self.sft
                              else PreferenceForwardStep(c.loss, fused=fused,
@@ -194,9 +192,8 @@ class Trainer:
         init_distributed(self.gpu, timeout)
         if claim_output_dir:
             self._claim_output_dir()
-        import_megatron_modules()
         if not self.gpu:
-            cpu_compat.enable()
+            cpu_compat.enable()  # megatron-core on CPU, whatever it imports later
         p = c.parallel
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor_model_parallel_size,
