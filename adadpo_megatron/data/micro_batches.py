@@ -1,27 +1,18 @@
 """Preference pairs as the micro-batches megatron's schedule consumes, and the sampler.
 
-A micro-batch of ``m`` pairs is a dict of tensors with 2m rows, the m chosen sequences first
-and the m rejected ones second (pair i = rows i and i + m):
-
-    tokens        [2m, S] long   input ids, padded with the tokenizer's pad id
-    labels        [2m, S] long   next-token ids on response tokens, -100 elsewhere
-    loss_mask     [2m, S] float  1 on response tokens (labels != -100)
-    position_ids  [2m, S] long
-    example_ids   [m]     long   the pair's row in the source (0-based)
-    ref_logps     [2m]    float  reference sums, when precomputed
-
-Reading, validation, tokenisation and truncation are in ``adadpo_megatron.data.preference_data``.
+The micro-batch layout (chosen sequences first, keys and shapes) is defined once, in
+``adadpo_megatron.micro_batch``. Reading, validation, tokenisation and truncation are in
+``adadpo_megatron.data.preference_data``; packing in ``adadpo_megatron.data.packing``.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import torch
 
 from adadpo_megatron.data.preference_data import IGNORE_INDEX, PreferenceDataset
-
-Batch = Dict[str, torch.Tensor]
+from adadpo_megatron.micro_batch import MicroBatch
 
 
 def split_held_out(dataset: PreferenceDataset, fraction: float, seed: int):
@@ -49,7 +40,7 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Batch:
+    def __getitem__(self, index: int) -> MicroBatch:
         labels = self.dataset.labels[index]
         item = {"tokens": self.dataset.tokens[index], "labels": labels,
                 "loss_mask": (labels != IGNORE_INDEX).float(),
@@ -78,8 +69,8 @@ def global_batch_indices(step: int, num_examples: int, global_batch_size: int,
 
 
 def collate(dataset: PreferenceDataset, indices: torch.Tensor, chosen_only: bool = False
-            ) -> Batch:
-    """One micro-batch of pairs ``indices`` in the layout of the module docstring.
+            ) -> MicroBatch:
+    """One micro-batch (rows) of the pairs ``indices`` (adadpo_megatron.micro_batch).
 
     ``chosen_only`` keeps the m chosen rows alone (supervised warm-up on the chosen responses).
     """
@@ -98,7 +89,7 @@ def collate(dataset: PreferenceDataset, indices: torch.Tensor, chosen_only: bool
 
 def step_micro_batches(dataset: PreferenceDataset, step: int, *, global_batch_size: int,
                        micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                       chosen_only: bool = False) -> List[Batch]:
+                       chosen_only: bool = False) -> List[MicroBatch]:
     """This data-parallel rank's padded micro-batches for one optimizer step, for loops built
     by hand (examples/megatron_loop.py); the trainer plans every layout with
     adadpo_megatron.data.packing.

@@ -25,15 +25,10 @@ exactly and the real-token share of the whole step is known without a collective
 ``micro_batch_size`` only sizes the default token budget of pack, so a large micro-batch size
 packs as tightly as a small one.
 
-A packed micro-batch has the keys of ``micro_batches.collate`` with rows of packed segments,
-plus ``segment_ids``:
-
-    tokens, labels, loss_mask  [R, L]  as in collate, segment after segment (L <= S; THD:
-                                       R = 1 and L <= max_tokens)
-    position_ids  [R, L] long   restarting at 0 at every segment
-    segment_ids   [R, L] long   the segment of each token (its alignment padding included),
-                                -1 on the padding that ends a row
-    example_ids   [m]    long
+A packed micro-batch is laid out as ``adadpo_megatron.micro_batch`` defines it: rows of
+segments laid end to end (L <= seq_length; THD: one row, L <= max_tokens), ``position_ids``
+restarting at 0 at every segment, ``segment_ids`` marking each token's segment (its alignment
+padding included) and -1 on the padding that ends a row.
 
 Segments are numbered chosen first: pair j's chosen sequence is segment j, its rejected one
 segment m + j (SFT: segment j), so per-segment sums line up with the chosen-first layout of
@@ -324,7 +319,7 @@ def _micro_batch(b: _Bin, indices: List[int], padded: List[List[int]], seq_lengt
 
 def materialize(dataset: PreferenceDataset, plan: MicroBatchPlan, *, pad_id: int,
                 chosen_only: bool = False):
-    """The tensors of one planned micro-batch (keys in the module docstring)."""
+    """The tensors of one planned micro-batch (adadpo_megatron.micro_batch)."""
     from adadpo_megatron.data.micro_batches import collate
 
     indices = torch.tensor(plan.pairs, dtype=torch.long)

@@ -2,8 +2,8 @@
 
 ``PreferenceForwardStep(loss_config)`` is a ``forward_step_func`` that
 ``megatron.core.pipeline_parallel.get_forward_backward_func()`` (and Megatron-LM's
-``pretrain()``) accept. Each micro-batch holds whole pairs, chosen rows first (see
-``adadpo_megatron.data.micro_batches``). On the last pipeline stage its loss function turns the
+``pretrain()``) accept. Each micro-batch holds whole pairs, chosen sequences first (the layout:
+``adadpo_megatron.micro_batch``). On the last pipeline stage its loss function turns the
 vocab-parallel logits into per-token log-probs, reduces them to whole sequences over context
 parallelism, and forms the preference loss, returned in megatron-core's
 ``(loss sum, pair count, report)`` form. With ``calculate_per_token_loss=True`` megatron
@@ -34,6 +34,7 @@ from adadpo_megatron.mcore.packed_attention import (
     thd_flatten,
     thd_this_cp_rank,
 )
+from adadpo_megatron.micro_batch import SEQUENCE_KEYS, MicroBatch
 from adadpo_megatron.ops.batch_statistics import RewardRunningMean
 from adadpo_megatron.ops.fused_logprobs import fused_hidden_logprobs
 from adadpo_megatron.ops.logprobs import (
@@ -47,12 +48,10 @@ from adadpo_megatron.ops.logprobs import (
 from adadpo_megatron.ops.loss import LengthTails, preference_loss
 from adadpo_megatron.ops.loss_config import BATCH_SORTED_LOSS_TYPES, LossConfig
 
-Batch = Dict[str, torch.Tensor]
 MAX_REDUCED = ("adadpo/coef_max",)
 COUNTS = ("pairs", "tokens", "adadpo/grad_ratio_pairs")
 # metric -> the count metric its mean is weighted by (default: the pairs)
 WEIGHTED_BY = {"adadpo/grad_ratio": "adadpo/grad_ratio_pairs"}
-_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "ld_tail_mask")
 
 
 def _groups(tp_group, cp_group):
@@ -77,7 +76,7 @@ def _data_parallel_group(dp_group):
     return parallel_state.get_data_parallel_group(with_context_parallel=False)
 
 
-def _this_cp_rank(batch: Batch, cp_group) -> Batch:
+def _this_cp_rank(batch: MicroBatch, cp_group) -> MicroBatch:
     """The batch with its sequence dimension cut to this CP rank's load-balanced chunks:
     megatron-core's per-sequence split for rows, per segment for a THD-packed batch."""
     if cp_group is None or dist.get_world_size(cp_group) == 1:
@@ -86,12 +85,12 @@ def _this_cp_rank(batch: Batch, cp_group) -> Batch:
         return thd_this_cp_rank(batch, cp_group)
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    sharded = get_batch_on_this_cp_rank({k: batch[k] for k in _SEQUENCE_KEYS if k in batch},
+    sharded = get_batch_on_this_cp_rank({k: batch[k] for k in SEQUENCE_KEYS if k in batch},
                                         is_hybrid_cp=False, cp_group=cp_group)
     return {**batch, **sharded}
 
 
-def _model_forward(model, batch: Optional[Batch]):
+def _model_forward(model, batch: Optional[MicroBatch]):
     """The policy's and the reference's forward: logits [rows, s, V/TP] on the last stage."""
     tokens = batch["tokens"] if batch is not None else None
     positions = batch["position_ids"] if batch is not None else None
@@ -100,7 +99,7 @@ def _model_forward(model, batch: Optional[Batch]):
     return model(tokens, positions, **packed_model_inputs(batch))
 
 
-def _fused_model_forward(model, batch: Optional[Batch]):
+def _fused_model_forward(model, batch: Optional[MicroBatch]):
     """The forward with the fused log-prob path: per-token log-probs [2m, s] on the last
     stage, the logits never materialised (adadpo_megatron.ops.fused_logprobs)."""
     tokens = batch["tokens"] if batch is not None else None
@@ -156,7 +155,7 @@ class LogProbOutputProcessor:
         return logps.view(s, b).t()
 
 
-def _sequence_statistics(output_tensor, batch: Batch, tp_group, cp_group, fused: bool = False,
+def _sequence_statistics(output_tensor, batch: MicroBatch, tp_group, cp_group, fused: bool = False,
                          sides: int = 2, wpo: bool = False) -> Dict[str, torch.Tensor]:
     """Per-sequence statistics from the last stage's output (logits, or log-probs when
     fused), in one CP all-reduce: ``logps`` (differentiable) and ``lengths`` under the loss
@@ -194,7 +193,7 @@ def _ld_weighted(stats: Dict[str, torch.Tensor], ld_alpha: Optional[float]) -> t
     return stats["logps"] - (1.0 - ld_alpha) * stats["tail_logps"]
 
 
-def pairs_first_to_chosen_first(batch: Batch) -> Batch:
+def pairs_first_to_chosen_first(batch: MicroBatch) -> MicroBatch:
     """A pair-major batch (tokens [m, 2, S], ref_logps [m, 2], as a loader that stacks
     PairDataset items makes it) in the chosen-first layout ([2m, S], [2m]); a chosen-first
     batch is returned as it is."""
@@ -208,21 +207,21 @@ def pairs_first_to_chosen_first(batch: Batch) -> Batch:
     return out
 
 
-def _next_batch(data_iterator) -> Optional[Batch]:
+def _next_batch(data_iterator) -> Optional[MicroBatch]:
     # Megatron-LM passes None on pipeline stages that read no data.
     if data_iterator is None:
         return None
     return pairs_first_to_chosen_first(next(data_iterator))
 
 
-def _to_device(batch: Optional[Batch], device: torch.device) -> Optional[Batch]:
+def _to_device(batch: Optional[MicroBatch], device: torch.device) -> Optional[MicroBatch]:
     if batch is None:
         return None
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
 
 
-ModelForward = Callable[[torch.nn.Module, Optional[Batch]], torch.Tensor]
+ModelForward = Callable[[torch.nn.Module, Optional[MicroBatch]], torch.Tensor]
 
 
 class _ForwardStep:
@@ -245,7 +244,7 @@ class _ForwardStep:
         self.model_forward = model_forward
         self.finite_checks: List[tuple] = []
 
-    def schedule_shape(self, batch: Batch) -> Tuple[int, int]:
+    def schedule_shape(self, batch: MicroBatch) -> Tuple[int, int]:
         """(micro_batch_size, seq_length) to give megatron-core's schedule for ``batch``:
         its rows and row length, or (1, all tokens) for a THD-packed batch."""
         rows, length = batch["tokens"].shape
@@ -269,7 +268,7 @@ class _ForwardStep:
         return [(i, ids.tolist() if ids is not None else [])
                 for i, (_, ids) in enumerate(self.finite_checks) if not finite[i]]
 
-    def _record_finite(self, losses: torch.Tensor, batch: Batch) -> None:
+    def _record_finite(self, losses: torch.Tensor, batch: MicroBatch) -> None:
         self.finite_checks.append((torch.isfinite(losses).all(), batch.get("example_ids")))
 
     def __call__(self, data_iterator, model):
@@ -348,7 +347,7 @@ class PreferenceForwardStep(_ForwardStep):
         if "bco_running_mean" in state:
             self.running_mean.load_state_dict(state["bco_running_mean"])
 
-    def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
+    def loss_func(self, batch: MicroBatch, tp_group, cp_group, output_tensor):
         c = self.loss_config
         stats = _sequence_statistics(output_tensor, batch, tp_group, cp_group, self.fused,
                                      self.sides, wpo=c.use_weighting)
@@ -389,7 +388,7 @@ class SFTForwardStep(_ForwardStep):
 
     sides = 1
 
-    def loss_func(self, batch: Batch, tp_group, cp_group, output_tensor):
+    def loss_func(self, batch: MicroBatch, tp_group, cp_group, output_tensor):
         stats = _sequence_statistics(output_tensor, batch, tp_group, cp_group, self.fused,
                                      self.sides)
         sums, counts = stats["logps"], stats["lengths"]
@@ -470,7 +469,7 @@ def reduce_reports(reports: Iterable[Dict[str, torch.Tensor]], group=None,
     return out
 
 
-def collect_reference(reports: List[Dict[str, torch.Tensor]], batches: List[Batch]) -> None:
+def collect_reference(reports: List[Dict[str, torch.Tensor]], batches: List[MicroBatch]) -> None:
     """Attaches the resident reference's per-micro-batch sums to the policy's batches."""
     for report, batch in zip(reports, batches, strict=True):
         batch["ref_logps"] = report["ref_logps"].detach()

@@ -23,10 +23,9 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-Batch = Dict[str, torch.Tensor]
+from adadpo_megatron.micro_batch import SEQUENCE_KEYS, MicroBatch
+
 PACKED_FORMATS = ("thd", "mask")
-_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids",
-                  "ld_tail_mask")
 
 
 def default_packed_format(transformer_engine: bool) -> str:
@@ -60,13 +59,13 @@ def thd_cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
     return edges.to(torch.int32)
 
 
-def thd_flatten(batch: Batch) -> Batch:
+def thd_flatten(batch: MicroBatch) -> MicroBatch:
     """A packed micro-batch (CPU tensors) as one THD sequence: sequence keys ``[1, R * S]``,
     plus ``cu_seqlens`` (int32) and ``max_seqlen`` (int), read here so the device never
     waits."""
     cu_seqlens = thd_cu_seqlens(batch["segment_ids"])
     out = dict(batch)
-    for key in _SEQUENCE_KEYS:
+    for key in SEQUENCE_KEYS:
         if key in batch:
             out[key] = batch[key].reshape(1, -1)
     out["cu_seqlens"] = cu_seqlens
@@ -74,7 +73,7 @@ def thd_flatten(batch: Batch) -> Batch:
     return out
 
 
-def packed_seq_params(batch: Batch):
+def packed_seq_params(batch: MicroBatch):
     """megatron-core's PackedSeqParams for a ``thd_flatten``-ed batch (on its device)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -112,7 +111,7 @@ def thd_partition_index(cu_seqlens: torch.Tensor, total: int, cp_size: int,
     return index.to(cu_seqlens.device)
 
 
-def thd_this_cp_rank(batch: Batch, cp_group) -> Batch:
+def thd_this_cp_rank(batch: MicroBatch, cp_group) -> MicroBatch:
     """A ``thd_flatten``-ed batch cut to this CP rank's tokens; ``cu_seqlens`` stay global,
     as Transformer Engine's context-parallel attention expects."""
     cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
@@ -121,13 +120,13 @@ def thd_this_cp_rank(batch: Batch, cp_group) -> Batch:
     total = batch["tokens"].shape[1]
     index = thd_partition_index(batch["cu_seqlens"], total, cp_size, dist.get_rank(cp_group))
     out = dict(batch)
-    for key in _SEQUENCE_KEYS:
+    for key in SEQUENCE_KEYS:
         if key in batch:
             out[key] = batch[key].index_select(1, index)
     return out
 
 
-def packed_model_inputs(batch: Optional[Batch]) -> Dict[str, object]:
+def packed_model_inputs(batch: Optional[MicroBatch]) -> Dict[str, object]:
     """GPTModel's attention arguments: ``attention_mask`` None (the layer spec's causal mask)
     for rows; for a packed batch the block-diagonal mask, or ``packed_seq_params`` (THD)."""
     if batch is None or "segment_ids" not in batch:

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from adadpo_megatron.mcore.lora import is_adapter_name
+
+if TYPE_CHECKING:
+    from adadpo_megatron.training.run_config import RunConfig
 
 STATE_FILE = "adadpo_state.pt"
 LATEST = "latest"
@@ -113,13 +117,40 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
-def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
+@dataclass
+class CheckpointState:
+    """What a checkpoint saves and restores, handed over by its owner (the trainer), as
+    torchtitan's checkpoint manager takes its states.
+
+    Fields:
+        config: the RunConfig: saved (resuming compares it), and its model.lora decides what
+            part of the model is saved (``model_part``).
+        model: this rank's model chunks [VPP], DDP-wrapped or plain.
+        optimizer: megatron-core's optimizer over them.
+        scheduler: megatron-core's OptimizerParamScheduler.
+        data_content: the loaded data's content hash (resuming refuses other data).
+        loss_state: the loss's running state (bco_pair's reward mean): an object with
+            state_dict() / load_state_dict(), or None.
+        gpu: whether the CUDA RNG states are saved too.
+    """
+
+    config: RunConfig
+    model: List[torch.nn.Module]
+    optimizer: Any
+    scheduler: Any
+    data_content: str
+    loss_state: Optional[Any] = None
+    gpu: bool = False
+
+
+def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Path:
     """Saves model, optimizer, LR schedule, data position (next_step), RNG, config and the
     loss's running state."""
     from adadpo_megatron.training.run_config import to_dict
 
     dist_checkpointing = _import_checkpointing()
-    root = checkpoint_root(trainer.config.train.output_dir)
+    c = state.config
+    root = checkpoint_root(c.train.output_dir)
     name = f"step_{next_step:07d}"
     final, tmp = root / name, root / (name + ".tmp")
     rank = dist.get_rank()
@@ -127,15 +158,14 @@ def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_state = model_sharded_state_dict(trainer.model, model_part(trainer.config))
-    state = dict(model_state)
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state)
-    dist_checkpointing.save(state, str(tmp))
+    model_state = model_sharded_state_dict(state.model, model_part(c))
+    sharded = dict(model_state)
+    sharded["optimizer"] = state.optimizer.sharded_state_dict(model_state)
+    dist_checkpointing.save(sharded, str(tmp))
     torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if trainer.gpu else None},
+                "cuda": torch.cuda.get_rng_state_all() if state.gpu else None},
                tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        c = trainer.config
         # where the weights' architecture and tokenizer came from, resolved, for
         # adadpo-export-hf (the config's own paths are relative to its file)
         sources = {"hf": str(c.resolve(c.model.hf).resolve()) if c.model.hf else None,
@@ -143,11 +173,10 @@ def save_checkpoint(trainer, next_step: int, keep: int = 2) -> Path:
                             if c.model.load else None),
                    "tokenizer": c.tokenizer_spec()}
         # the loss's running state (bco_pair's reward mean) is the same on every rank
-        loss_state = (trainer.forward_step.state_dict()
-                      if hasattr(trainer.forward_step, "state_dict") else {})
-        torch.save({"next_step": next_step, "scheduler": trainer.scheduler.state_dict(),
+        loss_state = state.loss_state.state_dict() if state.loss_state is not None else {}
+        torch.save({"next_step": next_step, "scheduler": state.scheduler.state_dict(),
                     "config": to_dict(c), "sources": sources, "loss_state": loss_state,
-                    "data_content": trainer.dataset.content_hash,
+                    "data_content": state.data_content,
                     "world_size": dist.get_world_size()}, tmp / STATE_FILE)
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if rank == 0:
@@ -179,9 +208,10 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_resume_config(trainer, path: Path) -> None:
-    """Refuses to resume ``path`` if the config changed in a way that alters the
-    optimisation (adadpo_megatron.training.resume_checks); prints the accepted changes."""
+def check_resume_config(config, data_content: str, path: Path, *, report: bool) -> None:
+    """Refuses to resume ``path`` with ``config`` (and data of ``data_content``) if the config
+    changed in a way that alters the optimisation (adadpo_megatron.training.resume_checks);
+    prints the accepted changes when ``report``."""
     from adadpo_megatron.training.resume_checks import check_resume
     from adadpo_megatron.training.run_config import to_dict
 
@@ -192,11 +222,11 @@ def check_resume_config(trainer, path: Path) -> None:
                          "the checkpoint is damaged: resume from another one") from err
     saved = {**meta.get("config", {}), "data": {**meta.get("config", {}).get("data", {}),
                                                 "content": meta.get("data_content")}}
-    current = to_dict(trainer.config)
-    current["data"] = {**current["data"], "content": (trainer.dataset.content_hash
+    current = to_dict(config)
+    current["data"] = {**current["data"], "content": (data_content
                                                       if meta.get("data_content") else None)}
-    changes = check_resume(saved, current, trainer.config.train.resume_allow_changes)
-    if changes and trainer.is_logging_rank:
+    changes = check_resume(saved, current, config.train.resume_allow_changes)
+    if changes and report:
         print("resuming with changed config: " + "; ".join(
             f"{k}: {a!r} -> {b!r}" for k, a, b in changes), flush=True)
 
@@ -210,35 +240,36 @@ def _init_sgd_state(optimizer, config=None) -> None:
                 optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
 
 
-def load_checkpoint(trainer, path: Path) -> int:
-    """Restores a checkpoint (on any layout); returns the step to continue from."""
+def load_checkpoint(state: CheckpointState, path: Path) -> int:
+    """Restores a checkpoint into ``state`` (on any layout); returns the step to continue
+    from."""
     dist_checkpointing = _import_checkpointing()
-    for optimizer in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+    for optimizer in getattr(state.optimizer, "chained_optimizers", [state.optimizer]):
         # megatron-core calls init_state_fn before loading, so that the state has tensors to
         # load into; it has none for SGD
         if getattr(optimizer, "init_state_fn", True) is None:
             optimizer.init_state_fn = _init_sgd_state
-    part = model_part(trainer.config)
-    model_state = model_sharded_state_dict(trainer.model, part)
-    state = dict(model_state)
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=True)
+    part = model_part(state.config)
+    model_state = model_sharded_state_dict(state.model, part)
+    sharded = dict(model_state)
+    sharded["optimizer"] = state.optimizer.sharded_state_dict(model_state, is_loading=True)
     try:
-        loaded = dist_checkpointing.load(state, str(path))
+        loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as err:  # a truncated shard, a missing file: name the checkpoint
         raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or "
                          "incomplete: resume from another one (train.resume=<path>)") from err
-    load_model_state(trainer.model, loaded, part)
-    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    load_model_state(state.model, loaded, part)
+    state.optimizer.load_state_dict(loaded["optimizer"])
     meta = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    trainer.scheduler.load_state_dict(meta["scheduler"])
-    if hasattr(trainer.forward_step, "load_state_dict"):
-        trainer.forward_step.load_state_dict(meta.get("loss_state", {}))
+    state.scheduler.load_state_dict(meta["scheduler"])
+    if state.loss_state is not None:
+        state.loss_state.load_state_dict(meta.get("loss_state", {}))
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if meta["world_size"] == dist.get_world_size() and rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["cpu"])
-        if trainer.gpu and rng["cuda"] is not None:
+        if state.gpu and rng["cuda"] is not None:
             torch.cuda.set_rng_state_all(rng["cuda"])
     return int(meta["next_step"])
 

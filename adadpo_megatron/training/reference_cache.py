@@ -21,8 +21,8 @@ from typing import Dict, List
 
 import torch
 
-from adadpo_megatron.data.micro_batches import Batch
 from adadpo_megatron.data.preference_data import PreferenceDataset
+from adadpo_megatron.micro_batch import MicroBatch
 
 CACHE_FORMAT = "adadpo-reference-logps-v2"
 
@@ -170,7 +170,7 @@ def load_cache(path: Path, fingerprint: Dict[str, str], dataset: PreferenceDatas
     return by_row
 
 
-def attach_precomputed(batches: List[Batch], ref_logps: torch.Tensor) -> None:
+def attach_precomputed(batches: List[MicroBatch], ref_logps: torch.Tensor) -> None:
     """Sets each micro-batch's ``ref_logps`` [2m] (chosen first) from ``load_cache``'s
     by-row table, by each pair's source row (``example_ids``)."""
     for batch in batches:

@@ -44,6 +44,7 @@ from adadpo_megatron.mcore.model import (
 )
 from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.training.checkpoint import (
+    CheckpointState,
     check_resume_config,
     latest_checkpoint,
     load_checkpoint,
@@ -122,7 +123,8 @@ class Trainer:
         self.setup_common(claim_output_dir=True)
         resume = self._resume_path()
         if resume is not None:  # before anything is built: a refused change fails fast
-            check_resume_config(self, resume)
+            check_resume_config(c, self.dataset.content_hash, resume,
+                                report=self.is_logging_rank)
         if c.reference.mode == "precompute":  # before building anything: a stale cache fails
             self.reference_logps = load_cache(
                 default_cache_path(c), reference_fingerprint(c, self.tokenizer, self.dataset),
@@ -141,10 +143,17 @@ class Trainer:
                                                         packed_format=packed))
         self.start_step = 0
         if resume is not None:
-            self.start_step = load_checkpoint(self, resume)
+            self.start_step = load_checkpoint(self.checkpoint_state(), resume)
             if self.is_logging_rank:
                 print(f"resumed from {resume} at step {self.start_step}", flush=True)
         return self
+
+    def checkpoint_state(self) -> CheckpointState:
+        """What checkpoints save of this trainer, and restore into it."""
+        loss_state = self.forward_step if hasattr(self.forward_step, "state_dict") else None
+        return CheckpointState(config=self.config, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, data_content=self.dataset.content_hash,
+                               loss_state=loss_state, gpu=self.gpu)
 
     def _claim_output_dir(self) -> None:
         """Rank 0 locks output_dir and checks it; every rank raises the same error."""
@@ -542,7 +551,8 @@ class Trainer:
                     log.write(metrics)
                 if last or self.stop_agreed or (t.save_interval
                                                 and (step + 1) % t.save_interval == 0):
-                    save_checkpoint(self, step + 1, keep=t.keep_checkpoints)
+                    save_checkpoint(self.checkpoint_state(), step + 1,
+                                    keep=t.keep_checkpoints)
                 if self.stop_agreed and not last:
                     self.stopped = f"{self.stop.reason} after step {step}"
                     break

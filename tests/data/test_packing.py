@@ -333,3 +333,28 @@ def test_a_budget_below_one_pair_is_refused():
                                          r"2 x data.seq_length\(64\)"):
         plan_step(torch.full((4, 2), 10), range(4), mode="pack", dp_size=1,
                   micro_batch_size=1, seq_length=64, max_tokens=100)
+
+
+def test_every_layout_builds_the_one_typed_micro_batch(tmp_path):
+    """Rows, longest, packed and THD-flattened micro-batches carry only keys that
+    adadpo_megatron.micro_batch.MicroBatch defines, and split exactly its SEQUENCE_KEYS along
+    the sequence (the one definition data and mcore share)."""
+    from adadpo_megatron.mcore.packed_attention import thd_flatten
+    from adadpo_megatron.micro_batch import SEQUENCE_KEYS, MicroBatch
+
+    data = dataset(tmp_path, varied_rows(8))
+    keys = set(MicroBatch.__annotations__)
+    built = []
+    for mode in ("none", "longest", "pack"):
+        plan = plan_step(data.lengths, torch.arange(8), mode=mode, dp_size=1,
+                         micro_batch_size=4, seq_length=S, multiple=1, segment_multiple=1,
+                         sides=2, max_tokens=None, one_sequence=False, micro_batch_multiple=1)
+        built += [materialize(data, mb, pad_id=PAD) for mb in plan[0]]
+    built.append(thd_flatten(built[-1]))
+    for batch in built:
+        assert set(batch) <= keys, set(batch) - keys
+        length = batch["tokens"].shape[-1]
+        sequence = {k for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2
+                    and v.shape[-1] == length}
+        assert sequence <= set(SEQUENCE_KEYS), sequence - set(SEQUENCE_KEYS)
+    assert "segment_ids" in built[-2] and "cu_seqlens" in built[-1]

@@ -123,7 +123,7 @@ def _killed_save_worker(rank, world, out_dir, result_path):
     checkpoint.os.replace = killed
     try:
         with pytest.raises(KeyboardInterrupt):
-            checkpoint.save_checkpoint(trainer, 3)
+            checkpoint.save_checkpoint(trainer.checkpoint_state(), 3)
     finally:
         checkpoint.os.replace = real_replace
         trainer.close()

@@ -1,0 +1,61 @@
+"""The micro-batch: what the data side builds and megatron-core's forward step consumes.
+
+One definition for both sides (``data`` builds it, ``mcore`` reads it; neither imports the
+other). It is a typed dict rather than a dataclass because Megatron-LM's own data loaders
+hand the forward step plain dicts (``PairDataset`` items stacked by its collate), and a
+typed dict types those same objects without a conversion at every boundary.
+
+A micro-batch holds ``m`` whole pairs. Its sequences are the m chosen ones first, then the m
+rejected ones (pair i = sequences i and i + m; supervised warm-up keeps the m chosen alone).
+
+Rows (``data.packing`` none or longest), one sequence a row, ``L`` = seq_length or the
+micro-batch's longest row:
+
+    tokens        [2m, L] long   input ids, padded with the tokenizer's pad id
+    labels        [2m, L] long   next-token ids on response tokens, -100 elsewhere
+    loss_mask     [2m, L] float  1 on response tokens (labels != -100)
+    position_ids  [2m, L] long
+    example_ids   [m]     long   each pair's row in the source (0-based)
+    ref_logps     [2m]    float  the reference's sums, once known (precomputed, or filled in
+                                 by the reference forward before the policy's)
+
+Packed (``data.packing`` pack): each sequence is a segment of a row ``[R, L]``, every
+sequence key ``[R, L]``, plus
+
+    segment_ids   [R, L]  long   the segment (sequence) index, -1 on row padding
+
+and, flattened for Transformer Engine's THD attention (``thd_flatten``), every sequence key
+``[1, R * L]`` plus
+
+    cu_seqlens    [runs + 1] int32  cumulative lengths of the segments and row paddings
+    max_seqlen    int               the longest run
+
+LD-DPO adds ``ld_tail_mask`` (like loss_mask) inside the forward step.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import torch
+
+
+class MicroBatch(TypedDict, total=False):
+    """The keys and shapes of the module docstring."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    example_ids: torch.Tensor
+    ref_logps: torch.Tensor
+    segment_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    ld_tail_mask: torch.Tensor
+
+
+# the keys with a sequence dimension (the last), which context parallelism splits and THD
+# flattens
+SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids",
+                 "ld_tail_mask")
