@@ -37,8 +37,10 @@ from adadpo_megatron.mcore.forward_step import (
     collect_reference,
     reduce_reports,
 )
+
+# the ops with megatron-core's groups as defaults (adadpo_megatron.ops.logprobs: explicit only)
+from adadpo_megatron.mcore.parallel_groups import sequence_logprobs, vocab_parallel_logprobs
 from adadpo_megatron.ops.batch_statistics import RewardRunningMean
-from adadpo_megatron.ops.logprobs import sequence_logprobs, vocab_parallel_logprobs
 from adadpo_megatron.ops.loss import (
     LengthTails,
     PairStats,

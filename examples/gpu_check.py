@@ -62,7 +62,7 @@ def _timed(fn, repeats=5):
 def logprob_providers():
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
+    from adadpo_megatron import vocab_parallel_logprobs  # megatron-core's TP group
 
     providers = {
         "adadpo": lambda logits, labels: vocab_parallel_logprobs(logits, labels,
@@ -304,9 +304,9 @@ def _tiny_hf_run(tmp: Path, config, model_section=None, **train):
 def _policy_vs_transformers(trainer, model, label: str, rows) -> None:
     """The trainer's policy's per-token log-probs against ``model``'s (transformers, on the
     GPU), on the first 2 pairs."""
+    from adadpo_megatron import vocab_parallel_logprobs  # megatron-core's TP group
     from adadpo_megatron.data.micro_batches import collate
     from adadpo_megatron.mcore.forward_step import _model_forward
-    from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
 
     batch = collate(trainer.dataset, torch.arange(2))
     chunk = trainer.model[0].module.eval()

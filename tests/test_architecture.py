@@ -43,6 +43,16 @@ def test_lower_layers_never_import_upper_ones(layer):
     assert not wrong, "\n".join(wrong)
 
 
+def test_ops_never_import_megatron():
+    """The maths takes its process groups from the caller (docs/ARCHITECTURE.md); the
+    megatron-core defaults are mcore/parallel_groups.py's. Any import, at any depth."""
+    wrong = [f"{path.relative_to(REPO)} imports {module}"
+             for path in sorted((PACKAGE / "ops").rglob("*.py"))
+             for module in _imported_modules(path)
+             if module == "megatron" or module.startswith("megatron.")]
+    assert not wrong, "\n".join(wrong)
+
+
 def _module_name(path):
     parts = path.relative_to(REPO).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

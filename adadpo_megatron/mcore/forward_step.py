@@ -34,11 +34,11 @@ from adadpo_megatron.mcore.packed_attention import (
     thd_flatten,
     thd_this_cp_rank,
 )
+from adadpo_megatron.mcore.parallel_groups import default_group
 from adadpo_megatron.micro_batch import SEQUENCE_KEYS, MicroBatch
 from adadpo_megatron.ops.batch_statistics import RewardRunningMean
 from adadpo_megatron.ops.fused_logprobs import fused_hidden_logprobs
 from adadpo_megatron.ops.logprobs import (
-    group_or_default,
     group_size,
     sequence_sums,
     shared_length_tail_mask,
@@ -55,13 +55,7 @@ WEIGHTED_BY = {"adadpo/grad_ratio": "adadpo/grad_ratio_pairs"}
 
 
 def _groups(tp_group, cp_group):
-    from megatron.core import parallel_state
-
-    if tp_group is None and parallel_state.model_parallel_is_initialized():
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-    if cp_group is None and parallel_state.model_parallel_is_initialized():
-        cp_group = parallel_state.get_context_parallel_group()
-    return tp_group, cp_group
+    return default_group(tp_group, "tp"), default_group(cp_group, "cp")
 
 
 def _data_parallel_group(dp_group):
@@ -139,7 +133,7 @@ class LogProbOutputProcessor:
             gather_from_sequence_parallel_region,
         )
 
-        tp_group = group_or_default(self.tp_group, "get_tensor_model_parallel_group")
+        tp_group = default_group(self.tp_group, "tp")
         weight = output_weight if output_weight is not None else output_layer.weight
         if getattr(output_layer, "sequence_parallel", False):
             hidden = gather_from_sequence_parallel_region(hidden_states, group=tp_group)

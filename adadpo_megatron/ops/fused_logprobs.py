@@ -24,7 +24,6 @@ from adadpo_megatron.ops.logprobs import (
     _row_scales,
     _targets,
     combine_over_tp,
-    group_or_default,
     group_size,
 )
 
@@ -82,12 +81,11 @@ def fused_hidden_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
             sequence parallelism, if on, by the caller).
         weight: [V/TP, h] this rank's contiguous vocab block of the output layer.
         labels: [N] global token ids; ``ignore_index`` positions give 0 and no gradient.
-        tp_group: the tensor-parallel group (None: megatron-core's, or no split).
+        tp_group: the tensor-parallel group (None: no split).
         chunk_size: tokens per chunk (None: about 4 MiB of float32 logits on CPU, 64 on GPU).
     Returns:
         float32 [N]. The gradient reaching ``hidden`` is this rank's partial sum over its
         vocab shard, to be summed over TP (megatron-core's region functions do it).
     """
-    tp_group = group_or_default(tp_group, "get_tensor_model_parallel_group")
     return _FusedHiddenLogProbs.apply(hidden, weight, labels.reshape(-1).long(), tp_group,
                                       ignore_index, chunk_size)

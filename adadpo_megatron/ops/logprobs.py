@@ -34,21 +34,10 @@ DEFAULT_CHUNK_BYTES_ACCELERATOR = 64 * 1024 * 1024
 # --------------------------------------------------------------------------- groups
 
 
-def group_or_default(group: Optional[ProcessGroup], getter_name: str) -> Optional[ProcessGroup]:
-    """``group``, else megatron-core's group of that kind when model parallelism is set up.
-
-    None (and a group of size 1) means "no reduction": the op then sees the whole vocabulary
-    or the whole sequence in this process.
-    """
-    if group is not None:
-        return group
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    return getattr(parallel_state, getter_name)()
+# A group of None (or of size 1) means "no reduction": the op then sees the whole vocabulary
+# or the whole sequence in this process. The ops take their groups from the caller and never
+# ask megatron-core for one; adadpo_megatron.mcore.parallel_groups gives the same functions
+# megatron-core's groups as defaults (the ones ``import adadpo_megatron`` exports).
 
 
 def group_size(group: Optional[ProcessGroup]) -> int:
@@ -197,9 +186,8 @@ def vocab_parallel_logprobs(
             non-contiguous tensor is copied once.
         labels: [batch, seq] global token ids, already shifted (label t is read from
             logits at t); positions equal to ``ignore_index`` are skipped.
-        tp_group: the tensor-parallel group the vocabulary is split over; None falls back to
-            megatron-core's tensor-model-parallel group when it is initialised, else to no
-            split (the full vocabulary is here).
+        tp_group: the tensor-parallel group the vocabulary is split over; None: no split
+            (the full vocabulary is here).
         ignore_index: label value of positions that get log-prob 0 and no gradient.
         chunk_size: tokens per float32 chunk; None picks about 4 MiB on a CPU and 64 MiB on
             a GPU. A value at least the number of tokens runs as one chunk.
@@ -215,7 +203,6 @@ def vocab_parallel_logprobs(
                          "agree in every dimension but the last (vocab shard)")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    tp_group = group_or_default(tp_group, "get_tensor_model_parallel_group")
     logits2d = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1).long()
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -275,7 +262,6 @@ def sequence_sums(
         [C, batch or num_segments] float32, differentiable, equal on every rank of
         ``cp_group`` and equal to the unsharded sums.
     """
-    cp_group = group_or_default(cp_group, "get_context_parallel_group")
     values = values.float()
     if segment_ids is None:
         stats = values.sum(dim=-1)
@@ -308,8 +294,8 @@ def sequence_logprobs(
             numeric), sharded exactly like ``token_logps``.
         cp_group: the context-parallel group the sequence is sharded over (any layout,
             megatron-core's load-balanced one and Transformer Engine's per-segment THD split
-            included: a sum does not care which tokens a rank holds); None falls back to
-            megatron-core's context-parallel group when initialised.
+            included: a sum does not care which tokens a rank holds); None: the whole
+            sequence is here.
         segment_ids: packed rows: [batch, seq_shard] long, the sequence (segment) each token
             belongs to, in [0, num_segments), negative on padding; sharded like the rest.
             None: each row is one sequence.
@@ -375,7 +361,6 @@ def vocab_parallel_log_sum_sq_probs(logits: Tensor, *, tp_group: Optional[Proces
     Returns:
         float32 [...], detached.
     """
-    tp_group = group_or_default(tp_group, "get_tensor_model_parallel_group")
     with torch.no_grad():
         logits2d = logits.reshape(-1, logits.shape[-1])
         num_rows, vocab_shard = logits2d.shape

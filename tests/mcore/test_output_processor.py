@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
+from adadpo_megatron import vocab_parallel_logprobs  # megatron-core's TP group by default
 from tests.ops.test_fused_logprobs import S, V, problem, unfused
 from tests.support.distributed import run_distributed
 

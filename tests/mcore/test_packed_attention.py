@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from adadpo_megatron import sequence_logprobs, vocab_parallel_logprobs  # megatron-core groups
 from adadpo_megatron.data.packing import materialize, plan_step
 from adadpo_megatron.data.preference_data import DataSettings, load_preference_data
 from adadpo_megatron.data.tokenizers import ByteTokenizer
@@ -24,7 +25,6 @@ from adadpo_megatron.mcore.packed_attention import (
     thd_partition_index,
     thd_this_cp_rank,
 )
-from adadpo_megatron.ops.logprobs import sequence_logprobs, vocab_parallel_logprobs
 from tests.data.test_packing import varied_rows
 from tests.support.distributed import run_distributed
 

@@ -78,6 +78,9 @@ def _megatron_worker(rank, world):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    # the exported op, whose tp_group=None is megatron-core's group (mcore/parallel_groups.py)
+    from adadpo_megatron import vocab_parallel_logprobs
+
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     try:
         shard = V // world

@@ -102,9 +102,9 @@ def hf_config(tmp, name, data, model=None, **overrides):
 def policy_token_logps(trainer):
     """(per-token log-probs [4, S] of the trainer's policy through this project's path, the
     padded batch of the first 4 pairs they are of)."""
+    from adadpo_megatron import vocab_parallel_logprobs  # megatron-core's TP group
     from adadpo_megatron.data.micro_batches import collate
     from adadpo_megatron.mcore.forward_step import _model_forward
-    from adadpo_megatron.ops.logprobs import vocab_parallel_logprobs
 
     batch = collate(trainer.dataset, torch.arange(4))
     model = trainer.model[0].module
