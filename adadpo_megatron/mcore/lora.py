@@ -33,7 +33,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,10 +133,6 @@ class LoRAAdapter(torch.nn.Module):
                  if self.sequence_parallel
                  else mappings.reduce_from_tensor_model_parallel_region(h, group=self.tp_group))
         return F.linear(h, self.lora_b) * self.scale
-
-    def delta(self) -> torch.Tensor:
-        """This rank's shard of scale * B A, shaped like the linear's local weight."""
-        return (self.lora_b.float() @ self.lora_a.float()) * self.scale
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """megatron-core's ShardedTensors for A and B, keyed by global shapes, so that an
@@ -272,9 +268,3 @@ def init_adapters_(chunks: Sequence[torch.nn.Module], seed: int) -> None:
             if sharded:
                 full = full.chunk(tp, dim=1)[rank]
             param.copy_(full)
-
-
-def lora_scale(model_section: Dict) -> Optional[float]:
-    """alpha / rank of a saved run config's model section, or None without LoRA."""
-    lora = model_section.get("lora")
-    return None if not lora else lora["alpha"] / lora["rank"]
