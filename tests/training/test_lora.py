@@ -66,11 +66,16 @@ def _steps_worker(rank, world, tmp, data, run, overrides, steps, out):
         after = gather_full_parameters(trainer)
     finally:
         trainer.close()
+    _save_on_rank_0(rank, world, history, out, before=before, after=after)
+
+
+def _save_on_rank_0(rank, world, history, out, **parameters):
+    """The metrics (complete on the last pipeline stage) and ``parameters``, on rank 0."""
     everyone = [None] * world
     torch.distributed.all_gather_object(everyone, history)
     if rank == 0:
-        torch.save({"history": max(everyone, key=lambda h: len(h[0])), "before": before,
-                    "after": after}, out)
+        complete = max(everyone, key=lambda h: len(h[0]) if h else 0)
+        torch.save({"history": complete, **parameters}, out)
 
 
 def _run(world, tmp, data, run, overrides, steps, out):
@@ -238,11 +243,7 @@ def _resume_worker(rank, world, tmp, data, run, overrides, steps, resume, out):
         after = gather_full_parameters(trainer)
     finally:
         trainer.close()
-    everyone = [None] * world
-    torch.distributed.all_gather_object(everyone, history)
-    if rank == 0:
-        torch.save({"history": max(everyone, key=lambda h: len(h[0]) if h else 0),
-                    "after": after}, out)
+    _save_on_rank_0(rank, world, history, out, after=after)
 
 
 # momentum: optimizer state that the checkpoint must carry. (Not Adam: its first update of A,
