@@ -29,6 +29,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from adadpo_megatron.training.dcp_reader import layer_slices, tensor_metadata
 from adadpo_megatron.training.hf_checkpoints import SOURCE_FILE
 
 SHARD_BYTES = 5 * 1024**3
@@ -109,74 +110,6 @@ def _architecture(source: Optional[Path], run: Optional[dict]):
         qk_layernorm=bool(t.get("qk_layernorm")), **moe)
 
 
-class _RegionPlanner:
-    """A torch.distributed.checkpoint load planner that reads one region of each tensor
-    (a layer of a layer-stacked tensor) into a tensor of the region's shape: what
-    megatron-core's loader refuses (it wants whole tensors) and DCP's plain-tensor path
-    cannot address. Built on DCP's own planner helpers."""
-
-    @staticmethod
-    def make(regions):
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import (
-            create_read_items_for_chunk_list,
-        )
-
-        class Planner(DefaultLoadPlanner):
-            def create_local_plan(self):
-                items = []
-                for fqn, (offsets, sizes) in regions.items():
-                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets),
-                                                 sizes=torch.Size(sizes))
-                    items += create_read_items_for_chunk_list(
-                        fqn, self.metadata.state_dict_metadata[fqn], [chunk])
-                return LoadPlan(items)
-
-            def lookup_tensor(self, index):
-                return self.state_dict[index.fqn]
-
-        return Planner()
-
-
-def _read(checkpoint: Path, regions) -> Dict[str, torch.Tensor]:
-    """{key: tensor of the region} for regions {key: (offsets, sizes, dtype)}."""
-    import torch.distributed.checkpoint as dcp
-
-    state = {key: torch.empty(sizes, dtype=dtype) for key, (_, sizes, dtype) in regions.items()}
-    planner = _RegionPlanner.make({k: (o, s) for k, (o, s, _) in regions.items()})
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint)), planner=planner,
-             no_dist=True)
-    return state
-
-
-def tensor_metadata(checkpoint: Path) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
-    """{global name: (shape, dtype)} of the model tensors in a torch_dist checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    return {key: (tuple(meta.size), meta.properties.dtype) for key, meta in metadata.items()
-            if isinstance(meta, TensorStorageMetadata)
-            and key.startswith(("embedding.", "decoder.", "output_layer."))}
-
-
-def _layer_slices(checkpoint: Path, metadata, num_layers: int
-                  ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(global name, full tensor) of every tensor, the layer-stacked ones (decoder.layers.*,
-    [layers, ...]) one layer at a time, all of a layer's tensors in one read."""
-    stacked = {k: v for k, v in metadata.items() if k.startswith("decoder.layers.")}
-    for key, (shape, dtype) in sorted(metadata.items()):
-        if key not in stacked:
-            yield key, _read(checkpoint, {key: ((0,) * len(shape), shape, dtype)})[key]
-    for layer in range(num_layers):
-        regions = {key: ((layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:], dtype)
-                   for key, (shape, dtype) in stacked.items()}
-        for key, value in sorted(_read(checkpoint, regions).items()):
-            yield f"decoder.layers.{layer}.{key[len('decoder.layers.'):]}", value[0]
-
-
 def _write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out: Path,
                   shard_bytes: int) -> Dict[str, str]:
     """Safetensors shards of at most ``shard_bytes`` (a tensor never split) and their index."""
@@ -253,9 +186,9 @@ def export_checkpoint(path, out, *, dtype: Optional[str] = None,
             yield from lora_export.merged_hf_tensors(origin.source, checkpoint, metadata, arch,
                                                      lora["alpha"] / lora["rank"])
             return
-        megatron = (_layer_slices(checkpoint, metadata, arch.num_layers) if lora is None else
-                    lora_export.merged_megatron_tensors(origin.base, checkpoint, metadata,
-                                                        arch.num_layers,
+        megatron = (layer_slices(checkpoint, metadata, arch.num_layers) if lora is None else
+                    lora_export.merged_megatron_tensors(origin.base, weights, checkpoint,
+                                                        metadata, arch.num_layers,
                                                         lora["alpha"] / lora["rank"]))
         for name, value in megatron:
             yield from hf_tensors(name, value, arch)

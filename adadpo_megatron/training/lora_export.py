@@ -21,6 +21,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from adadpo_megatron.mcore.lora import SUFFIX, TARGETS, is_adapter_name
+from adadpo_megatron.training.dcp_reader import layer_regions, layer_slices, read_regions
 
 _LAYER = re.compile(r"(?:.*\.)?layers\.(\d+)\.")
 _PEFT_MODULES = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
@@ -34,11 +35,8 @@ def is_lora_run(run: Optional[dict]) -> bool:
 def layer_adapters(checkpoint: Path, metadata, layer: int
                    ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """{global name of the adapted weight: (A [r, in], B [out, r]), full} of one layer."""
-    from adadpo_megatron.training.hf_export import _read
-
-    regions = {key: ((layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:], dtype)
-               for key, (shape, dtype) in metadata.items() if is_adapter_name(key)}
-    values = _read(checkpoint, regions)
+    adapters = {key: value for key, value in metadata.items() if is_adapter_name(key)}
+    values = read_regions(checkpoint, layer_regions(adapters, layer))
     pairs = {}
     for target, (parent, _) in TARGETS.items():
         prefix = f"decoder.layers.{parent}.{target}{SUFFIX}."
@@ -64,14 +62,12 @@ def _add(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (base.float() + delta).to(base.dtype)
 
 
-def merged_megatron_tensors(base: Path, checkpoint: Path, metadata, num_layers: int,
-                            scale: float) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(global name, full tensor) of the torch_dist checkpoint ``base`` with the adapters of
-    ``checkpoint`` merged in, a layer at a time."""
-    from adadpo_megatron.training.hf_export import _layer_slices, tensor_metadata
-
+def merged_megatron_tensors(base: Path, base_metadata, checkpoint: Path, metadata,
+                            num_layers: int, scale: float) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(global name, full tensor) of the torch_dist checkpoint ``base`` (its
+    ``tensor_metadata``) with the adapters of ``checkpoint`` merged in, a layer at a time."""
     current, deltas = None, {}
-    for name, value in _layer_slices(base, tensor_metadata(base), num_layers):
+    for name, value in layer_slices(base, base_metadata, num_layers):
         layer = _layer_of(name)
         if layer is not None and layer != current:
             _check_used(deltas, current)
