@@ -77,12 +77,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
     return TransformerConfig(
         **fields,
         activation_func=_ACTIVATIONS[model.activation],
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
+        **parallel.megatron_sizes(),
         sequence_parallel=parallel.sequence_parallel,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

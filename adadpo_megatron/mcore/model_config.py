@@ -234,6 +234,14 @@ class ParallelConfig:
             raise ValueError("parallel.sequence_parallel=true needs "
                              "parallel.tensor_model_parallel_size > 1")
 
+    def megatron_sizes(self) -> Dict[str, Optional[int]]:
+        """The layout as the keyword arguments that megatron-core's
+        ``parallel_state.initialize_model_parallel`` and ``TransformerConfig`` both take."""
+        return {key: getattr(self, key) for key in (
+            "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "virtual_pipeline_model_parallel_size", "context_parallel_size",
+            "expert_model_parallel_size")}
+
     @property
     def model_parallel_size(self) -> int:
         return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size

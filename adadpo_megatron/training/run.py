@@ -100,11 +100,7 @@ class Run:
             cpu_compat.enable()  # megatron-core on CPU, whatever it imports later
         p = c.parallel
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor_model_parallel_size,
-            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-            context_parallel_size=p.context_parallel_size,
-            expert_model_parallel_size=p.expert_model_parallel_size,
+            **p.megatron_sizes(),
             # every subgroup megatron-core creates (TP, PP, DP, ...) waits this long too
             distributed_timeout_minutes=timeout,
         )
