@@ -42,12 +42,13 @@ def llama(tmp_path_factory):
     return tmp, make_pairs(tmp / "pairs.jsonl")
 
 
-def _config(tmp, data, run, **overrides):
+def _config(tmp, data, run, model=None, **overrides):
+    """The LoRA run on the tiny Llama (``model``: another model section than model.hf)."""
     settings = {"model.lora": LORA, "reference.mode": "adapters_off",
                 "train.output_dir": str(tmp / run), **overrides}
     if settings["model.lora"] is None:
         del settings["model.lora"]
-    return hf_config(tmp, "llama3", data, **settings)
+    return hf_config(tmp, "llama3", data, model=model, **settings)
 
 
 def _steps_worker(rank, world, tmp, data, run, overrides, steps, out):
@@ -171,13 +172,20 @@ def test_adapters_off_equals_a_frozen_copy_of_the_base(llama, one_process, tmp_p
                                    msg=name)
 
 
-def _train_export_worker(rank, world, tmp, data, layout, out_dir, peft_dir, result_path):
+def _train_export_worker(rank, world, tmp, data, layout, base, out_dir, peft_dir, result_path):
+    from adadpo_megatron.mcore.hf_mapping import read_architecture
+    from adadpo_megatron.training.hf_checkpoints import import_checkpoint
     from adadpo_megatron.training.hf_export import export_checkpoint
     from adadpo_megatron.training.trainer import Trainer
 
     tmp = pathlib.Path(tmp)
-    run = tmp / f"trained_{world}"
-    config = _config(tmp, data, run.name, **{"train.max_steps": 2, **layout})
+    run = tmp / f"trained_{world}_{base}"
+    settings = {"train.max_steps": 2, **layout}
+    if base == "load":  # the base an adadpo-import-hf checkpoint (model.load), not model.hf
+        import_checkpoint(tmp / "llama3", tmp / "imported_llama3")
+        settings["model"] = {**read_architecture(tmp / "llama3").model_section(),
+                             "vocab_size": 384, "load": str(tmp / "imported_llama3")}
+    config = _config(tmp, data, run.name, **settings)
     trainer = Trainer(config).setup()
     try:
         trainer.train()  # saves the final checkpoint
@@ -202,31 +210,33 @@ def _peft_token_logps(base, adapter, batch):
     return torch.log_softmax(logits, -1).gather(-1, labels).squeeze(-1)
 
 
-@pytest.mark.parametrize("world,layout", [(1, {}),
-                                          (2, {"parallel.tensor_model_parallel_size": 2})],
-                         ids=["single", "tp2"])
-def test_a_lora_run_exports_merged_and_as_a_peft_adapter(llama, tmp_path, world, layout):
+@pytest.mark.parametrize("world,layout,base", [
+    (1, {}, "hf"), (2, {"parallel.tensor_model_parallel_size": 2}, "hf"), (1, {}, "load")],
+    ids=["single", "tp2", "single_model_load"])
+def test_a_lora_run_exports_merged_and_as_a_peft_adapter(llama, tmp_path, world, layout, base):
     """The merged export in transformers and the PEFT directory on the base in peft give the
-    trained policy's log-probs; the checkpoints hold the adapters only."""
+    trained policy's log-probs, whether the base was model.hf (merged into its safetensors)
+    or model.load (merged into its torch_dist checkpoint); the checkpoints hold the adapters
+    only."""
     pytest.importorskip("peft")
     tmp, data = llama
     merged, adapter, result = tmp_path / "merged", tmp_path / "peft", tmp_path / "r.pt"
-    run_distributed(_train_export_worker, world, str(tmp), data, layout, str(merged),
+    run_distributed(_train_export_worker, world, str(tmp), data, layout, base, str(merged),
                     str(adapter), str(result))
     trained = torch.load(result, weights_only=False)
     batch = trained["batch"]
     mask = batch["labels"] != -100
     theirs, logits = transformers_token_logps(merged, batch)
     torch.testing.assert_close(trained["ours"][mask], theirs[mask], rtol=1e-5, atol=1e-5)
-    base, base_logits = transformers_token_logps(tmp / "llama3", batch)
+    _, base_logits = transformers_token_logps(tmp / "llama3", batch)
     assert (base_logits - logits).abs().max() > 1e-3, "the adapters changed the model"
     with_peft = _peft_token_logps(tmp / "llama3", adapter, batch)
     torch.testing.assert_close(trained["ours"][mask], with_peft[mask], rtol=1e-5, atol=1e-5)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == LORA["rank"] and config["lora_alpha"] == LORA["alpha"]
-    from adadpo_megatron.training.hf_export import tensor_metadata
+    from adadpo_megatron.training.dcp_reader import tensor_metadata
 
-    saved = tensor_metadata(tmp / f"trained_{world}" / "checkpoints" / "step_0000002")
+    saved = tensor_metadata(tmp / f"trained_{world}_{base}" / "checkpoints" / "step_0000002")
     assert saved and all("_lora." in key for key in saved), sorted(saved)
 
 
