@@ -12,9 +12,35 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 Message = Dict[str, str]
+
+# the files a Hugging Face tokenizer is made of (AutoTokenizer reads no others)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json")
+
+
+def digest_parts(parts: Iterable[bytes]) -> str:
+    """sha256 (16 hex digits) of a sequence of byte strings, each length-prefixed."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_digest(directory) -> str:
+    """The digest of the tokenizer files (TOKENIZER_FILES) in ``directory``, by name and
+    content: never the directory's other files, which may be a model's 140 GB of weights."""
+    directory = Path(directory)
+    parts = []
+    for name in TOKENIZER_FILES:
+        path = directory / name
+        if path.is_file():
+            parts += [name.encode(), path.read_bytes()]
+    return digest_parts(parts)
 
 
 class ByteTokenizer:
@@ -52,9 +78,13 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer loaded from a local directory (never from the Hub)."""
+    """A Hugging Face tokenizer loaded from a local directory (never from the Hub).
 
-    def __init__(self, path: str):
+    ``fingerprint``: the digest of its files when already known (a run computes it on one
+    rank and broadcasts it), else computed on first use.
+    """
+
+    def __init__(self, path: str, fingerprint: Optional[str] = None):
         from transformers import AutoTokenizer
 
         self.path = Path(path)
@@ -69,6 +99,7 @@ class HFTokenizer:
         self.eos_id = self.tok.eos_token_id
         self.bos_id = self.tok.bos_token_id  # None when the tokenizer has none
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self._fingerprint = fingerprint
 
     def encode_prompt(self, text: str) -> List[int]:
         return self.tok(text, add_special_tokens=True)["input_ids"]
@@ -96,19 +127,17 @@ class HFTokenizer:
         return prompt_text, full[len(prompt_text):]
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for file in sorted(self.path.iterdir()):
-            if file.is_file():
-                digest.update(file.name.encode())
-                digest.update(file.read_bytes())
-        return f"hf-{digest.hexdigest()[:16]}"
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer_digest(self.path)
+        return f"hf-{self._fingerprint}"
 
 
-def build_tokenizer(spec: str, base: Path | None = None):
-    """'byte', or the path of a local Hugging Face tokenizer directory."""
+def build_tokenizer(spec: str, base: Path | None = None, fingerprint: Optional[str] = None):
+    """'byte', or the path of a local Hugging Face tokenizer directory (``fingerprint``: its
+    ``tokenizer_digest`` when already known)."""
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec)
     if not path.is_absolute() and base is not None:
         path = base / path
-    return HFTokenizer(str(path))
+    return HFTokenizer(str(path), fingerprint)

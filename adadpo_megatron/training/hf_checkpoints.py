@@ -32,16 +32,12 @@ SOURCE_FILE = "hf_source.json"
 
 
 def hf_fingerprint(directory) -> Dict[str, object]:
-    """What identifies a Hugging Face model directory's weights: the content digest of its
-    config.json and safetensors files (and index), not their names or sizes, so that weights
-    replaced in place are noticed."""
-    from adadpo_megatron.training.fingerprints import content_digest
+    """What identifies a Hugging Face model directory's weights without reading them
+    (adadpo_megatron.training.fingerprints.weights_digest: names, sizes, mtimes, safetensors
+    headers, config.json and the index), so that weights replaced in place are noticed."""
+    from adadpo_megatron.training.fingerprints import weights_digest
 
-    directory = Path(directory)
-    return {"content": content_digest(
-        directory, keep=lambda p: p.parent == directory and (
-            p.name == "config.json" or p.name.endswith((".safetensors",
-                                                        ".safetensors.index.json"))))}
+    return {"weights": weights_digest(directory)}
 
 
 def save_model_weights(chunks: List[torch.nn.Module], path: Path,
@@ -68,13 +64,15 @@ def save_model_weights(chunks: List[torch.nn.Module], path: Path,
     dist.barrier()
 
 
-def import_into(chunks: List[torch.nn.Module], directory, cache: Path) -> None:
+def import_into(chunks: List[torch.nn.Module], directory, cache: Path,
+                fingerprint: Optional[Dict[str, object]] = None) -> None:
     """model.hf's weights into this rank's chunks: from ``cache`` when it was imported from
-    the same source, else from the safetensors (then cached)."""
+    the same source (``fingerprint``: its ``hf_fingerprint`` when already known), else from
+    the safetensors (then cached)."""
     from adadpo_megatron.mcore.hf_mapping import load_hf_weights, read_architecture
     from adadpo_megatron.training.checkpoint import load_model_weights
 
-    fingerprint = hf_fingerprint(directory)
+    fingerprint = fingerprint or hf_fingerprint(directory)
     marker = Path(cache) / SOURCE_FILE
     if marker.is_file() and json.loads(marker.read_text())["fingerprint"] == fingerprint:
         load_model_weights(chunks, str(cache))

@@ -57,7 +57,7 @@ def precompute_reference(config: RunConfig) -> str:
         logps, counts = both.cpu()
     path = default_cache_path(config)
     if run.is_logging_rank:
-        fingerprint = reference_fingerprint(config, run.tokenizer, dataset)
+        fingerprint = reference_fingerprint(config, run.tokenizer, dataset, run.sources)
         # rows by position in the loaded data set, keyed by each pair's source row
         save_cache(path, fingerprint, dataset.example_ids, logps, counts)
         print(f"wrote reference log-probs of {num} pairs to {path}", flush=True)

@@ -1,4 +1,4 @@
-"""The process group a run needs, before anything is built.
+"""The process group a run needs, before anything is built, and work done on one rank for all.
 
 Shared by the trainer and ``adadpo-import-hf``, which sets up the same way without training.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Callable, List
 
 import torch
 import torch.distributed as dist
@@ -34,3 +35,18 @@ def init_distributed(gpu: bool, timeout_minutes: float = 30.0) -> None:
     dist.init_process_group("nccl" if gpu else "gloo",
                             timeout=timedelta(minutes=timeout_minutes))
 
+
+def computed_on_rank_zero[T](compute: Callable[[], T]) -> T:
+    """``compute()`` run on global rank 0 alone and its result broadcast to every rank; a
+    ValueError or OSError it raises is raised on every rank instead (so that none waits in a
+    collective for a rank that gave up)."""
+    outcome: List[object] = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [compute(), None]
+        except (ValueError, OSError) as err:
+            outcome = [None, err]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]

@@ -3,11 +3,12 @@
 The cache stores, per pair, keyed by its row in the source (``example_ids``: rows skipped
 as invalid leave gaps), the reference's sums of response-token log-probs and the
 response-token counts for the chosen and rejected sequences, a checksum of those tensors, and
-a fingerprint of everything they depend on: the reference model (architecture, dtype and the
-content of its initial weights), the tokenizer, the truncation settings, the data file's
-contents and LD-DPO's ld_alpha. Training recomputes the fingerprint and refuses a cache whose
-fingerprint differs, naming the parts that changed; checks that every loaded pair's row is in
-the cache with the same token counts; and refuses a file whose checksum does not match.
+a fingerprint of everything they depend on: the reference model (architecture, dtype and
+what identifies its initial weights, adadpo_megatron.training.fingerprints), the tokenizer,
+the truncation settings, the data file's contents and LD-DPO's ld_alpha. Training recomputes
+the fingerprint and refuses a cache whose fingerprint differs, naming the parts that changed;
+checks that every loaded pair's row is in the cache with the same token counts; and refuses a
+file whose checksum does not match.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -31,21 +32,25 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset) -> Dict[str, str]:
-    """Per-part digests; a cache is valid only if every part matches."""
+def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset,
+                          sources: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Per-part digests; a cache is valid only if every part matches. ``sources``: the run's
+    ``source_fingerprints`` when already known (computed once, on one rank)."""
     weights = reference_weights_path(config)
-    if weights is None and config.model.hf:  # imported from a Hugging Face directory
-        from adadpo_megatron.training.hf_checkpoints import hf_fingerprint
+    if weights is not None or config.model.hf:
+        if sources is None:
+            from adadpo_megatron.training.fingerprints import source_fingerprints
 
-        init = {"kind": "hf", **hf_fingerprint(config.resolve(config.model.hf))}
+            sources = source_fingerprints(config)
+    if weights is None and config.model.hf:  # imported from a Hugging Face directory
+        init = {"kind": "hf", "weights": sources["model.hf"]}
     elif weights is None:  # the policy's initial weights: canonical init from this seed
         init = {"kind": "canonical", "seed": config.train.seed}
     else:
-        from adadpo_megatron.training.checkpoint import resolve_checkpoint
-        from adadpo_megatron.training.fingerprints import content_digest
-
-        # the weights' bytes, not the path: a checkpoint retrained in place is another one
-        init = {"kind": "checkpoint", "content": content_digest(resolve_checkpoint(weights))}
+        # what identifies the files (sizes, mtimes, metadata), not the path: a checkpoint
+        # retrained in place is another one
+        key = "reference.load" if config.reference.load else "model.load"
+        init = {"kind": "checkpoint", "weights": sources[key]}
     # the base's architecture: LoRA's adapters are switched off in the reference (and a cache
     # of the base serves any adapters on it)
     architecture = {k: v for k, v in dataclasses.asdict(config.model).items()

@@ -35,7 +35,8 @@ from adadpo_megatron.mcore.model import (
 )
 from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.training.checkpoint import load_model_weights
-from adadpo_megatron.training.process_groups import init_distributed
+from adadpo_megatron.training.fingerprints import source_fingerprints
+from adadpo_megatron.training.process_groups import computed_on_rank_zero, init_distributed
 from adadpo_megatron.training.reference_cache import attach_precomputed, reference_weights_path
 from adadpo_megatron.training.run_config import RunConfig
 from adadpo_megatron.training.run_dir import (
@@ -49,7 +50,8 @@ class Run:
     """The parallel layout, data and model building of one run config.
 
     After ``setup_common()``: ``dp_size``, ``dp_rank``, ``is_last_stage``,
-    ``is_logging_rank``, ``tokenizer``, ``dataset`` (with ``train_set`` and ``eval_set``),
+    ``is_logging_rank``, ``sources`` (source_fingerprints), ``tokenizer``, ``dataset`` (with
+    ``train_set`` and ``eval_set``),
     ``vocab_size``, ``dtype``, ``packed_format``, ``reference_step`` and megatron-core's
     ``forward_backward``.
     """
@@ -109,7 +111,11 @@ class Run:
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
             model_parallel_cuda_manual_seed(c.train.seed)
-        self.tokenizer = build_tokenizer(c.tokenizer_spec())
+        # what identifies the tokenizer and weight files, read on one rank for all: a restart
+        # of a 70B job must not read the model directory on every rank
+        self.sources = computed_on_rank_zero(lambda: source_fingerprints(c))
+        self.tokenizer = build_tokenizer(c.tokenizer_spec(),
+                                         fingerprint=self.sources.get("data.tokenizer"))
         self.dataset, self.data_report = self._load_data()
         self.train_set, self.eval_set = split_held_out(self.dataset, c.data.eval_fraction,
                                                        c.eval_seed)
@@ -217,7 +223,8 @@ class Run:
         from adadpo_megatron.training.hf_checkpoints import IMPORT_DIR, import_into
 
         c = self.config
-        import_into(chunks, c.resolve(c.model.hf), Path(c.train.output_dir) / IMPORT_DIR)
+        import_into(chunks, c.resolve(c.model.hf), Path(c.train.output_dir) / IMPORT_DIR,
+                    fingerprint={"weights": self.sources["model.hf"]})
 
     def _use_distributed_optimizer(self) -> bool:
         return bool(self.config.optimizer.megatron.get("use_distributed_optimizer", self.gpu))

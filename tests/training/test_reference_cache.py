@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import pytest
@@ -200,9 +201,11 @@ def test_corrupted_truncated_or_foreign_caches_are_refused_naming_the_file(tmp_p
         load_cache(cache, fingerprint, dataset)
 
 
-def test_reference_weights_are_fingerprinted_by_content_not_path(tmp_path):
+def test_reference_weights_are_fingerprinted_by_their_files_not_path(tmp_path):
     """Issue 13, defect 5: a checkpoint retrained in place keeps its path and metadata.json;
-    the cache made from the old weights must be stale."""
+    the cache made from the old weights must be stale. Issue 23: the weights are identified
+    without reading them (names, sizes, modification times, metadata), and the digest is no
+    longer remembered inside the user's directory."""
     data = tmp_path / "pairs.jsonl"
     _small_data(data)
     ckpt = tmp_path / "ckpt"
@@ -213,10 +216,16 @@ def test_reference_weights_are_fingerprinted_by_content_not_path(tmp_path):
     config = tiny_config({"data.path": str(data), "model.load": str(ckpt)})
     dataset, _ = load_preference_data(str(data), tokenizer, config.data.settings(), cache=False)
     before = reference_fingerprint(config, tokenizer, dataset)
-    assert reference_fingerprint(config, tokenizer, dataset) == before  # remembered, stable
+    assert reference_fingerprint(config, tokenizer, dataset) == before  # stable
+    written = (ckpt / "__0_0.distcp").stat().st_mtime_ns
     (ckpt / "__0_0.distcp").write_bytes(b"weights two" * 100)  # same size, same names
+    # a retrain writes later than the first write; the clock the kernel stamps files with
+    # can be coarser than the time between the two writes here, so say so explicitly
+    os.utime(ckpt / "__0_0.distcp", ns=(written + 10**9, written + 10**9))
     after = reference_fingerprint(config, tokenizer, dataset)
     assert after["reference_model"] != before["reference_model"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["__0_0.distcp", "metadata.json"], \
+        "nothing is written into the user's checkpoint directory"
 
 
 def _skipped_row_data(path):
