@@ -83,16 +83,63 @@ def checkpoint_root(output_dir: str) -> Path:
 
 
 def latest_checkpoint(output_dir: str) -> Optional[Path]:
-    """The newest complete checkpoint under output_dir, or None."""
+    """The checkpoint to resume from under output_dir, or None when there is none.
+
+    The one ``checkpoints/latest`` names; without that pointer (deleted, or a kill between a
+    first checkpoint's rename and the pointer's write), the newest step directory once it is
+    verified complete, so that a restart never starts again at step 0 over the run's
+    checkpoints and metrics.
+
+    Raises:
+        FileNotFoundError: ``latest`` names an incomplete checkpoint.
+        ValueError: no ``latest``, and the newest step directory is incomplete.
+    """
     root = checkpoint_root(output_dir)
     pointer = root / LATEST
-    if not pointer.is_file():
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete "
+                                    "checkpoint; remove the pointer or restore the directory")
+        return path
+    steps = step_directories(root)
+    if not steps:
         return None
-    path = root / pointer.read_text().strip()
+    newest = steps[-1]
+    problem = incomplete(newest)
+    if problem:
+        older = f", or remove it to resume from {steps[-2].name}" if len(steps) > 1 else ""
+        raise ValueError(f"{root} has no '{LATEST}' pointer and its newest checkpoint "
+                         f"{newest.name} is incomplete ({problem}): restore it{older}; a run "
+                         "never writes over a checkpoint it cannot account for")
+    return newest
+
+
+def step_directories(root: Path) -> List[Path]:
+    """The checkpoint directories (step_NNNNNNN, no temporary ones) under ``root``, oldest
+    first."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=_step_of)
+
+
+def incomplete(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint, or None: its state file (readable, of the
+    step its name says), megatron-core's metadata and every rank's RNG state are there."""
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete "
-                                "checkpoint; remove the pointer or restore the directory")
-    return path
+        return f"no {STATE_FILE}"
+    if not (path / "metadata.json").is_file():
+        return "no metadata.json"
+    try:
+        meta = read_state(path)
+    except ValueError as err:
+        return str(err)
+    if meta.get("next_step") != _step_of(path):
+        return f"its {STATE_FILE} is of step {meta.get('next_step')}"
+    missing = [r for r in range(int(meta.get("world_size", 1)))
+               if not (path / f"rng_rank{r}.pt").is_file()]
+    if missing:
+        return f"no RNG state of rank(s) {missing}"
+    return None
 
 
 MEGATRON_LATEST = "latest_checkpointed_iteration.txt"
@@ -132,6 +179,8 @@ class CheckpointState:
         loss_state: the loss's running state (bco_pair's reward mean): an object with
             state_dict() / load_state_dict(), or None.
         gpu: whether the CUDA RNG states are saved too.
+        files: the run's ``source_fingerprints`` (tokenizer and weight files): saved, so that
+            resuming notices files changed in place.
     """
 
     config: RunConfig
@@ -141,6 +190,7 @@ class CheckpointState:
     data_content: str
     loss_state: Optional[Any] = None
     gpu: bool = False
+    files: Optional[Dict[str, str]] = None
 
 
 def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Path:
@@ -176,7 +226,7 @@ def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Pa
         loss_state = state.loss_state.state_dict() if state.loss_state is not None else {}
         torch.save({"next_step": next_step, "scheduler": state.scheduler.state_dict(),
                     "config": to_dict(c), "sources": sources, "loss_state": loss_state,
-                    "data_content": state.data_content,
+                    "data_content": state.data_content, "files": state.files,
                     "world_size": dist.get_world_size()}, tmp / STATE_FILE)
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if rank == 0:
@@ -201,34 +251,45 @@ def _prune(root: Path, keep: int) -> None:
     if keep <= 0 or not (root / LATEST).is_file():
         return
     current = root / (root / LATEST).read_text().strip()
-    done = sorted((p for p in root.glob("step_*")
-                   if p.is_dir() and not p.name.endswith(".tmp")), key=_step_of)
-    older = [p for p in done if _step_of(p) < _step_of(current)]
+    older = [p for p in step_directories(root) if _step_of(p) < _step_of(current)]
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_resume_config(config, data_content: str, path: Path, *, report: bool) -> None:
-    """Refuses to resume ``path`` with ``config`` (and data of ``data_content``) if the config
-    changed in a way that alters the optimisation (adadpo_megatron.training.resume_checks);
-    prints the accepted changes when ``report``."""
+def check_resume_config(config, data_content: str, path: Path, *, report: bool,
+                        files: Optional[Dict[str, str]] = None) -> List[tuple]:
+    """Refuses to resume ``path`` with ``config`` (data of ``data_content``, input files of
+    ``files``, the run's source_fingerprints) if the config or the files changed in a way that
+    alters the optimisation (adadpo_megatron.training.resume_checks); prints the accepted
+    changes when ``report``, and returns them as (YAML key, checkpoint's, this run's)."""
     from adadpo_megatron.training.resume_checks import check_resume
     from adadpo_megatron.training.run_config import to_dict
 
-    try:
-        meta = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"{path / STATE_FILE} cannot be read ({type(err).__name__}: {err}); "
-                         "the checkpoint is damaged: resume from another one") from err
+    meta = read_state(path)
     saved = {**meta.get("config", {}), "data": {**meta.get("config", {}).get("data", {}),
                                                 "content": meta.get("data_content")}}
     current = to_dict(config)
     current["data"] = {**current["data"], "content": (data_content
                                                       if meta.get("data_content") else None)}
-    changes = check_resume(saved, current, config.train.resume_allow_changes)
+    changes = check_resume(saved, current, config.train.resume_allow_changes,
+                           saved_files=meta.get("files"), current_files=files)
     if changes and report:
         print("resuming with changed config: " + "; ".join(
             f"{k}: {a!r} -> {b!r}" for k, a, b in changes), flush=True)
+    return changes
+
+
+def read_state(path: Path) -> Dict[str, Any]:
+    """A checkpoint's adadpo_state.pt (next step, schedule, config, ...).
+
+    Raises:
+        ValueError: it cannot be read (truncated, foreign), naming the file.
+    """
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{path / STATE_FILE} cannot be read ({type(err).__name__}: {err}); "
+                         "the checkpoint is damaged: resume from another one") from err
 
 
 def _init_sgd_state(optimizer, config=None) -> None:
@@ -240,9 +301,50 @@ def _init_sgd_state(optimizer, config=None) -> None:
                 optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
 
 
+# what megatron-core keys a parameter group by besides these settings, which the config sets
+_GROUP_SETTINGS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _same_structure(saved_group: Dict[str, Any], groups: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The group of ``groups`` holding the same kind of parameters as ``saved_group``: the
+    same megatron-core identifier, settings aside."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    keys = [k for k in param_group_identifier_keys if k not in _GROUP_SETTINGS]
+    for group in groups:
+        if all(group.get(k) == saved_group.get(k) for k in keys):
+            return group
+    raise ValueError("the checkpoint's optimizer parameter groups ("
+                     f"{[{k: g.get(k) for k in keys} for g in groups]}) do not match this "
+                     "run's: it was written with another optimizer setup")
+
+
+def _load_optimizer_state(optimizer, loaded: Dict[str, Any]) -> None:
+    """The checkpoint's per-parameter state (Adam's moments and step, SGD's momentum) into
+    ``optimizer``, every group setting (learning-rate bounds, weight decay, betas, eps) staying
+    this run's config's, so that a change train.resume_allow_changes allows takes effect:
+    megatron-core would otherwise look each group up by the checkpoint's settings (and fail on
+    another lr), and restore the checkpoint's settings into the optimizer."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(chained) == 1 else [v for _, v in sorted(loaded.items())]
+    settings = []
+    for inner, state in zip(chained, states, strict=True):
+        for saved_group in state["param_groups"]:
+            current = _same_structure(saved_group, inner.param_groups)
+            saved_group.update({k: current[k] for k in _GROUP_SETTINGS if k in current})
+        settings.append([{k: v for k, v in g.items() if k != "params"}
+                         for g in inner.param_groups])
+    optimizer.load_state_dict(loaded)
+    for inner, groups in zip(chained, settings, strict=True):
+        for group, setting in zip(inner.param_groups, groups, strict=True):
+            group.update(setting)
+
+
 def load_checkpoint(state: CheckpointState, path: Path) -> int:
     """Restores a checkpoint into ``state`` (on any layout); returns the step to continue
-    from."""
+    from. Weights, optimizer moments, step count, RNG and the loss's state come from the
+    checkpoint; optimizer settings and the learning-rate schedule from ``state.config``
+    (equal to the checkpoint's unless train.resume_allow_changes allowed a change)."""
     dist_checkpointing = _import_checkpointing()
     for optimizer in getattr(state.optimizer, "chained_optimizers", [state.optimizer]):
         # megatron-core calls init_state_fn before loading, so that the state has tensors to
@@ -260,8 +362,10 @@ def load_checkpoint(state: CheckpointState, path: Path) -> int:
                          f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or "
                          "incomplete: resume from another one (train.resume=<path>)") from err
     load_model_state(state.model, loaded, part)
-    state.optimizer.load_state_dict(loaded["optimizer"])
-    meta = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    _load_optimizer_state(state.optimizer, loaded["optimizer"])
+    meta = read_state(path)
+    # the scheduler keeps this run's settings (it is built to override the checkpoint's) and
+    # takes the step count: the rates are those a fresh run of this config has from there on
     state.scheduler.load_state_dict(meta["scheduler"])
     if state.loss_state is not None:
         state.loss_state.load_state_dict(meta.get("loss_state", {}))

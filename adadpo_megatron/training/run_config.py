@@ -18,7 +18,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from adadpo_megatron.mcore.model_config import MODEL_PRESETS, ModelConfig, ParallelConfig
+from adadpo_megatron.mcore.lora import LoRAConfig
+from adadpo_megatron.mcore.model_config import (
+    MODEL_EXTRA_KEYS,
+    MODEL_PRESETS,
+    ModelConfig,
+    ParallelConfig,
+)
 from adadpo_megatron.ops.loss_config import LossConfig
 from adadpo_megatron.validation import (
     from_mapping,
@@ -337,6 +343,7 @@ class RunConfig:
         return config
 
     def _check_consistency(self) -> None:
+        _check_allowed_changes(self.train.resume_allow_changes)
         if self.train.eval_interval and not self.data.eval_fraction:
             raise ValueError(f"train.eval_interval={self.train.eval_interval} needs "
                              "data.eval_fraction > 0 (no held-out pairs to evaluate on)")
@@ -594,6 +601,44 @@ def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
         return RunConfig.from_dict(raw, source=str(path_obj))
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {err}") from err
+
+
+def config_keys() -> List[str]:
+    """Every key a run config may set, as its YAML names it ("optimizer.weight_decay",
+    "model.num_layers", "model.lora.rank"), plus "data.content" (the data's content, which
+    resuming compares)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    def names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    sections = {
+        "model": names(TransformerConfig) + list(MODEL_EXTRA_KEYS)
+        + [f"lora.{k}" for k in names(LoRAConfig)],
+        "parallel": names(ParallelConfig), "loss": names(LossConfig),
+        "data": names(DataConfig) + ["content"], "reference": names(ReferenceConfig),
+        "optimizer": names(OptimizerConfig) + ["lr_warmup_fraction", "lr_decay_style"],
+        "train": names(TrainConfig)}
+    return [f"{section}.{key}" for section, keys in sections.items() for key in keys]
+
+
+def _check_allowed_changes(allowed: Sequence[str]) -> None:
+    """train.resume_allow_changes names sections or config keys, as the YAML writes them."""
+    import difflib
+
+    known = None
+    for key in allowed:
+        if key in SECTIONS:
+            continue
+        known = known or config_keys()
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            flat = key.replace(".megatron.", ".").replace(".transformer.", ".")
+            close = ([flat] if flat in known else
+                     difflib.get_close_matches(key, known, n=1, cutoff=0.6))
+            raise ValueError(f"train.resume_allow_changes: {key!r} is neither a section ("
+                             f"{', '.join(SECTIONS)}) nor a config key"
+                             f"{f'; did you mean {close[0]!r}' if close else ''}")
 
 
 def to_dict(config: RunConfig) -> Dict[str, Any]:

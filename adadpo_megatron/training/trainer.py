@@ -29,6 +29,7 @@ from adadpo_megatron.mcore.forward_step import (
 )
 from adadpo_megatron.mcore.lora import adapters_disabled
 from adadpo_megatron.training.checkpoint import (
+    LATEST,
     CheckpointState,
     check_resume_config,
     latest_checkpoint,
@@ -45,6 +46,10 @@ from adadpo_megatron.training.reference_cache import (
 from adadpo_megatron.training.run import Run
 from adadpo_megatron.training.run_config import RunConfig
 from adadpo_megatron.training.run_log import RunLog
+
+# the config keys the learning-rate and weight-decay schedule is made of
+SCHEDULE_KEYS = ("train.max_steps", "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",
+                 "optimizer.lr_warmup_fraction", "optimizer.lr_decay_style")
 
 
 class NonFiniteError(RuntimeError):
@@ -98,12 +103,14 @@ class Trainer(Run):
         c = self.config
         self.setup_common(claim_output_dir=True)
         resume = self._resume_path()
+        changes = []
         if resume is not None:  # before anything is built: a refused change fails fast
-            check_resume_config(c, self.dataset.content_hash, resume,
-                                report=self.is_logging_rank)
+            changes = check_resume_config(c, self.dataset.content_hash, resume,
+                                          report=self.is_logging_rank, files=self.sources)
         if c.reference.mode == "precompute":  # before building anything: a stale cache fails
             self.reference_logps = load_cache(
-                default_cache_path(c), reference_fingerprint(c, self.tokenizer, self.dataset),
+                default_cache_path(c),
+                reference_fingerprint(c, self.tokenizer, self.dataset, self.sources),
                 self.dataset)
         self.model = self._build(frozen=False)
         if c.model.load:
@@ -122,6 +129,11 @@ class Trainer(Run):
             self.start_step = load_checkpoint(self.checkpoint_state(), resume)
             if self.is_logging_rank:
                 print(f"resumed from {resume} at step {self.start_step}", flush=True)
+                schedule = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k in SCHEDULE_KEYS]
+                if schedule:
+                    print(f"learning-rate schedule: this run's ({'; '.join(schedule)}), as a "
+                          f"fresh run of this config has it from step {self.start_step} on: "
+                          f"lr {self.optimizer.param_groups[0]['lr']:.6g} now", flush=True)
         return self
 
     def checkpoint_state(self) -> CheckpointState:
@@ -129,14 +141,19 @@ class Trainer(Run):
         loss_state = self.forward_step if hasattr(self.forward_step, "state_dict") else None
         return CheckpointState(config=self.config, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, data_content=self.dataset.content_hash,
-                               loss_state=loss_state, gpu=self.gpu)
+                               loss_state=loss_state, gpu=self.gpu, files=self.sources)
 
     def _resume_path(self):
         resume = self.config.train.resume
         if resume == "never":
             return None
         if resume == "auto":
-            return latest_checkpoint(self.config.train.output_dir)
+            path = latest_checkpoint(self.config.train.output_dir)
+            if path is not None and not (path.parent / LATEST).is_file() \
+                    and self.is_logging_rank:
+                print(f"{path.parent / LATEST} is missing: resuming from the newest complete "
+                      f"checkpoint, {path.name} (verified)", flush=True)
+            return path
         path = Path(resume)
         if not path.is_dir():
             raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint directory")
@@ -161,7 +178,11 @@ class Trainer(Run):
             min_lr=fields["min_lr"], lr_warmup_steps=warmup,
             lr_decay_steps=max(c.train.max_steps, warmup + 1), lr_decay_style=o.lr_decay_style,
             start_wd=fields["weight_decay"], end_wd=fields["weight_decay"],
-            wd_incr_steps=c.train.max_steps, wd_incr_style="constant")
+            wd_incr_steps=c.train.max_steps, wd_incr_style="constant",
+            # on resume, this config's schedule at the checkpoint's step (Megatron-LM's
+            # --override-opt_param-scheduler): a changed train.max_steps or an allowed
+            # optimizer change applies from there on
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
         model_config = self.model[0].config
         model_config.finalize_model_grads_func = finalize_model_grads
         model_config.grad_scale_func = self.optimizer.scale_loss

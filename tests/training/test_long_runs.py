@@ -373,7 +373,7 @@ def test_resume_ignores_fields_one_package_version_lacks_but_not_architecture_ke
     saved = {"loss": {"beta": 0.1}, "model": {"transformer": {"num_layers": 4}}}
     current = {"loss": {"beta": 0.1, "nll_reduction": "pair"},  # a field added since
                "model": {"transformer": {"num_layers": 4, "ffn_hidden_size": 99}}}
-    with pytest.raises(ValueError, match=r"model.transformer.ffn_hidden_size: None in the "
+    with pytest.raises(ValueError, match=r"model.ffn_hidden_size: None in the "
                                          r"checkpoint, 99 now"):
         check_resume(saved, current, allowed=[])
     del current["model"]["transformer"]["ffn_hidden_size"]
