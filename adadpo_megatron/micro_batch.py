@@ -30,7 +30,10 @@ and, flattened for Transformer Engine's THD attention (``thd_flatten``), every s
     cu_seqlens    [runs + 1] int32  cumulative lengths of the segments and row paddings
     max_seqlen    int               the longest run
 
-LD-DPO adds ``ld_tail_mask`` (like loss_mask) inside the forward step.
+LD-DPO adds ``ld_tail_mask`` (like loss_mask) inside the forward step. An evaluation may
+pad each rank's micro-batches to the schedule's count with copies marked
+
+    filler        bool                  True: the forward step counts it for nothing
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class MicroBatch(TypedDict, total=False):
     cu_seqlens: torch.Tensor
     max_seqlen: int
     ld_tail_mask: torch.Tensor
+    filler: bool
 
 
 # the keys with a sequence dimension (the last), which context parallelism splits and THD

@@ -25,6 +25,13 @@ exactly and the real-token share of the whole step is known without a collective
 ``micro_batch_size`` only sizes the default token budget of pack, so a large micro-batch size
 packs as tightly as a small one.
 
+Training steps always plan (the run config refuses, up front, a layout whose steps could not
+be planned: under the interleaved schedule each data-parallel rank's pairs must be a multiple
+of the pipeline size). An evaluation's held-out set has whatever size it has, so its plan
+(``fill=True``) may add *filler* micro-batches: copies of a real one, marked ``filler``, that
+the forward step counts for nothing, so that every rank runs the same number of micro-batches,
+a multiple of ``micro_batch_multiple``, whatever the number and lengths of the pairs.
+
 A packed micro-batch is laid out as ``adadpo_megatron.micro_batch`` defines it: rows of
 segments laid end to end (L <= seq_length; THD: one row, L <= max_tokens), ``position_ids``
 restarting at 0 at every segment, ``segment_ids`` marking each token's segment (its alignment
@@ -37,6 +44,7 @@ an unpacked micro-batch and the loss code does not change.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass
@@ -63,7 +71,8 @@ class MicroBatchPlan:
         length: tokens per row.
         placements: pack only: (row, offset, padded length) of every segment, in segment
             order.
-        real_tokens: tokens of its sequences that are not padding.
+        real_tokens: tokens of its sequences that are not padding (0 for a filler).
+        filler: a copy of another micro-batch that counts for nothing (evaluation only).
     """
 
     pairs: Tuple[int, ...]
@@ -71,6 +80,10 @@ class MicroBatchPlan:
     length: int
     real_tokens: int
     placements: Optional[Tuple[Tuple[int, int, int], ...]] = None
+    filler: bool = False
+
+    def as_filler(self) -> MicroBatchPlan:
+        return dataclasses.replace(self, real_tokens=0, filler=True)
 
     @property
     def computed_tokens(self) -> int:
@@ -83,7 +96,8 @@ StepPlan = List[List[MicroBatchPlan]]  # [data-parallel rank][micro-batch]
 def plan_step(lengths: torch.Tensor, indices: Sequence[int], *, mode: str, dp_size: int,
               micro_batch_size: int, seq_length: int, multiple: int = 1,
               segment_multiple: int = 1, sides: int = 2, max_tokens: Optional[int] = None,
-              one_sequence: bool = False, micro_batch_multiple: int = 1) -> StepPlan:
+              one_sequence: bool = False, micro_batch_multiple: int = 1,
+              fill: bool = False) -> StepPlan:
     """Every data-parallel rank's micro-batches for the pairs ``indices``.
 
     Args:
@@ -102,8 +116,12 @@ def plan_step(lengths: torch.Tensor, indices: Sequence[int], *, mode: str, dp_si
             ``sides * micro_batch_size * seq_length``.
         one_sequence: pack: each micro-batch is one row of its segments end to end (THD)
             instead of rows of ``seq_length``.
-        micro_batch_multiple: pack: each rank's micro-batch count is a multiple of it
-            (megatron-core's interleaved schedule needs a multiple of the pipeline size).
+        micro_batch_multiple: each rank's micro-batch count is a multiple of it (megatron-core's
+            interleaved schedule needs a multiple of the pipeline size). none and longest
+            reach it only with ``fill`` (training steps have it by the config's checks).
+        fill: add filler micro-batches (``MicroBatchPlan.filler``) where the pairs alone cannot
+            give every rank the same count, a multiple of ``micro_batch_multiple``: for
+            evaluation, whose held-out set has any size. Without it such a step raises.
     """
     if mode not in PACKING_MODES:
         raise ValueError(f"data.packing={mode!r} is not allowed; choose one of "
@@ -125,10 +143,11 @@ def plan_step(lengths: torch.Tensor, indices: Sequence[int], *, mode: str, dp_si
             shape = _BinShape(row_capacity=max_tokens // multiple * multiple, max_rows=1)
         else:
             shape = _BinShape(row_capacity=seq_length, max_rows=max_tokens // seq_length)
-        return _plan_packed(indices, seq_lengths, dp_size=dp_size, shape=shape,
+        plan = _plan_packed(indices, seq_lengths, dp_size=dp_size, shape=shape,
                             seq_length=seq_length, multiple=multiple,
                             segment_multiple=segment_multiple,
-                            micro_batch_multiple=micro_batch_multiple)
+                            micro_batch_multiple=micro_batch_multiple, fill=fill)
+        return _with_fillers(plan, micro_batch_multiple) if fill else plan
     blocks = [list(block) for block in _split_evenly(indices, dp_size)]
     plan = []
     for block in blocks:
@@ -144,7 +163,17 @@ def plan_step(lengths: torch.Tensor, indices: Sequence[int], *, mode: str, dp_si
                              round_up(max(max(seq_lengths[i]) for i in pairs), multiple))
             rank_plan.append(MicroBatchPlan(pairs, sides * len(pairs), length, real))
         plan.append(rank_plan)
-    return plan
+    return _with_fillers(plan, micro_batch_multiple) if fill else plan
+
+
+def _with_fillers(plan: StepPlan, micro_batch_multiple: int) -> StepPlan:
+    """Every rank's micro-batches, then copies of its last one (of the first rank's first,
+    for a rank without pairs) marked filler, up to one count for all ranks that is a
+    multiple of ``micro_batch_multiple``."""
+    count = round_up(max(1, max(len(rank) for rank in plan)), micro_batch_multiple)
+    donor = next(mb for rank in plan for mb in rank if not mb.filler)
+    return [[*rank, *[(rank[-1] if rank else donor).as_filler()] * (count - len(rank))]
+            for rank in plan]
 
 
 def _split_evenly(indices: List[int], parts: int) -> List[List[int]]:
@@ -230,7 +259,7 @@ def _computed_tokens(row_of: Dict[Tuple[int, int], int], sizes: Dict[Tuple[int, 
 
 def _plan_packed(indices: List[int], seq_lengths, *, dp_size: int, shape: _BinShape,
                  seq_length: int, multiple: int, segment_multiple: int,
-                 micro_batch_multiple: int) -> StepPlan:
+                 micro_batch_multiple: int, fill: bool = False) -> StepPlan:
     padded = [[round_up(n, segment_multiple) for n in seq_lengths[i]] for i in indices]
     if any(n > seq_length for sizes in padded for n in sizes):
         raise ValueError(f"a sequence is longer than data.seq_length({seq_length}); the data "
@@ -238,7 +267,9 @@ def _plan_packed(indices: List[int], seq_lengths, *, dp_size: int, shape: _BinSh
     # Longest pair first; ties by position in the step, so the plan is deterministic.
     order = sorted(range(len(indices)), key=lambda p: (-sum(padded[p]), p))
     capacity = shape.row_capacity * shape.max_rows
-    most = len(indices) // dp_size // micro_batch_multiple * micro_batch_multiple
+    # without fillers every micro-batch needs a pair; with them each pair can have its own
+    most = (round_up(len(indices), micro_batch_multiple) if fill else
+            len(indices) // dp_size // micro_batch_multiple * micro_batch_multiple)
     if most == 0:
         raise ValueError(f"{len(indices)} pairs cannot make {micro_batch_multiple} "
                          f"micro-batch(es) on each of {dp_size} data-parallel ranks (the "
@@ -246,29 +277,31 @@ def _plan_packed(indices: List[int], seq_lengths, *, dp_size: int, shape: _BinSh
                          "every micro-batch needs a pair")
     fewest = math.ceil(sum(map(sum, padded)) / (dp_size * capacity))
     per_rank = min(most, max(1, round_up(fewest, micro_batch_multiple)))
-    while (bins := _fill(dp_size, per_rank, shape, order, padded)) is None:
+    while (bins := _fill(dp_size, per_rank, shape, order, padded, every_bin=not fill)) is None:
         if per_rank >= most:
             raise ValueError(f"cannot pack {len(indices)} pairs into {per_rank} micro-batches "
                              f"of {shape.max_rows} row(s) of {shape.row_capacity} tokens on "
                              f"each of {dp_size} data-parallel ranks")
         per_rank += micro_batch_multiple  # fragmentation: more micro-batches per rank
     return [[_micro_batch(b, indices, padded, seq_lengths, multiple)
-             for b in bins[rank * per_rank:(rank + 1) * per_rank]] for rank in range(dp_size)]
+             for b in bins[rank * per_rank:(rank + 1) * per_rank] if b.pairs]
+            for rank in range(dp_size)]
 
 
 def _fill(dp_size: int, per_rank: int, shape: _BinShape, order: List[int],
-          padded: List[List[int]]) -> Optional[List[_Bin]]:
+          padded: List[List[int]], every_bin: bool = True) -> Optional[List[_Bin]]:
     """``per_rank`` bins on each rank, rank after rank, holding every pair, or None.
 
     Each pair, longest first, goes to the least loaded rank and there to the least loaded bin
-    it fits in; once no more pairs are left than bins are empty, only to an empty bin, so
-    that no bin stays empty. Ranks wait in a heap by load: a step of 2048 pairs over 64
-    ranks plans in about 0.1 s on one CPU core (0.8 s sorting every bin for every pair)."""
+    it fits in; with ``every_bin``, once no more pairs are left than bins are empty, only to
+    an empty bin, so that no bin stays empty (else empty bins are allowed: they become
+    fillers). Ranks wait in a heap by load: a step of 2048 pairs over 64 ranks plans in about
+    0.1 s on one CPU core (0.8 s sorting every bin for every pair)."""
     bins = [_Bin(shape) for _ in range(dp_size * per_rank)]
     ranks = [(0, rank) for rank in range(dp_size)]  # a heap of (load, rank)
     empty = len(bins)
     for left, position in enumerate(order):
-        sizes, must_open = padded[position], len(order) - left <= empty
+        sizes, must_open = padded[position], every_bin and len(order) - left <= empty
         popped, placed = [], None
         while ranks and placed is None:
             popped.append(heapq.heappop(ranks))
@@ -285,7 +318,7 @@ def _fill(dp_size: int, per_rank: int, shape: _BinShape, order: List[int],
             return None
         for load, rank in popped:
             heapq.heappush(ranks, (load + sum(sizes) * (rank == placed), rank))
-    return bins if empty == 0 else None
+    return bins if empty == 0 or not every_bin else None
 
 
 def _micro_batch(b: _Bin, indices: List[int], padded: List[List[int]], seq_lengths,
@@ -328,8 +361,11 @@ def materialize(dataset: PreferenceDataset, plan: MicroBatchPlan, *, pad_id: int
         if plan.length < batch["tokens"].shape[1]:
             batch = {k: (v[:, :plan.length].contiguous() if v.dim() == 2 else v)
                      for k, v in batch.items()}
-        return batch
-    return _packed_tensors(dataset, plan, pad_id, sides=1 if chosen_only else 2)
+    else:
+        batch = _packed_tensors(dataset, plan, pad_id, sides=1 if chosen_only else 2)
+    if plan.filler:
+        batch["filler"] = True
+    return batch
 
 
 def _packed_tensors(dataset: PreferenceDataset, plan: MicroBatchPlan, pad_id: int, sides: int):

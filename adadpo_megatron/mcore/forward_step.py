@@ -367,6 +367,8 @@ class PreferenceForwardStep(_ForwardStep):
         losses, metrics = preference_loss(sums[:pairs], sums[pairs:], counts[:pairs],
                                           counts[pairs:], *reference, config=c,
                                           running_mean=self.running_mean, **extra)
+        if batch.get("filler"):
+            return _counting_nothing(losses.sum(), _report(metrics, pairs))
         self._record_finite(losses, batch)
         count = torch.tensor(pairs, dtype=torch.int, device=sums.device)
         return losses.sum(), count, _report(metrics, pairs)
@@ -387,13 +389,15 @@ class SFTForwardStep(_ForwardStep):
                                      self.sides)
         sums, counts = stats["logps"], stats["lengths"]
         nll = -sums.sum()
-        self._record_finite(nll, batch)
         tokens = counts.sum()
         report = {"loss": torch.stack([nll.detach(), tokens]),
                   "nll/chosen": torch.stack([nll.detach(), tokens]),
                   "tokens": torch.stack([tokens, torch.ones_like(tokens)]),
                   "pairs": torch.stack([torch.tensor(float(sums.shape[0])),
                                         torch.tensor(1.0)]).to(tokens)}
+        if batch.get("filler"):
+            return _counting_nothing(nll, report)
+        self._record_finite(nll, batch)
         return nll, tokens.round().int(), report
 
 
@@ -413,6 +417,15 @@ class ReferenceForwardStep(_ForwardStep):
         zero = output_tensor.new_zeros(())
         count = torch.tensor(sums.shape[0] // 2, dtype=torch.int, device=sums.device)
         return zero, count, {"ref_logps": sums, "ref_counts": stats["lengths"]}
+
+
+def _counting_nothing(loss: torch.Tensor, report: Dict[str, torch.Tensor]):
+    """loss_func's return for a filler micro-batch (a copy that pads an evaluation to the
+    schedule's micro-batch count, adadpo_megatron.data.packing): no loss, no pairs, a report
+    of zeros that adds nothing to any sum, mean or maximum (maxima are of non-negative
+    values)."""
+    count = torch.zeros((), dtype=torch.int, device=loss.device)
+    return loss * 0.0, count, {name: torch.zeros_like(value) for name, value in report.items()}
 
 
 def _device_of(model) -> torch.device:

@@ -1,8 +1,11 @@
 """Precompute the reference's log-probs over the whole data set, on any parallel layout.
 
 The reference (the policy's initial weights) runs forward-only through megatron-core's
-schedule with the same ReferenceForwardStep and micro-batch shape the resident reference
-uses in training, so the cached sums equal what the resident reference would compute.
+schedule with the same ReferenceForwardStep, planner and micro-batch builder as training
+(data.packing, the token budget, the interleaved schedule's micro-batch multiple), a global
+batch of pairs per schedule call, so the cached sums equal what the resident reference
+computes in training up to float32 rounding. A call's last micro-batches may be fillers
+(copies that pad it to what the schedule needs), which are not stored.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from adadpo_megatron.data.micro_batches import collate
 from adadpo_megatron.training.reference_cache import (
     default_cache_path,
     reference_fingerprint,
@@ -27,28 +29,27 @@ def precompute_reference(config: RunConfig) -> str:
     reference = run.build_reference()
     from megatron.core import parallel_state
 
-    dataset, t = run.dataset, config.train
-    per_round = t.micro_batch_size * run.dp_size
+    dataset = run.dataset
     num = len(dataset)
     logps = torch.zeros(num, 2)
     counts = torch.zeros(num, 2)
-    for start in range(0, num, per_round):
-        # the last round is padded with example 0; padded rows are not stored
-        ids = [(start + i) if start + i < num else 0 for i in range(per_round)]
-        mine = torch.tensor(ids[run.dp_rank * t.micro_batch_size:
-                                (run.dp_rank + 1) * t.micro_batch_size])
-        batches = [collate(dataset, mine)]
+    per_call = config.train.global_batch_size
+    for start in range(0, num, per_call):
+        plan = run.plan(dataset, range(start, min(num, start + per_call)), fill=True)
+        batches = run.materialize(dataset, plan)
         with torch.no_grad():
             reports = run.run_schedule(run.reference_step, reference, batches,
-                                           forward_only=True)
+                                       forward_only=True)
         if run.is_last_stage:
-            m = t.micro_batch_size
-            sums, cnt = reports[0]["ref_logps"], reports[0]["ref_counts"]
-            for j, example in enumerate(mine.tolist()):
-                if run.dp_rank * m + j + start < num:
-                    logps[example] = torch.stack([sums[j], sums[m + j]])
-                    counts[example] = torch.stack([cnt[j], cnt[m + j]])
-    # Every example was computed on exactly one data-parallel rank of the last stage.
+            for micro_batch, report in zip(plan[run.dp_rank], reports, strict=True):
+                if micro_batch.filler:
+                    continue
+                m = len(micro_batch.pairs)
+                sums, cnt = report["ref_logps"].cpu(), report["ref_counts"].cpu()
+                for j, position in enumerate(micro_batch.pairs):
+                    logps[position] = torch.stack([sums[j], sums[m + j]])
+                    counts[position] = torch.stack([cnt[j], cnt[m + j]])
+    # Every pair was computed on exactly one data-parallel rank of the last stage.
     if run.is_last_stage:
         group = parallel_state.get_data_parallel_group()
         device = torch.device("cuda", torch.cuda.current_device()) if run.gpu else "cpu"

@@ -46,6 +46,21 @@ from adadpo_megatron.training.run_dir import (
 )
 
 
+def plan_micro_batches(config: RunConfig, lengths: torch.Tensor, indices, *, dp_size: int,
+                       thd: bool, mode: Optional[str] = None, fill: bool = False):
+    """Every data-parallel rank's micro-batches for the pairs ``indices`` (adadpo_megatron.data
+    .packing.plan_step), laid out as ``mode`` (default data.packing) says for this config's
+    layout; with ``fill`` (an evaluation) padded with filler micro-batches to what the
+    schedule needs. ``lengths``: [N, 2] tokens of each sequence; ``thd``: packed micro-batches
+    are one THD sequence (Transformer Engine)."""
+    c = config
+    return plan_step(lengths, indices, mode=mode or c.data.packing, fill=fill, dp_size=dp_size,
+                     micro_batch_size=c.train.micro_batch_size, seq_length=c.data.seq_length,
+                     multiple=c.sequence_multiple(), segment_multiple=c.segment_multiple(),
+                     sides=c.sides(), max_tokens=c.micro_batch_tokens(), one_sequence=thd,
+                     micro_batch_multiple=c.micro_batch_multiple())
+
+
 class Run:
     """The parallel layout, data and model building of one run config.
 
@@ -119,12 +134,6 @@ class Run:
         self.dataset, self.data_report = self._load_data()
         self.train_set, self.eval_set = split_held_out(self.dataset, c.data.eval_fraction,
                                                        c.eval_seed)
-        # a pair for each micro-batch of each rank (packed: a multiple of PP of them for VPP)
-        needed = self.dp_size * (c.micro_batch_multiple() if c.data.packing == "pack" else 1)
-        if self.eval_set is not None and len(self.eval_set) < needed:
-            raise ValueError(f"data.eval_fraction={c.data.eval_fraction} holds out "
-                             f"{len(self.eval_set)} pairs, fewer than the {needed} micro-batches "
-                             f"of one evaluation (data-parallel size {self.dp_size})")
         self.vocab_size = model_vocab_size(self.tokenizer.vocab_size, c.model,
                                            p.tensor_model_parallel_size)
         self.dtype = getattr(torch, c.train.dtype)
@@ -170,8 +179,10 @@ class Run:
     def _build(self, frozen: bool) -> List[torch.nn.Module]:
         """This rank's model chunks: DDP-wrapped for the policy, frozen for a reference."""
         c = self.config
+        # pipeline stages exchange shapes first: micro-batches differ in length (longest,
+        # pack) or in rows (an evaluation's, or a reference pass's, last one), in every mode
         config = transformer_config(c.model, c.parallel, dtype=self.dtype, gpu=self.gpu,
-                                    variable_seq_lengths=c.data.packing != "none")
+                                    variable_seq_lengths=True)
         lora = None if frozen else c.model.lora
         chunks = build_model_chunks(c.model, config, self.vocab_size, c.data.seq_length,
                                     gpu=self.gpu, lora=lora)
@@ -232,9 +243,9 @@ class Run:
     def run_schedule(self, step_func, model, batches, forward_only: bool):
         """megatron-core's forward-backward over ``batches``; the last stage's reports.
 
-        All micro-batches of one call have the same shape (pipeline stages exchange tensors
-        of a fixed shape), except with data.packing longest or pack, where the stages
-        exchange shapes first (variable_seq_lengths).
+        Micro-batches may differ in shape: pipeline stages exchange shapes first
+        (variable_seq_lengths). The interleaved schedule needs their count to be a multiple
+        of the pipeline size (the planner's micro_batch_multiple).
         """
         rows, length = step_func.schedule_shape(batches[0])
         chunks = model if len(model) > 1 else model[0]
@@ -249,19 +260,14 @@ class Run:
             forward_only=forward_only,
         )
 
-    def plan(self, dataset, indices, mode: Optional[str] = None):
-        """Every data-parallel rank's micro-batches for the pairs ``indices``, laid out as
-        ``mode`` (default data.packing) says."""
-        c = self.config
-        return plan_step(dataset.lengths, indices, mode=mode or c.data.packing,
-                         dp_size=self.dp_size,
-                         micro_batch_size=c.train.micro_batch_size, seq_length=c.data.seq_length,
-                         multiple=c.sequence_multiple(), segment_multiple=c.segment_multiple(),
-                         sides=c.sides(), max_tokens=c.micro_batch_tokens(),
-                         one_sequence=self.packed_format == "thd",
-                         micro_batch_multiple=c.micro_batch_multiple())
+    def plan(self, dataset, indices, mode: Optional[str] = None, fill: bool = False):
+        """Every data-parallel rank's micro-batches for the pairs ``indices`` of ``dataset``
+        (``plan_micro_batches``)."""
+        return plan_micro_batches(self.config, dataset.lengths, indices, dp_size=self.dp_size,
+                                  thd=self.packed_format == "thd", mode=mode, fill=fill)
 
-    def _materialize(self, dataset, plan):
+    def materialize(self, dataset, plan):
+        """This rank's micro-batches of ``plan`` (precomputed reference sums attached)."""
         batches = [materialize(dataset, mb, pad_id=self.tokenizer.pad_id, chosen_only=self.sft)
                    for mb in plan[self.dp_rank]]
         if self.reference_logps is not None:
@@ -278,7 +284,7 @@ class Run:
         """This rank's micro-batches for ``step`` and the step's real-token share."""
         plan = self.step_plan(step)
         real, computed = step_token_counts(plan)
-        return self._materialize(self.train_set, plan), real / computed
+        return self.materialize(self.train_set, plan), real / computed
 
     def real_token_fraction(self, steps: range, mode: Optional[str] = None) -> float:
         """Real tokens per computed token over the training steps ``steps``, all ranks."""

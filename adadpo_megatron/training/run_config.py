@@ -507,11 +507,15 @@ class RunConfig:
         if multiple > 1:
             vpp = (f"parallel.virtual_pipeline_model_parallel_size"
                    f"({p.virtual_pipeline_model_parallel_size})")
-            if self.data.packing == "pack" and t.global_batch_size < dp * pp:
-                raise ValueError(f"train.global_batch_size({t.global_batch_size}) is below "
-                                 f"data-parallel size({dp}) * parallel.pipeline_model_parallel"
-                                 f"_size({pp}): with {vpp} each rank needs a multiple of {pp} "
-                                 "micro-batches, each of at least one pair")
+            if self.data.packing == "pack" and t.global_batch_size % (dp * pp):
+                # each rank's micro-batches must be a multiple of PP, each of at least one
+                # pair: with that many pairs, one pair a micro-batch always plans, whatever
+                # their lengths (fewer could need more micro-batches than there are pairs)
+                raise ValueError(f"train.global_batch_size({t.global_batch_size}) is not "
+                                 f"divisible by data-parallel size({dp}) * parallel.pipeline_"
+                                 f"model_parallel_size({pp}) = {dp * pp}: with {vpp} each rank "
+                                 f"needs a multiple of {pp} micro-batches, each of at least one "
+                                 "pair, and long pairs may need a micro-batch each")
             per_rank = t.global_batch_size // (t.micro_batch_size * dp)
             if self.data.packing != "pack" and per_rank % pp:
                 raise ValueError(f"train.global_batch_size({t.global_batch_size}) / "

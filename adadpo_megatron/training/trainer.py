@@ -194,40 +194,27 @@ class Trainer(Run):
         adapters off (precomputed ones are already in)."""
         if self.config.reference.mode == "adapters_off":
             with adapters_disabled(self.model), evaluating(self.model):
-                reports = self._forward_only_by_size(self.reference_step, self.model, batches)
+                reports = self._forward_only(self.reference_step, self.model, batches)
         elif self.reference_model:
-            reports = self._forward_only_by_size(self.reference_step, self.reference_model,
+            reports = self._forward_only(self.reference_step, self.reference_model,
                                                  batches)
         else:
             return
         if self.is_last_stage:
             collect_reference(reports, batches)
 
-    def _forward_only_by_size(self, step_func, model, batches):
-        """run_schedule over batches of possibly different shapes: one call per run of one
-        shape, or one call when pipeline stages exchange shapes (variable_seq_lengths)."""
-        reports, start = [], 0
-        # without pipeline stages nothing is exchanged, so any shapes share one call
-        variable = (model[0].config.variable_seq_lengths
-                    or self.config.parallel.pipeline_model_parallel_size == 1)
-        while start < len(batches):
-            shape = batches[start]["tokens"].shape
-            end = start
-            while end < len(batches) and (variable or batches[end]["tokens"].shape == shape):
-                end += 1
-            with torch.no_grad():
-                reports += self.run_schedule(step_func, model, batches[start:end],
-                                             forward_only=True) or []
-            start = end
-        return reports
+    def _forward_only(self, step_func, model, batches):
+        """run_schedule forward-only, without autograd."""
+        with torch.no_grad():
+            return self.run_schedule(step_func, model, batches, forward_only=True) or []
 
     def evaluate(self) -> Dict[str, float]:
         """The step metrics on the held-out pairs, forward-only, prefixed "eval/"."""
-        plan = self.plan(self.eval_set, range(len(self.eval_set)))
-        batches = self._materialize(self.eval_set, plan)
+        plan = self.plan(self.eval_set, range(len(self.eval_set)), fill=True)
+        batches = self.materialize(self.eval_set, plan)
         self._attach_reference(batches)
         with evaluating(self.model):
-            reports = self._forward_only_by_size(self.forward_step, self.model, batches)
+            reports = self._forward_only(self.forward_step, self.model, batches)
         if not self.is_last_stage:
             return {}
         metrics = reduce_reports(reports, self.metrics_group,

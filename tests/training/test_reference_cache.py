@@ -24,13 +24,15 @@ def _small_data(path, rows=40):
 def _precompute_worker(rank, world, data, cache, overrides):
     from adadpo_megatron.training.precompute import precompute_reference
 
+    # padded rows, as the training below runs them (precompute plans as data.packing says)
     precompute_reference(tiny_config({"data.path": data, "reference.mode": "precompute",
-                                      "reference.cache_path": cache, **overrides}))
+                                      "reference.cache_path": cache, "data.packing": "none",
+                                      **overrides}))
 
 
 def _train_worker(rank, world, data, cache, mode, out, overrides=None):
-    # padded rows on both sides, as precompute runs them, so that the cached sums and the
-    # resident reference's are the same computation; packed training from a cache is
+    # padded rows on both sides, as the precompute above runs them, so that the cached sums
+    # and the resident reference's are the same computation; packed training from a cache is
     # tests/training/test_packing_training.py's
     config = tiny_config({"data.path": data, "reference.mode": mode,
                           "reference.cache_path": cache, "data.packing": "none",

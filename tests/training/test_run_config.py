@@ -188,12 +188,23 @@ def test_interleaved_pipelines_need_micro_batches_in_multiples_of_the_pipeline()
     with pytest.raises(ValueError, match=r"= 3 micro-batches, not a multiple of parallel\."
                                          r"pipeline_model_parallel_size\(2\)"):
         padded.check_layout(2)
+    # issue 23: 3 pairs on one data-parallel rank planned 2 micro-batches, and two long
+    # pairs that fit no micro-batch together failed the step mid-run; now refused up front
     packed = load_run_config(path, [*vpp, "train.global_batch_size=3",
                                     "train.micro_batch_size=1"])
+    with pytest.raises(ValueError, match=r"train.global_batch_size\(3\) is not divisible by "
+                                         r"data-parallel size\(1\) \* parallel.pipeline_model_"
+                                         r"parallel_size\(2\) = 2"):
+        packed.check_layout(2)
+    packed = load_run_config(path, [*vpp, "train.global_batch_size=4",
+                                    "train.micro_batch_size=1"])
     assert packed.check_layout(2) == 1
-    with pytest.raises(ValueError, match=r"train.global_batch_size\(3\) is below data-parallel "
-                                         r"size\(3\) \* parallel.pipeline_model_parallel_size"):
-        packed.check_layout(6)
+    nine = load_run_config(path, [*vpp, "train.global_batch_size=9",
+                                  "train.micro_batch_size=1"])
+    with pytest.raises(ValueError, match=r"train.global_batch_size\(9\) is not divisible by "
+                                         r"data-parallel size\(3\) \* parallel.pipeline_model_"
+                                         r"parallel_size\(2\) = 6"):
+        nine.check_layout(6)
     assert packed.micro_batch_multiple() == 2
 
 
