@@ -194,6 +194,27 @@ class ModelConfig:
         if self.lora is not None and not (self.hf or self.load):
             raise ValueError("model.lora trains adapters on a pretrained base: set model.hf "
                              "or model.load")
+        if self.lora is not None:
+            for name, (rows, columns) in self.linear_shapes().items():
+                if name in self.lora.target_modules and self.lora.rank > min(rows, columns):
+                    raise ValueError(
+                        f"model.lora.rank={self.lora.rank} is larger than {name}'s smaller "
+                        f"side ({rows} x {columns}): B A would have more parameters than the "
+                        f"weight it adapts and no lower rank; use a rank <= "
+                        f"{min(rows, columns)} or leave {name} out of "
+                        "model.lora.target_modules")
+
+    def linear_shapes(self) -> Dict[str, tuple]:
+        """{linear: (out, in)} of a layer's four linears, whole (not per TP rank)."""
+        t = self.transformer
+        hidden, heads = t["hidden_size"], t["num_attention_heads"]
+        groups = t.get("num_query_groups") or heads
+        head_dim = t.get("kv_channels") or hidden // heads
+        ffn = t.get("ffn_hidden_size") or 4 * hidden
+        gated = 2 if t.get("gated_linear_unit") else 1
+        return {"linear_qkv": ((heads + 2 * groups) * head_dim, hidden),
+                "linear_proj": (hidden, heads * head_dim),
+                "linear_fc1": (gated * ffn, hidden), "linear_fc2": (hidden, ffn)}
 
 
 @dataclass

@@ -16,6 +16,7 @@ checkpoint, and ``latest`` pointing at it, untouched. The data position is the s
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from adadpo_megatron.mcore.lora import is_adapter_name
 
@@ -193,11 +195,21 @@ class CheckpointState:
     files: Optional[Dict[str, str]] = None
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a failed write) on some rank; its
+    partial directory is removed and the previous checkpoint is untouched."""
+
+
 def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Path:
     """Saves model, optimizer, LR schedule, data position (next_step), RNG, config and the
-    loss's running state."""
-    from adadpo_megatron.training.run_config import to_dict
+    loss's running state.
 
+    Raises:
+        CheckpointWriteError: on every rank, when any rank's write failed (naming the
+            ranks, the directory and the cause, "no space left on device" for a full disk),
+            after the partial step directory is removed; ``latest`` still names the
+            previous checkpoint.
+    """
     dist_checkpointing = _import_checkpointing()
     c = state.config
     root = checkpoint_root(c.train.output_dir)
@@ -208,27 +220,27 @@ def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_state = model_sharded_state_dict(state.model, model_part(c))
-    sharded = dict(model_state)
-    sharded["optimizer"] = state.optimizer.sharded_state_dict(model_state)
-    dist_checkpointing.save(sharded, str(tmp))
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if state.gpu else None},
-               tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        # where the weights' architecture and tokenizer came from, resolved, for
-        # adadpo-export-hf (the config's own paths are relative to its file)
-        sources = {"hf": str(c.resolve(c.model.hf).resolve()) if c.model.hf else None,
-                   "load": (str(resolve_checkpoint(c.resolve(c.model.load)).resolve())
-                            if c.model.load else None),
-                   "tokenizer": c.tokenizer_spec()}
-        # the loss's running state (bco_pair's reward mean) is the same on every rank
-        loss_state = state.loss_state.state_dict() if state.loss_state is not None else {}
-        torch.save({"next_step": next_step, "scheduler": state.scheduler.state_dict(),
-                    "config": to_dict(c), "sources": sources, "loss_state": loss_state,
-                    "data_content": state.data_content, "files": state.files,
-                    "world_size": dist.get_world_size()}, tmp / STATE_FILE)
-    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
+    try:
+        model_state = model_sharded_state_dict(state.model, model_part(c))
+        sharded = dict(model_state)
+        sharded["optimizer"] = state.optimizer.sharded_state_dict(model_state)
+        dist_checkpointing.save(sharded, str(tmp))
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if state.gpu else None},
+                   tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            torch.save(_state_file(state, next_step), tmp / STATE_FILE)
+        failure = None
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - any failed write;
+        failure = _describe_failure(err, root)       # every rank learns of it below
+    # one collective decides for all ranks, so that none renames, or waits, alone
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    if any(failures):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise _write_error(root, tmp, failures)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -238,6 +250,61 @@ def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Pa
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+def _state_file(state: CheckpointState, next_step: int) -> Dict[str, Any]:
+    """What adadpo_state.pt holds (rank 0 writes it)."""
+    from adadpo_megatron.training.run_config import to_dict
+
+    c = state.config
+    # where the weights' architecture and tokenizer came from, resolved, for
+    # adadpo-export-hf (the config's own paths are relative to its file)
+    sources = {"hf": str(c.resolve(c.model.hf).resolve()) if c.model.hf else None,
+               "load": (str(resolve_checkpoint(c.resolve(c.model.load)).resolve())
+                        if c.model.load else None),
+               "tokenizer": c.tokenizer_spec()}
+    # the loss's running state (bco_pair's reward mean) is the same on every rank
+    loss_state = state.loss_state.state_dict() if state.loss_state is not None else {}
+    return {"next_step": next_step, "scheduler": state.scheduler.state_dict(),
+            "config": to_dict(c), "sources": sources, "loss_state": loss_state,
+            "data_content": state.data_content, "files": state.files,
+            "world_size": dist.get_world_size()}
+
+
+_DISK_FULL = "no space left on device"
+
+
+def _describe_failure(err: BaseException, root: Path) -> str:
+    """One line for a failed write; "no space left on device: ..." for a full disk, which
+    the checkpoint writer does not always say (torch's zip writer reports "unexpected pos"):
+    the filesystem then has less room than the last checkpoint took."""
+    if isinstance(err, CheckpointException):  # the writers' own errors, not their tracebacks
+        err = next(iter(err.failures.values()))[0]
+    text = " ".join(str(err).split()) or type(err).__name__
+    full = "No space left on device" in text or getattr(err, "errno", None) == errno.ENOSPC
+    if not full:
+        latest = root / LATEST
+        previous = root / latest.read_text().strip() if latest.is_file() else None
+        needed = sum(p.stat().st_size for p in previous.iterdir()) if previous else 0
+        full = shutil.disk_usage(root).free < max(needed, 1024 * 1024)
+    return f"{_DISK_FULL}: {text}" if full else text
+
+
+def _write_error(root: Path, tmp: Path, failures: List[Optional[str]]) -> CheckpointWriteError:
+    ranks = [r for r, f in enumerate(failures) if f]
+    first = failures[ranks[0]]
+    full = any(f.startswith(_DISK_FULL) for f in failures if f)
+    cause = _DISK_FULL if full else "the write failed"
+    latest = root / LATEST
+    kept = (f"the previous checkpoint, {latest.read_text().strip()}, is intact"
+            if latest.is_file() else "no earlier checkpoint exists")
+    return CheckpointWriteError(
+        errno.ENOSPC if full else errno.EIO,
+        f"checkpoint {tmp.name[:-len('.tmp')]} could not be written to {tmp} ({cause} on rank(s) "
+        f"{ranks}: {first[len(_DISK_FULL) + 2 if full else 0:][:300]}); the partial step "
+        f"directory was removed and {kept}"
+        + ("; free space on that filesystem (or lower train.keep_checkpoints) and run the "
+           "same command to resume" if full else ""))
 
 
 def _step_of(path: Path) -> int:

@@ -17,7 +17,33 @@ import os
 import sys
 from typing import Optional, Sequence
 
-import torch
+from adadpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, Preempted
+from adadpo_megatron.training.run_dir import RunDirectoryError
+
+# what a person can fix (a path, a config key, a file, the disk, a directory in use): one
+# line on rank 0, exit 2; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, OSError, RunDirectoryError)
+TRACEBACK = "ADADPO_TRACEBACK"  # set to 1 for the traceback of a user error, on every rank
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def fail(prog: str, err: BaseException, code: int = 2) -> None:
+    """Exits with ``code`` after one line naming the error, printed by global rank 0 (every
+    rank meets the same error: the run checks on rank 0 and broadcasts its verdicts); with
+    ADADPO_TRACEBACK=1 re-raises it instead, on every rank."""
+    if os.environ.get(TRACEBACK) == "1":
+        raise err
+    _error_line(prog, f"{' '.join(str(err).split()) or type(err).__name__} "
+                      f"({TRACEBACK}=1 shows where)", code)
+
+
+def _error_line(prog: str, text: str, code: int = 2) -> None:
+    if _rank() == 0:
+        print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
@@ -26,50 +52,76 @@ def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override a config value, e.g. train.max_steps=5")
     args = parser.parse_args(argv)
+    import torch
+
     from adadpo_megatron.training.run_config import load_run_config
 
     try:
-        config = load_run_config(args.config, args.overrides)
+        config = load_run_config(args.config, args.overrides)  # its errors name the file
     except (ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"{prog}: error: {err}\n")
+        _error_line(prog, str(err))
     try:
         # the layout is checked against the world before any process group or model exists
         config.check_world(int(os.environ.get("WORLD_SIZE", "1")),
                            gpu=torch.cuda.is_available())
     except ValueError as err:
-        parser.exit(2, f"{prog}: error: {args.config}: {err}\n")
+        _error_line(prog, f"{args.config}: {err}")
     return config
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> None:
-    config = _parse(argv, "adadpo-train", "Train a megatron-core model with AdaDPO.")
-    from adadpo_megatron.training.preemption import PREEMPTED_EXIT_CODE
-    from adadpo_megatron.training.trainer import NonFiniteError, Trainer
+    from adadpo_megatron.training.preemption import StopRequests
 
-    trainer = Trainer(config).setup()
+    prog = "adadpo-train"
+    # a preemption while the config is read and the modules imported stops at once
+    early = StopRequests(immediate=True)
+    early.install()
     try:
+        config = _parse(argv, prog, "Train a megatron-core model with AdaDPO.")
+        from adadpo_megatron.training.trainer import NonFiniteError, Trainer
+    except Preempted as err:
+        _preempted_in_setup(prog, err)
+    early.restore()
+    trainer = Trainer(config)
+    try:
+        trainer.setup()
         trainer.train()
     except NonFiniteError as err:
-        if trainer.is_logging_rank:
-            print(f"adadpo-train: stopped: {err}", file=sys.stderr, flush=True)
+        if _rank() == 0:
+            print(f"{prog}: stopped: {err}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except Preempted as err:
+        _preempted_in_setup(prog, err)
+    except USER_ERRORS as err:
+        fail(prog, err)
     finally:
         trainer.close()
     if trainer.stopped:
         if trainer.is_logging_rank:
-            print(f"adadpo-train: stopped early ({trainer.stopped}); a checkpoint is saved in "
+            print(f"{prog}: stopped early ({trainer.stopped}); a checkpoint is saved in "
                   f"{config.train.output_dir}/checkpoints and the same command resumes from it; "
                   f"exit code {PREEMPTED_EXIT_CODE}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def _preempted_in_setup(prog: str, err: Preempted) -> None:
+    if _rank() == 0:
+        print(f"{prog}: stopped early ({err}): no step had run, so nothing was saved; the "
+              f"same command starts again where the last checkpoint left off; exit code "
+              f"{PREEMPTED_EXIT_CODE}", file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
 def precompute_main(argv: Optional[Sequence[str]] = None) -> None:
-    config = _parse(argv, "adadpo-precompute-reference",
-                    "Write the reference's log-probs next to the data, for "
-                    "reference.mode=precompute.")
+    prog = "adadpo-precompute-reference"
+    config = _parse(argv, prog, "Write the reference's log-probs next to the data, for "
+                                "reference.mode=precompute.")
     from adadpo_megatron.training.precompute import precompute_reference
 
-    precompute_reference(config)
+    try:
+        precompute_reference(config)
+    except USER_ERRORS as err:
+        fail(prog, err)
 
 
 COMMANDS = {"train": train_main, "precompute-reference": precompute_main}

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -134,6 +135,10 @@ class Run:
         self.dataset, self.data_report = self._load_data()
         self.train_set, self.eval_set = split_held_out(self.dataset, c.data.eval_fraction,
                                                        c.eval_seed)
+        if len(self.train_set) < c.train.global_batch_size and dist.get_rank() == 0:
+            print(f"adadpo-train: warning: {len(self.train_set)} training pairs, fewer than "
+                  f"train.global_batch_size={c.train.global_batch_size}: pairs repeat within "
+                  "every step", file=sys.stderr, flush=True)
         self.vocab_size = model_vocab_size(self.tokenizer.vocab_size, c.model,
                                            p.tensor_model_parallel_size)
         self.dtype = getattr(torch, c.train.dtype)

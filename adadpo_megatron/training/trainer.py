@@ -92,7 +92,9 @@ class Trainer(Run):
 
     def __init__(self, config: RunConfig):
         super().__init__(config)
-        self.stop = StopRequests(config.train.exit_after_minutes)  # the budget starts now
+        # the budget starts now; until the first step, a signal stops the process at once
+        self.stop = StopRequests(config.train.exit_after_minutes, immediate=True)
+        self.stop.install()
         self.stop_agreed = False  # some rank asked to stop: every rank stops after this step
         self.stopped: Optional[str] = None  # why train() returned early, if it did
 
@@ -290,7 +292,7 @@ class Trainer(Run):
         t = self.config.train
         history = []
         log = RunLog(self.config, self.start_step) if self.is_logging_rank else None
-        self.stop.install()
+        self.stop.immediate = False  # from the first step on, a signal stops after a step
         watch = GradNormWatch(t.grad_norm_warning_steps)
         try:
             for step in range(self.start_step, t.max_steps):
@@ -312,10 +314,14 @@ class Trainer(Run):
                     self.stopped = f"{self.stop.reason} after step {step}"
                     break
         finally:
-            self.stop.restore()
             if log is not None:
                 log.close()
         return history
+
+    def close(self) -> None:
+        """Gives the signals back, then the run (its lock, megatron-core's state)."""
+        self.stop.restore()
+        super().close()
 
     def _step_naming_timeouts(self, step: int) -> Dict[str, float]:
         """train_step, with a collective that timed out (a hung or dead rank) reported with

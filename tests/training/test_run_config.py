@@ -228,6 +228,12 @@ def test_interleaved_pipelines_need_micro_batches_in_multiples_of_the_pipeline()
       "model.moe_router_topk=2"],
      r"model\.lora\.target_modules has linear_fc1, linear_fc2, which a mixture-of-experts "
      r"layer does not have"),
+    # issue 23: the tiny preset's q/k/v linear is 128 x 64 (4 heads and 2 x 2 key/value heads
+    # of 16, over hidden 64), its output linear 64 x 64
+    (["model.lora.rank=65"], r"model\.lora\.rank=65 is larger than linear_qkv's smaller "
+                             r"side \(128 x 64\)"),
+    (["model.lora.rank=65", "model.lora.target_modules=[linear_fc1]"],
+     r"model\.lora\.rank=65 is larger than linear_fc1's smaller side \(256 x 64\)"),
 ])
 def test_bad_lora_settings_fail_when_the_config_is_read(overrides, message):
     from adadpo_megatron.training.run_config import load_run_config
