@@ -66,12 +66,12 @@ def _no_leftovers(directory):
                    for p in pathlib.Path(directory).iterdir())
 
 
-def _train_worker(rank, world, tmp, data):
+def _train_worker(rank, world, tmp, data, run="run", overrides=None):
     from adadpo_megatron.training.trainer import Trainer
 
     tmp = pathlib.Path(tmp)
-    config = hf_config(tmp, "llama3", data, **{"train.output_dir": str(tmp / "run"),
-                                                "train.max_steps": 1})
+    config = hf_config(tmp, "llama3", data, **{"train.output_dir": str(tmp / run),
+                                                "train.max_steps": 1, **(overrides or {})})
     trainer = Trainer(config).setup()
     try:
         trainer.train()  # saves the final checkpoint
@@ -86,6 +86,16 @@ def llama(tmp_path_factory):
     make_hf_model(tmp / "llama3", "llama3")
     run_distributed(_train_worker, 1, str(tmp), make_pairs(tmp / "pairs.jsonl"))
     return tmp, tmp / "llama3", tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def lora_run(llama):
+    """A real one-step LoRA run on the tiny Llama (model.hf)."""
+    tmp, _, _ = llama
+    lora = {"rank": 4, "alpha": 8.0, "target_modules": ["linear_qkv", "linear_proj"]}
+    run_distributed(_train_worker, 1, str(tmp), str(tmp / "pairs.jsonl"), "lora_run",
+                    {"model.lora": lora, "reference.mode": "adapters_off"})
+    return tmp / "lora_run"
 
 
 # --------------------------------------------------------------------------- import
@@ -214,6 +224,27 @@ def test_export_leaves_nothing_stale_beside_its_files(llama, tmp_path):
     assert "model.safetensors" not in _names(out) and "model.safetensors.index.json" in shards
     assert len(shards) > 2
     code, stderr = _cli(EXPORT, run, out)
+    assert code == 0, stderr[-3000:]
+    assert _names(out) == EXPORTED and _no_leftovers(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_peft_export_is_replaced_whole(lora_run, tmp_path):
+    """--peft writes through the same checks and rename: a foreign directory needs
+    --overwrite, and the merged export later written into the PEFT directory (its own, no
+    flag) leaves no adapter file beside the merged weights."""
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"an older adapter")
+    before = _snapshot(out)
+    code, stderr = _cli(EXPORT, lora_run, out, "--peft")
+    assert code == 2 and "--overwrite" in _error_line(stderr, "adadpo-export-hf")
+    assert _snapshot(out) == before
+    code, stderr = _cli(EXPORT, lora_run, out, "--peft", "--overwrite")
+    assert code == 0, stderr[-3000:]
+    assert _names(out) == {"adapter_config.json", "adapter_model.safetensors",
+                           "adadpo_export.json"}
+    code, stderr = _cli(EXPORT, lora_run, out)
     assert code == 0, stderr[-3000:]
     assert _names(out) == EXPORTED and _no_leftovers(tmp_path)
 
