@@ -195,24 +195,29 @@ _LOCAL_SPEC_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_
 
 class HFTensors:
     """Tensors of a safetensors checkpoint (one file or an index of shards), read one at a
-    time so that nothing holds the whole model."""
+    time so that nothing holds the whole model.
+
+    Raises (on opening a file):
+        ValueError: a safetensors file (or index) that is truncated or damaged, naming it.
+    """
 
     def __init__(self, directory):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"{index} is truncated or damaged (not JSON with a "
+                                 f"weight_map: {err})") from err
         else:
             single = self.directory / "model.safetensors"
             if not single.is_file():
                 raise FileNotFoundError(f"{self.directory}: no model.safetensors nor "
                                         "model.safetensors.index.json")
-            with safe_open(single, framework="pt") as f:
+            with _safe_open(single) as f:
                 weight_map = {name: single.name for name in f.keys()}
         self.weight_map = weight_map
-        self._open = safe_open
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -220,8 +225,21 @@ class HFTensors:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(f"{self.directory}: tensor {name!r} is not in the checkpoint")
-        with self._open(self.directory / self.weight_map[name], framework="pt") as f:
+        with _safe_open(self.directory / self.weight_map[name]) as f:
             return f.get_tensor(name)
+
+
+def _safe_open(path: Path):
+    """safetensors' safe_open (it reads and checks the header and the file's length); a file
+    cut short or with a header that is not JSON is a ValueError naming the file, not
+    safetensors' own error from deep in a traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise ValueError(f"{path} is truncated or damaged ({err}); restore it or save the "
+                         "model again") from err
 
 
 def _hf_prefix(tensors: HFTensors) -> str:

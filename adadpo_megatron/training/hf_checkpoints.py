@@ -10,6 +10,10 @@ its own shard of the layout it runs on and fills it from the safetensors one ten
 (adadpo_megatron.mcore.hf_mapping): with 8 pipeline stages a 70B import needs an eighth of
 the model per process.
 
+OUT is written whole and renamed into place (output_dirs): it may not be, hold or lie inside
+the source, and an existing non-empty OUT that is not an earlier import is replaced only with
+``--overwrite``.
+
 ``model.hf: DIR`` in a run does the same on the run's own layout the first time, and caches
 the checkpoint in ``<output_dir>/hf_import`` with the source's fingerprint, which later runs
 (and resumes) load instead.
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -43,24 +46,30 @@ def hf_fingerprint(directory) -> Dict[str, object]:
 def save_model_weights(chunks: List[torch.nn.Module], path: Path,
                        marker: Optional[Dict[str, object]] = None) -> None:
     """Writes the chunks' weights as a torch_dist checkpoint at ``path`` (every rank its
-    shards; the base model's, without LoRA adapters), atomically: written beside it and
-    renamed when every rank is done. ``marker`` is saved as ``hf_source.json``."""
+    shards; the base model's, without LoRA adapters), replacing what is there, atomically:
+    written into a temporary sibling that rank 0 renames into place when every rank is done
+    (output_dirs); a failure leaves ``path`` as it was. ``marker`` is saved as
+    ``hf_source.json``."""
+    from adadpo_megatron.training import output_dirs
     from adadpo_megatron.training.checkpoint import _import_checkpointing, model_sharded_state_dict
 
     dist_checkpointing = _import_checkpointing()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, _ = output_dirs.siblings(path)  # the same name on every rank
     if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        output_dirs.fresh_sibling(path)
     dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks, "base"), str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        if marker is not None:
-            (tmp / SOURCE_FILE).write_text(json.dumps(marker, indent=1))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+    try:
+        dist_checkpointing.save(model_sharded_state_dict(chunks, "base"), str(tmp))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            if marker is not None:
+                (tmp / SOURCE_FILE).write_text(json.dumps(marker, indent=1))
+            output_dirs.replace_directory(tmp, path)
+    except BaseException:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dist.barrier()
 
 
@@ -88,9 +97,16 @@ def _source(directory, fingerprint: Optional[Dict[str, object]] = None) -> Dict[
             "fingerprint": fingerprint or hf_fingerprint(directory)}
 
 
-def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None) -> Path:
+def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None,
+                      overwrite: bool = False) -> Path:
     """adadpo-import-hf: ``directory``'s weights as a torch_dist checkpoint at ``out``, built
-    on a TP x PP layout of this world (pp defaults to the world size over tp)."""
+    on a TP x PP layout of this world (pp defaults to the world size over tp). ``out`` may
+    not be, hold or lie inside ``directory``; a non-empty ``out`` that is not an import
+    (no hf_source.json) is replaced only with ``overwrite``.
+
+    Raises:
+        ValueError: on every rank alike, for an ``out`` refused so (output_dirs).
+    """
     from megatron.core import parallel_state
 
     from adadpo_megatron.mcore import cpu_compat
@@ -102,6 +118,7 @@ def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None) 
     gpu = torch.cuda.is_available()
     arch = read_architecture(directory)
     init_distributed(gpu)
+    out = _checked_out(directory, out, overwrite)
     world = dist.get_world_size()
     pp = pp or world // tp
     if tp * pp != world:
@@ -118,13 +135,32 @@ def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None) 
         config = transformer_config(model, ParallelConfig(tp, pp), dtype=dtype, gpu=gpu)
         chunks = build_model_chunks(model, config, arch.vocab_size, 4096, gpu=gpu)
         load_hf_weights(chunks, directory, arch)
-        save_model_weights(chunks, Path(out), marker=_source(directory))
+        save_model_weights(chunks, out, marker=_source(directory))
     finally:
         parallel_state.destroy_model_parallel()
     if dist.get_rank() == 0:
         print(f"wrote {out}: {arch.model_type}, {arch.num_layers} layers, vocabulary "
               f"{arch.vocab_size}; use it as model.load", flush=True)
-    return Path(out)
+    return out
+
+
+def _checked_out(directory, out, overwrite: bool) -> Path:
+    """The resolved ``out``, checked on rank 0 before anything is built (output_dirs); every
+    rank gets rank 0's verdict, so that all raise the same error or none does (a rank that
+    went on alone would wait for the others forever)."""
+    from adadpo_megatron.training import output_dirs
+
+    verdict = [None, None]  # [error, resolved out]
+    if dist.get_rank() == 0:
+        try:
+            verdict[1] = str(output_dirs.check_output(
+                out, {"the source model": directory}, SOURCE_FILE, overwrite))
+        except ValueError as err:
+            verdict[0] = str(err)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ValueError(verdict[0])
+    return Path(verdict[1])
 
 
 def import_main(argv: Optional[Sequence[str]] = None) -> None:
@@ -137,9 +173,13 @@ def import_main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to build with")
     parser.add_argument("--pp", type=int, default=None,
                         help="pipeline stages to build with (default: world size / tp)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing non-empty OUT that is not an earlier "
+                             "import, deleting its files")
     args = parser.parse_args(argv)
     try:
-        import_checkpoint(args.directory, args.out, tp=args.tp, pp=args.pp)
+        import_checkpoint(args.directory, args.out, tp=args.tp, pp=args.pp,
+                          overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"adadpo-import-hf: error: {err}\n")
     finally:

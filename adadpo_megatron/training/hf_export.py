@@ -6,7 +6,9 @@ vLLM) load.
     adadpo-export-hf runs/lora_run out/adapter --peft                   # LoRA: PEFT directory
 
 Writes config.json, model-0000k-of-0000n.safetensors with model.safetensors.index.json,
-generation_config.json and the tokenizer's files. One CPU process, from a checkpoint of any
+generation_config.json, the tokenizer's files and adadpo_export.json (which marks the
+directory as an export, so that exporting into it again needs no --overwrite), into a
+temporary sibling renamed into place (output_dirs). One CPU process, from a checkpoint of any
 TP/PP/VPP layout (its tensors are stored under global names), reading a layer at a time, so
 it never holds more than one layer besides the shard being written.
 
@@ -33,6 +35,7 @@ from adadpo_megatron.training.dcp_reader import layer_slices, tensor_metadata
 from adadpo_megatron.training.hf_checkpoints import SOURCE_FILE
 
 SHARD_BYTES = 5 * 1024**3
+EXPORT_FILE = "adadpo_export.json"  # marks a directory this command wrote (output_dirs)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")
 
@@ -150,17 +153,50 @@ def _write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out: Path,
 
 
 def export_checkpoint(path, out, *, dtype: Optional[str] = None,
-                      shard_bytes: int = SHARD_BYTES, peft: bool = False) -> Path:
+                      shard_bytes: int = SHARD_BYTES, peft: bool = False,
+                      overwrite: bool = False) -> Path:
     """Writes the Hugging Face directory ``out`` for the checkpoint (or run) ``path``; a LoRA
-    run's adapters merged into its base, or with ``peft`` as a PEFT adapter directory."""
-    from adadpo_megatron.mcore.hf_mapping import hf_tensors
-    from adadpo_megatron.training import lora_export
+    run's adapters merged into its base, or with ``peft`` as a PEFT adapter directory.
+
+    ``out`` is written whole into a temporary sibling and renamed into place (output_dirs),
+    so that it holds this export's files and nothing else. It may not be, hold or lie inside
+    what the export reads (``_protected``); a non-empty ``out`` that is not an earlier
+    export (no adadpo_export.json) is replaced only with ``overwrite``.
+    """
+    from adadpo_megatron.training import output_dirs
     from adadpo_megatron.training.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(path)
     if not (checkpoint / "metadata.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a megatron-core distributed checkpoint")
     origin = _source_of(checkpoint)
+    out = output_dirs.check_output(out, _protected(checkpoint, origin), EXPORT_FILE, overwrite)
+    with output_dirs.atomic_directory(out) as tmp:
+        _export(checkpoint, origin, tmp, dtype, shard_bytes, peft)
+        (tmp / EXPORT_FILE).write_text(json.dumps(
+            {"checkpoint": str(checkpoint.resolve()), "peft": peft}, indent=1))
+    return out
+
+
+def _protected(checkpoint: Path, origin: _Origin) -> Dict[str, Optional[Path]]:
+    """{what: path} that an export's OUT may not be, hold or lie inside: what it reads, and a
+    run's output_dir (``<output_dir>/checkpoints/step_N``)."""
+    run_dir = (checkpoint.resolve().parent.parent
+               if origin.run is not None and checkpoint.resolve().parent.name == "checkpoints"
+               else None)
+    from_hf = origin.run is not None and origin.run["model"].get("hf")
+    return {"the checkpoint": checkpoint, "the run's output_dir": run_dir,
+            "the run's model.hf" if from_hf else "the Hugging Face model it came from":
+            origin.source, "the run's model.load": origin.base,
+            "the tokenizer directory": origin.tokenizer}
+
+
+def _export(checkpoint: Path, origin: _Origin, out: Path, dtype: Optional[str],
+            shard_bytes: int, peft: bool) -> None:
+    """Writes the export into the empty directory ``out``."""
+    from adadpo_megatron.mcore.hf_mapping import hf_tensors
+    from adadpo_megatron.training import lora_export
+
     lora = origin.run["model"]["lora"] if lora_export.is_lora_run(origin.run) else None
     if peft and lora is None:
         raise ValueError(f"{checkpoint} is not a LoRA run's checkpoint (model.lora): it has no "
@@ -173,10 +209,9 @@ def export_checkpoint(path, out, *, dtype: Optional[str] = None,
     weights = metadata if lora is None or origin.base is None else tensor_metadata(origin.base)
     if arch.vocab_size == 0:
         arch = replace(arch, vocab_size=weights["embedding.word_embeddings.weight"][0][0])
-    out = Path(out)
     if peft:
-        return lora_export.write_peft_adapter(checkpoint, metadata, arch, lora, out,
-                                              origin.source)
+        lora_export.write_peft_adapter(checkpoint, metadata, arch, lora, out, origin.source)
+        return
     cast = getattr(torch, dtype) if dtype else None
     # a LoRA run on model.hf: its safetensors, adapters merged, under their own names and dtype
     merged_into_hf = lora is not None and origin.base is None
@@ -197,7 +232,6 @@ def export_checkpoint(path, out, *, dtype: Optional[str] = None,
         for name, tensor in hf_items():
             yield name, tensor.to(cast) if cast is not None else tensor
 
-    out.mkdir(parents=True, exist_ok=True)
     _write_shards(cast_items(), out, shard_bytes)
     _write_config(out, arch, origin.source,
                   dtype or (arch.dtype if merged_into_hf else _dtype_name(weights)))
@@ -210,7 +244,6 @@ def export_checkpoint(path, out, *, dtype: Optional[str] = None,
         from transformers import AutoConfig, GenerationConfig
 
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
-    return out
 
 
 def _dtype_name(metadata) -> str:
@@ -267,10 +300,14 @@ def export_main(argv: Optional[Sequence[str]] = None) -> None:
                         help="a LoRA run: write out as a PEFT adapter directory "
                              "(adapter_config.json, adapter_model.safetensors) for its base, "
                              "instead of the adapters merged into the base")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing non-empty OUT that is not an earlier "
+                             "export, deleting its files")
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype,
-                                shard_bytes=int(args.shard_gb * 1024**3), peft=args.peft)
+                                shard_bytes=int(args.shard_gb * 1024**3), peft=args.peft,
+                                overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"adadpo-export-hf: error: {err}\n")
     print(f"wrote {out}", flush=True)

@@ -1,0 +1,130 @@
+"""Output directories that adadpo-import-hf and adadpo-export-hf write without destroying a
+user's files.
+
+An OUT is refused when it is, holds or lies inside a path the command reads from (the
+source model, the run, its checkpoint: replacing OUT would delete it), whatever the flags;
+and when it is a non-empty directory that the command did not write (it has no ``marker``
+file) unless ``--overwrite``. The new directory is built in a temporary sibling
+(``OUT.adadpo-tmp``, same parent, so that renaming it is atomic on one filesystem); then the
+old OUT is moved aside (``OUT.adadpo-old``), the new one renamed into place and the old one
+deleted. A failure before the rename leaves the old OUT as it was; a killed process leaves
+at most ``OUT.adadpo-tmp`` (or, killed between the two renames, the old OUT as
+``OUT.adadpo-old``), which the next write into OUT removes (or renames back).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Tuple
+
+TMP_SUFFIX = ".adadpo-tmp"
+OLD_SUFFIX = ".adadpo-old"
+
+
+def siblings(out: Path) -> Tuple[Path, Path]:
+    """(the temporary sibling a new OUT is built in, where the old OUT is moved aside)."""
+    return out.with_name(out.name + TMP_SUFFIX), out.with_name(out.name + OLD_SUFFIX)
+
+
+def check_output(out, protected: Mapping[str, Optional[os.PathLike]], marker: str,
+                 overwrite: bool) -> Path:
+    """The resolved OUT (symlinks followed, relative to the working directory), after
+    checking that writing it is safe.
+
+    Args:
+        out: the output directory as the user gave it.
+        protected: {what it is, e.g. "the run's model.hf": path or None}: paths OUT may not
+            be, hold or lie inside, ``overwrite`` or not.
+        marker: the file that marks a directory as this command's output (replaced freely).
+        overwrite: replace a non-empty directory without ``marker`` (deleting its files).
+
+    Raises:
+        ValueError: naming OUT and the protected path and what it is, or naming --overwrite.
+    """
+    given, out = out, Path(out).resolve()
+    clashes = []  # (0 is / 1 holds / 2 lies inside, what, path): "is" is the clearest
+    for what, path in protected.items():
+        if path is not None:
+            path = Path(path).resolve()
+            for order, clash in enumerate((out == path, out in path.parents,
+                                           path in out.parents)):
+                if clash:
+                    clashes.append((order, what, path))
+    if clashes:
+        order, what, path = min(clashes, key=lambda c: c[0])
+        relation = ("is", "holds", "lies inside")[order]
+        raise ValueError(f"the output directory {given} {relation} {what} ({path}); "
+                         "writing it would delete that, so it is refused even with "
+                         "--overwrite: choose another directory")
+    recover(out)
+    if not os.path.lexists(out) or out.is_dir() and (not any(out.iterdir())
+                                                     or (out / marker).is_file()):
+        return out  # new, empty, or ours
+    if not overwrite:
+        kind = "a directory that" if out.is_dir() else "a file, and"
+        raise ValueError(f"the output directory {given} exists and is {kind} this command "
+                         f"did not write (no {marker}); pass --overwrite to replace it and "
+                         "delete everything in it, or choose a new or empty directory")
+    return out
+
+
+def recover(out: Path) -> None:
+    """Undoes what a killed write into ``out`` left: a temporary sibling is removed; an old
+    OUT moved aside is deleted if the new one is in place, else renamed back."""
+    tmp, old = siblings(out)
+    if os.path.lexists(old):
+        if os.path.lexists(out):
+            _remove(old)
+        else:
+            os.rename(old, out)
+    if os.path.lexists(tmp):
+        _remove(tmp)
+
+
+def fresh_sibling(out: Path) -> Path:
+    """An empty temporary sibling of ``out`` to build the new directory in."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
+    tmp, _ = siblings(out)
+    tmp.mkdir()
+    return tmp
+
+
+def replace_directory(tmp: Path, out: Path) -> None:
+    """Puts the finished ``tmp`` in place of ``out`` (which may not exist): two renames,
+    then the old OUT is deleted. If the second rename fails, the old OUT is put back."""
+    _, old = siblings(out)
+    moved = os.path.lexists(out)
+    if moved:
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if moved:
+            os.rename(old, out)
+        raise
+    if moved:
+        _remove(old)
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """One process: yields an empty temporary sibling of ``out`` to fill; when the block
+    ends it replaces ``out``; when it raises, it is removed and ``out`` stays as it was."""
+    tmp = fresh_sibling(out)
+    try:
+        yield tmp
+        replace_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
