@@ -148,3 +148,31 @@ def test_the_application_is_exported_lazily():
         assert callable(getattr(training, name)), name
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         training.Nope  # noqa: B018
+
+
+def test_nothing_in_ops_or_mcore_branches_on_a_loss_name():
+    """Issue 24: a loss's traits are one record (ops/loss_types.py). Code elsewhere reads the
+    record, so adding a loss is one entry; a comparison with a loss type's name (``t ==
+    "orpo"``, ``"bco_pair" in types``) would be a trait kept outside it."""
+    from adadpo_megatron.ops.loss_types import LOSS_TYPES
+
+    names = set(LOSS_TYPES)
+
+    def literals(node):
+        if isinstance(node, ast.Constant) and node.value in names:
+            yield node.value
+        elif isinstance(node, (ast.Set, ast.Tuple, ast.List)):
+            for element in node.elts:
+                yield from literals(element)
+
+    found = []
+    for layer in ("ops", "mcore"):
+        for path in sorted((PACKAGE / layer).rglob("*.py")):
+            if path.name in ("loss_types.py", "loss_terms.py"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Compare):
+                    for name in (x for side in (node.left, *node.comparators)
+                                 for x in literals(side)):
+                        found.append(f"{path.relative_to(REPO)}:{node.lineno} compares {name!r}")
+    assert not found, "\n".join(found)

@@ -46,7 +46,7 @@ from adadpo_megatron.ops.logprobs import (
     vocab_parallel_logprobs,
 )
 from adadpo_megatron.ops.loss import LengthTails, preference_loss
-from adadpo_megatron.ops.loss_config import BATCH_SORTED_LOSS_TYPES, LossConfig
+from adadpo_megatron.ops.loss_config import LossConfig
 
 MAX_REDUCED = ("adadpo/coef_max",)
 COUNTS = ("pairs", "tokens", "adadpo/grad_ratio_pairs")
@@ -331,7 +331,7 @@ class PreferenceForwardStep(_ForwardStep):
         running mean (one all-reduce over all ranks; nothing without bco_pair).
         ``replicas``: tensor- times context-parallel size, the ranks that compute each pair's
         loss."""
-        if any(t == "bco_pair" for t, _ in self.loss_config.terms):
+        if self.loss_config.updates_running_mean:
             self.running_mean.commit(replicas=replicas, device=device)
 
     def state_dict(self) -> Dict[str, Dict[str, float]]:
@@ -362,7 +362,7 @@ class PreferenceForwardStep(_ForwardStep):
         if c.use_weighting:
             weights = torch.exp(stats["wpo_logps"] / counts.clamp(min=1))
             extra["wpo_weights"] = (weights[:pairs], weights[pairs:])
-        if BATCH_SORTED_LOSS_TYPES & {t for t, _ in c.terms}:
+        if c.sorts_batch:
             extra["batch_group"] = _data_parallel_group(self.dp_group)
         losses, metrics = preference_loss(sums[:pairs], sums[pairs:], counts[:pairs],
                                           counts[pairs:], *reference, config=c,

@@ -16,141 +16,39 @@ side's reward in every loss; the formulas are in docs/LOSSES.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import replace
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from adadpo_megatron.ops.batch_statistics import (
-    RewardRunningMean,
-    aot_partners,
-    unpaired_partners,
+from adadpo_megatron.ops.batch_statistics import RewardRunningMean
+from adadpo_megatron.ops.loss_config import LossConfig
+from adadpo_megatron.ops.loss_terms import ORPO_MAX_MEAN_LOGP, log1mexp, orpo_log_odds
+from adadpo_megatron.ops.loss_types import PREFERENCE_TERMS, loss_record
+from adadpo_megatron.ops.pair_stats import (
+    BatchContext,
+    LengthTails,
+    PairStats,
+    length_desensitised,
 )
-from adadpo_megatron.ops.loss_config import MEAN_SCORED_LOSS_TYPES, LossConfig
 
 Tensor = torch.Tensor
-
-# ORPO's odds need log(1 - p) with p = exp(m) < 1; mean log-probs are clamped below 0 by this
-# much so that an all-certain response (m = 0) gives large but finite odds.
-_ORPO_MAX_MEAN_LOGP = -1e-7
-
-
-@dataclass(frozen=True)
-class PairStats:
-    """Per-pair sequence statistics, each of shape [P], in one float dtype (>= float32).
-
-    ``*_logps`` are sums of response-token log-probs, ``*_lengths`` response-token counts
-    (> 0). ``ref_*`` are the same sums under the frozen reference, or None.
-    """
-
-    chosen_logps: Tensor
-    rejected_logps: Tensor
-    chosen_lengths: Tensor
-    rejected_lengths: Tensor
-    ref_chosen_logps: Optional[Tensor] = None
-    ref_rejected_logps: Optional[Tensor] = None
-
-    @property
-    def chosen_mean(self) -> Tensor:
-        return self.chosen_logps / self.chosen_lengths
-
-    @property
-    def rejected_mean(self) -> Tensor:
-        return self.rejected_logps / self.rejected_lengths
-
-    @property
-    def has_reference(self) -> bool:
-        return self.ref_chosen_logps is not None
-
-    @property
-    def chosen_rho(self) -> Tensor:
-        """Log-ratio to the reference (the log-prob itself for reference-free losses)."""
-        if self.has_reference:
-            return self.chosen_logps - self.ref_chosen_logps
-        return self.chosen_logps
-
-    @property
-    def rejected_rho(self) -> Tensor:
-        if self.has_reference:
-            return self.rejected_logps - self.ref_rejected_logps
-        return self.rejected_logps
-
-
-@dataclass(frozen=True)
-class LengthTails:
-    """LD-DPO's split of each response: the log-prob sums and token counts, [P] each, of the
-    response tokens beyond the shorter response of the pair (min(n_w, n_l) tokens)."""
-
-    chosen_logps: Tensor
-    rejected_logps: Tensor
-    chosen_lengths: Tensor
-    rejected_lengths: Tensor
-
-
-def length_desensitised(stats: PairStats, tails: LengthTails, alpha: float) -> PairStats:
-    """LD-DPO (Liu et al. 2024): each sum becomes shared + alpha * tail, and each count the
-    matching n_shared + alpha * n_tail, so that means stay per-token means. The reference
-    sums in ``stats`` are already weighted (the reference forward step does it)."""
-    k = 1.0 - alpha
-    return replace(stats,
-                   chosen_logps=stats.chosen_logps - k * tails.chosen_logps,
-                   rejected_logps=stats.rejected_logps - k * tails.rejected_logps,
-                   chosen_lengths=stats.chosen_lengths - k * tails.chosen_lengths,
-                   rejected_lengths=stats.rejected_lengths - k * tails.rejected_lengths)
-
-
-@dataclass(frozen=True)
-class BatchContext:
-    """What a loss reads from the rest of the batch, fixed before the per-pair terms run
-    (constants to autograd). Each field [P] unless stated, None where no loss needs it.
-
-    Fields:
-        bco_delta: 0-dim, bco_pair's running reward mean.
-        aot_ref_chosen, aot_ref_rejected: the reference sums of each pair's AOT partner.
-        unpaired_rejected: the rejected log-ratio sorted to our chosen's rank (aot_unpaired).
-        unpaired_chosen: the chosen log-ratio sorted to our rejected's rank (aot_unpaired).
-    """
-
-    bco_delta: Optional[Tensor] = None
-    aot_ref_chosen: Optional[Tensor] = None
-    aot_ref_rejected: Optional[Tensor] = None
-    unpaired_rejected: Optional[Tensor] = None
-    unpaired_chosen: Optional[Tensor] = None
 
 
 def batch_context(stats: PairStats, config: LossConfig, *, group=None,
                   running_mean: Optional[RewardRunningMean] = None) -> BatchContext:
-    """The BatchContext of ``config``'s losses; gathers over ``group`` (data parallel) for
-    aot and aot_unpaired."""
-    types = {t for t, _ in config.terms}
+    """The BatchContext of ``config``'s losses, each read as its record says (gathered over
+    ``group``, the data-parallel group, for the losses that sort the batch)."""
     fields = {}
-    if "bco_pair" in types:
-        fields["bco_delta"] = (running_mean.delta(stats.chosen_logps)
-                               if config.bco_running_mean and running_mean is not None
-                               else stats.chosen_logps.new_zeros(()))
-    if "aot" in types:
-        fields["aot_ref_chosen"], fields["aot_ref_rejected"] = aot_partners(
-            stats.chosen_logps - stats.rejected_logps, stats.ref_chosen_logps,
-            stats.ref_rejected_logps, group)
-    if "aot_unpaired" in types:
-        fields["unpaired_rejected"], fields["unpaired_chosen"] = unpaired_partners(
-            stats.chosen_rho, stats.rejected_rho, group)
+    for name, _ in config.terms:
+        reader = loss_record(name).batch
+        if reader is not None:
+            fields.update(reader(stats, config, group, running_mean))
     return BatchContext(**fields)
 
 
 # --------------------------------------------------------------------------- coefficient
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Maechler 2012)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def _orpo_log_odds(mean_logps: Tensor) -> Tensor:
-    """log(p / (1 - p)) with p = exp(mean log-prob): ORPO's score."""
-    m = mean_logps.clamp(max=_ORPO_MAX_MEAN_LOGP)
-    return m - _log1mexp(m)
 
 
 def coefficient_log_ratio(stats: PairStats, config: LossConfig, *, space: Optional[str] = None,
@@ -158,8 +56,8 @@ def coefficient_log_ratio(stats: PairStats, config: LossConfig, *, space: Option
     """log r, the log of the probability ratio the AdaDPO coefficient is built from.
 
     Reduction "mean": ``m_w - m_l``; "sum": ``pi_w - pi_l``; space "ratio" subtracts the same
-    quantity under the reference. For orpo, whose score is a log-odds, equal gradients need
-    the extra factor ``(1 - exp(m_w)) / (1 - exp(m_l))``.
+    quantity under the reference. For a loss whose score is a log-odds (orpo), equal gradients
+    need the extra factor ``(1 - exp(m_w)) / (1 - exp(m_l))``.
 
     Args:
         stats: per-pair statistics, [P].
@@ -175,10 +73,10 @@ def coefficient_log_ratio(stats: PairStats, config: LossConfig, *, space: Option
         log_r = stats.chosen_mean - stats.rejected_mean
     else:
         log_r = stats.chosen_logps - stats.rejected_logps
-    if loss_type == "orpo":
-        m_w = stats.chosen_mean.clamp(max=_ORPO_MAX_MEAN_LOGP)
-        m_l = stats.rejected_mean.clamp(max=_ORPO_MAX_MEAN_LOGP)
-        log_r = log_r + _log1mexp(m_w) - _log1mexp(m_l)
+    if loss_record(loss_type).odds_scored:
+        m_w = stats.chosen_mean.clamp(max=ORPO_MAX_MEAN_LOGP)
+        m_l = stats.rejected_mean.clamp(max=ORPO_MAX_MEAN_LOGP)
+        log_r = log_r + log1mexp(m_w) - log1mexp(m_l)
     if space == "ratio":
         if config.coefficient_reduction == "mean":
             log_r = log_r - (stats.ref_chosen_logps / stats.chosen_lengths
@@ -205,171 +103,29 @@ def adadpo_coefficient(log_ratio: Tensor, *, clip: float = 2.0, gradient_ratio: 
 
 
 def coefficients(stats: PairStats, config: LossConfig) -> Dict[str, Tensor]:
-    """{loss type: w [P]} for every preference term (ones where adaptive is off). Only orpo's
-    differs from the others (its score is a log-odds)."""
+    """{loss type: w [P]} for every preference term (ones where adaptive is off). Only a
+    log-odds-scored loss's (orpo's) differs from the others."""
     out, shared = {}, None
-    for loss_type, _ in config.terms:
-        if loss_type == "sft":
+    for name, _ in config.terms:
+        record = loss_record(name)
+        if record.term is None:
             continue
         if not config.adaptive:
-            out[loss_type] = torch.ones_like(stats.chosen_logps)
-        elif loss_type == "orpo":
-            out[loss_type] = adadpo_coefficient(
-                coefficient_log_ratio(stats, config, loss_type="orpo"), clip=config.clip,
+            out[name] = torch.ones_like(stats.chosen_logps)
+        elif record.odds_scored:
+            out[name] = adadpo_coefficient(
+                coefficient_log_ratio(stats, config, loss_type=name), clip=config.clip,
                 gradient_ratio=config.gradient_ratio)
         else:
             if shared is None:
                 shared = adadpo_coefficient(
-                    coefficient_log_ratio(stats, config, loss_type=loss_type),
+                    coefficient_log_ratio(stats, config, loss_type=name),
                     clip=config.clip, gradient_ratio=config.gradient_ratio)
-            out[loss_type] = shared
+            out[name] = shared
     return out
 
 
 # --------------------------------------------------------------------------- losses
-
-# Each preference term maps (stats, w, config, batch context) to the per-pair loss [P].
-PreferenceTerm = Callable[[PairStats, Tensor, LossConfig, BatchContext], Tensor]
-
-
-def _smoothed(z: Tensor, eps: float) -> Tensor:
-    """-(1 - eps) log sigma(z) - eps log sigma(-z) (conservative DPO), stable for any z."""
-    loss = -F.logsigmoid(z)
-    if eps:
-        loss = (1.0 - eps) * loss - eps * F.logsigmoid(-z)
-    return loss
-
-
-def _z(s: PairStats, w: Tensor, c: LossConfig) -> Tensor:
-    """DPO's logit beta * (w rho_w - rho_l): w multiplies the chosen side's reward."""
-    return c.beta * (w * s.chosen_rho - s.rejected_rho)
-
-
-def _dpo(s, w, c, ctx):
-    return _smoothed(_z(s, w, c), c.label_smoothing)
-
-
-def _hinge(s, w, c, ctx):  # SLiC (Zhao et al. 2023)
-    return torch.relu(1.0 - _z(s, w, c))
-
-
-def _ipo(s, w, c, ctx):
-    # on per-token log-ratios, as TRL and the IPO authors do for variable lengths
-    h = w * s.chosen_rho / s.chosen_lengths - s.rejected_rho / s.rejected_lengths
-    return (h - 1.0 / (2.0 * c.beta)) ** 2
-
-
-def _exo_pair(s, w, c, ctx):
-    # EXO (Ji et al. 2024, Eq. 16): KL(softmax(z) || (1 - eps, eps)) over {chosen, rejected}
-    z, eps = _z(s, w, c), c.label_smoothing
-    log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)
-    return (torch.exp(log_qw) * (log_qw - math.log1p(-eps))
-            + torch.exp(log_ql) * (log_ql - math.log(eps)))
-
-
-def _nca_pair(s, w, c, ctx):  # NCA (Chen et al. 2024), decoupled chosen and rejected terms
-    x_w, x_l = c.beta * w * s.chosen_rho, c.beta * s.rejected_rho
-    return -F.logsigmoid(x_w) - 0.5 * F.logsigmoid(-x_w) - 0.5 * F.logsigmoid(-x_l)
-
-
-def _robust(s, w, c, ctx):
-    # rDPO (Chowdhury et al. 2024): unbiased under label noise eps
-    z, eps = _z(s, w, c), c.label_smoothing
-    return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
-
-
-def _bco_pair(s, w, c, ctx):  # BCO (Jung et al. 2024): rewards shifted by their running mean
-    x_w, x_l = c.beta * w * s.chosen_rho, c.beta * s.rejected_rho
-    return -F.logsigmoid(x_w - ctx.bco_delta) - F.logsigmoid(-(x_l - ctx.bco_delta))
-
-
-def _sppo_hard(s, w, c, ctx):  # SPPO (Wu et al. 2024) with hard 0/1 win probabilities
-    target = 0.5 / c.beta
-    return (w * s.chosen_rho - target) ** 2 + (s.rejected_rho + target) ** 2
-
-
-def _aot(s, w, c, ctx):
-    # AOT (Melnyk et al. 2024), paired: this pair's policy log-ratio meets the reference
-    # log-ratio of the same rank; w multiplies the chosen reward against that reference.
-    delta = (w * (s.chosen_logps - ctx.aot_ref_chosen)
-             - (s.rejected_logps - ctx.aot_ref_rejected))
-    return _smoothed(c.beta * delta, c.label_smoothing)
-
-
-def _aot_unpaired(s, w, c, ctx):
-    # Sorted chosen and rejected log-ratios meet rank by rank. A pair's chosen response is
-    # in one term and its rejected one in another; each pair carries both terms with the
-    # partners held constant, and subtracts half of their (detached) value, so the values
-    # sum to the batch's loss while each response gets its full gradient.
-    a = _smoothed(c.beta * (s.chosen_rho - ctx.unpaired_rejected), c.label_smoothing)
-    b = _smoothed(c.beta * (ctx.unpaired_chosen - s.rejected_rho), c.label_smoothing)
-    return a + b - 0.5 * (a + b).detach()
-
-
-def _apo_zero(s, w, c, ctx):  # APO-zero (D'Oosterlinck et al. 2024, Eq. 7)
-    return 1.0 - torch.sigmoid(c.beta * w * s.chosen_rho) + torch.sigmoid(c.beta * s.rejected_rho)
-
-
-def _apo_down(s, w, c, ctx):  # APO-down (Eq. 8); adaptive is refused, w is 1
-    return (torch.sigmoid(c.beta * s.chosen_rho)
-            + 1.0 - torch.sigmoid(c.beta * (s.chosen_rho - s.rejected_rho)))
-
-
-def _discopop(s, w, c, ctx):
-    # DiscoPOP (Chris Lu et al. 2024, Eq. 5): logistic and exponential losses blended by
-    # sigma(z / tau); the exponential part in log space, finite where exp(-z) overflows.
-    z, tau = _z(s, w, c), c.discopop_tau
-    return (-F.logsigmoid(z) * torch.sigmoid(-z / tau)
-            + torch.exp(-z + F.logsigmoid(z / tau)))
-
-
-def _sigmoid_norm(s, w, c, ctx):  # DPO on per-token log-ratios
-    z = c.beta * (w * s.chosen_rho / s.chosen_lengths - s.rejected_rho / s.rejected_lengths)
-    return -F.logsigmoid(z)
-
-
-def _simpo(s, w, c, ctx):
-    z = c.beta * (w * s.chosen_mean - s.rejected_mean) - c.simpo_gamma
-    return _smoothed(z, c.label_smoothing)
-
-
-def _rdpo(s, w, c, ctx):
-    # Park et al. 2024: the length-penalised reward is beta * rho + alpha * |y|, so a longer
-    # chosen response starts ahead and is pushed less towards length
-    z = _z(s, w, c) + c.rdpo_alpha * (s.chosen_lengths - s.rejected_lengths)
-    return _smoothed(z, c.label_smoothing)
-
-
-def _cpo(s, w, c, ctx):
-    z = c.beta * (w * s.chosen_logps - s.rejected_logps)
-    return _smoothed(z, c.label_smoothing)
-
-
-def _orpo(s, w, c, ctx):
-    z = w * _orpo_log_odds(s.chosen_mean) - _orpo_log_odds(s.rejected_mean)
-    return -c.orpo_lambda * F.logsigmoid(z)
-
-
-PREFERENCE_TERMS: Dict[str, PreferenceTerm] = {
-    "dpo": _dpo,
-    "hinge": _hinge,
-    "ipo": _ipo,
-    "exo_pair": _exo_pair,
-    "nca_pair": _nca_pair,
-    "robust": _robust,
-    "bco_pair": _bco_pair,
-    "sppo_hard": _sppo_hard,
-    "aot": _aot,
-    "aot_unpaired": _aot_unpaired,
-    "apo_zero": _apo_zero,
-    "apo_down": _apo_down,
-    "discopop": _discopop,
-    "sigmoid_norm": _sigmoid_norm,
-    "simpo": _simpo,
-    "rdpo": _rdpo,
-    "cpo": _cpo,
-    "orpo": _orpo,
-}
 
 
 def preference_terms(stats: PairStats, ws: Dict[str, Tensor], config: LossConfig,
@@ -377,11 +133,12 @@ def preference_terms(stats: PairStats, ws: Dict[str, Tensor], config: LossConfig
     """The weighted sum of the preference terms (every loss type but sft), [P]; None when
     the mix has none."""
     total = None
-    for loss_type, weight in config.terms:
-        if loss_type == "sft":
+    for name, weight in config.terms:
+        term = loss_record(name).term
+        if term is None:
             continue
-        term = weight * PREFERENCE_TERMS[loss_type](stats, ws[loss_type], config, ctx)
-        total = term if total is None else total + term
+        value = weight * term(stats, ws[name], config, ctx)
+        total = value if total is None else total + value
     return total
 
 
@@ -504,7 +261,7 @@ def preference_loss(
     ctx = batch_context(stats, config, group=batch_group, running_mean=running_mean)
     ws = coefficients(stats, config)
     losses = preference_terms(stats, ws, config, ctx)
-    sft_weight = sum(weight for t, weight in config.terms if t == "sft")
+    sft_weight = sum(weight for name, weight in config.terms if loss_record(name).term is None)
     nll = chosen_nll(plain, config)
     if sft_weight:
         losses = sft_weight * nll if losses is None else losses + sft_weight * nll
@@ -515,7 +272,7 @@ def preference_loss(
     if config.effective_nll_weight:
         losses = losses + config.effective_nll_weight * nll
 
-    if running_mean is not None and "bco_pair" in {t for t, _ in config.terms}:
+    if running_mean is not None and config.updates_running_mean:
         running_mean.accumulate(torch.stack([config.beta * stats.chosen_rho,
                                              config.beta * stats.rejected_rho]))
     metrics = _metrics(stats, plain, ws, ctx, losses, nll, config)
@@ -524,19 +281,10 @@ def preference_loss(
 
 def implicit_rewards(stats: PairStats, config: LossConfig) -> Tuple[Tensor, Tensor]:
     """The primary loss's own implicit reward of the chosen and rejected responses, [P] each,
-    as TRL reports it, so that rewards/accuracies is the share of pairs the loss itself ranks
-    right: beta * rho for the DPO family (reference-free: beta * pi), beta * rho / n for ipo
-    and sigmoid_norm, beta * m for simpo, lambda * m for orpo (without the AdaDPO
-    coefficient, which scales the gradient, not the ranking)."""
-    t = config.primary_type
-    if t in ("ipo", "sigmoid_norm"):
-        return (config.beta * stats.chosen_rho / stats.chosen_lengths,
-                config.beta * stats.rejected_rho / stats.rejected_lengths)
-    if t == "simpo":
-        return config.beta * stats.chosen_mean, config.beta * stats.rejected_mean
-    if t == "orpo":
-        return config.orpo_lambda * stats.chosen_mean, config.orpo_lambda * stats.rejected_mean
-    return config.beta * stats.chosen_rho, config.beta * stats.rejected_rho
+    as TRL reports it (its record's ``reward``: beta * rho for the DPO family, beta * rho / n
+    for ipo and sigmoid_norm, beta * m for simpo, lambda * m for orpo), so that
+    rewards/accuracies is the share of pairs the loss itself ranks right."""
+    return loss_record(config.primary_type).reward(stats, config)
 
 
 def measured_balance(stats: PairStats, ws: Dict[str, Tensor], config: LossConfig,
@@ -559,7 +307,7 @@ def measured_balance(stats: PairStats, ws: Dict[str, Tensor], config: LossConfig
                                  config, ctx)
         g_w, g_l = torch.autograd.grad(total.sum(), (pc, pr))
     g_w, g_l = g_w.abs(), g_l.abs()
-    if config.primary_type in MEAN_SCORED_LOSS_TYPES:  # dL/dm = n dL/dpi
+    if loss_record(config.primary_type).mean_scored:  # dL/dm = n dL/dpi
         g_w, g_l = g_w * stats.chosen_lengths, g_l * stats.rejected_lengths
     # the probabilities' own ratio (for orpo without its odds factor, which w carries)
     log_r = coefficient_log_ratio(stats, config, space="policy", loss_type="dpo")
@@ -590,15 +338,16 @@ def _metrics(stats: PairStats, plain: PairStats, ws: Dict[str, Tensor], ctx: Bat
             "pairs": torch.tensor(float(one.shape[0]), dtype=one.dtype, device=one.device),
             "tokens": (plain.chosen_lengths + plain.rejected_lengths).sum(),
         })
-        if config.effective_nll_weight or any(t == "sft" for t, _ in config.terms):
+        if config.effective_nll_weight or any(loss_record(t).term is None
+                                              for t, _ in config.terms):
             metrics["nll_loss"] = nll.detach().mean()
-        if "orpo" in ws:  # TRL ORPOTrainer's names
-            odds = _orpo_log_odds(stats.chosen_mean) - _orpo_log_odds(stats.rejected_mean)
+        if any(loss_record(name).odds_scored for name in ws):  # TRL ORPOTrainer's names
+            odds = orpo_log_odds(stats.chosen_mean) - orpo_log_odds(stats.rejected_mean)
             metrics["log_odds_chosen"] = odds.mean()
             metrics["log_odds_ratio"] = F.logsigmoid(odds).mean()
         if ctx.bco_delta is not None:
             metrics["bco/delta"] = ctx.bco_delta.detach().to(one.dtype)
-    if primary == "sft":
+    if loss_record(primary).term is None:  # sft alone: no coefficient, no balance
         return metrics
     w = ws[primary]
     ratio, defined = measured_balance(stats, ws, config, ctx)

@@ -12,36 +12,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
+# the traits of every loss type are one table (adadpo_megatron.ops.loss_types); the names
+# below are views of it, importable from here as before (__all__)
+from adadpo_megatron.ops.loss_types import (
+    ALIASES,
+    BATCH_SORTED_LOSS_TYPES,
+    EXACT_BALANCE_LOSS_TYPES,
+    LABEL_SMOOTHED_LOSS_TYPES,
+    LOSS_TYPES,
+    MEAN_SCORED_LOSS_TYPES,
+    MEASURED_BALANCE_LOSS_TYPES,
+    NOT_ADAPTIVE,
+    REFERENCE_FREE_LOSS_TYPES,
+    loss_record,
+)
 from adadpo_megatron.validation import require_choice, require_number
 
-# Every loss type, in the order of docs/LOSSES.md's table.
-LOSS_TYPES = ("dpo", "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-              "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
-              "sigmoid_norm", "simpo", "rdpo", "cpo", "orpo", "sft")
-ALIASES = {"sigmoid": "dpo"}  # TRL's name for the same loss
-REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo", "sft"})
-# Losses whose score is a length-normalised (per-token) quantity rather than a sum.
-MEAN_SCORED_LOSS_TYPES = frozenset({"simpo", "ipo", "orpo", "sigmoid_norm"})
-# Losses that take label_smoothing eps: conservative (dpo, simpo, rdpo, cpo, aot,
-# aot_unpaired), robust (robust) or EXO's target distribution (exo_pair, which needs eps > 0).
-LABEL_SMOOTHED_LOSS_TYPES = frozenset({"dpo", "sigmoid", "simpo", "rdpo", "cpo", "robust",
-                                       "exo_pair", "aot", "aot_unpaired"})
-# Losses that sort the whole batch: their per-pair loss depends on the other pairs.
-BATCH_SORTED_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
-# The AdaDPO coefficient multiplies the chosen side's reward. Where the loss is a function of
-# the reward difference the two gradients share one factor and the balance is exact; where the
-# chosen and rejected terms are separate functions it is not, and adadpo/grad_ratio shows it.
-EXACT_BALANCE_LOSS_TYPES = frozenset({"dpo", "sigmoid", "hinge", "ipo", "exo_pair", "robust",
-                                      "aot", "discopop", "sigmoid_norm", "simpo", "rdpo",
-                                      "cpo", "orpo"})
-MEASURED_BALANCE_LOSS_TYPES = frozenset({"nca_pair", "bco_pair", "sppo_hard", "apo_zero"})
-NOT_ADAPTIVE = {
-    "aot_unpaired": "it sorts the chosen and the rejected responses separately, so a pair's "
-                    "two responses never meet in one term and there is no pair to balance",
-    "apo_down": "it pushes the chosen response down as well (APO Eq. 8), so there is no "
-                "push-up to balance against the push-down",
-    "sft": "it has no rejected response",
-}
 COEFFICIENT_SPACES = ("policy", "ratio")
 COEFFICIENT_REDUCTIONS = ("mean", "sum")
 NLL_REDUCTIONS = ("pair", "token")
@@ -159,39 +145,45 @@ class LossConfig:
         self._check_combinations(prefix, types)
 
     def _check_combinations(self, prefix: str, types: Tuple[str, ...]) -> None:
+        preference = [t for t in types if loss_record(t).term is not None]  # all but sft
         if self.label_smoothing:
-            plain = [t for t in types if t not in LABEL_SMOOTHED_LOSS_TYPES and t != "sft"]
+            plain = [t for t in preference if not loss_record(t).label_smoothed]
             if plain:
                 raise ValueError(
                     f"{prefix}label_smoothing={self.label_smoothing!r} does not apply to "
                     f"loss_type {plain[0]!r}; it applies to {sorted(LABEL_SMOOTHED_LOSS_TYPES)}")
-        elif "exo_pair" in types:
-            raise ValueError(f"{prefix}loss_type 'exo_pair' needs label_smoothing > 0 (its "
-                             "target distribution is (1 - eps, eps); TRL suggests 1e-3)")
+        else:
+            needing = [t for t in types if loss_record(t).needs_label_smoothing]
+            if needing:
+                raise ValueError(f"{prefix}loss_type {needing[0]!r} needs label_smoothing > 0 "
+                                 "(its target distribution is (1 - eps, eps); TRL suggests "
+                                 "1e-3)")
         if self.adaptive:
-            refused = [t for t in types if t in NOT_ADAPTIVE and t != "sft"]
+            refused = [t for t in preference if loss_record(t).not_adaptive]
             if refused:
                 raise ValueError(f"{prefix}adaptive=true is not defined for loss_type "
                                  f"{refused[0]!r}: {NOT_ADAPTIVE[refused[0]]}; set "
                                  f"{prefix}adaptive=false")
-            if set(types) == {"sft"}:
+            if not preference:
                 raise ValueError(f"{prefix}adaptive=true needs a preference loss, and loss_type "
-                                 f"'sft' has none ({NOT_ADAPTIVE['sft']}); set "
+                                 f"{types[0]!r} has none ({NOT_ADAPTIVE[types[0]]}); set "
                                  f"{prefix}adaptive=false")
         if self.coefficient_space == "ratio" and not self.needs_reference:
             raise ValueError(
                 f"{prefix}coefficient_space='ratio' needs a reference model, but "
                 f"loss_type={self.loss_type!r} is reference-free; use coefficient_space='policy'"
             )
-        if "orpo" in types and self.coefficient_reduction == "sum":
+        odds = [t for t in types if loss_record(t).odds_scored]
+        if odds and self.coefficient_reduction == "sum":
             raise ValueError(
-                f"{prefix}coefficient_reduction='sum' is not defined for loss_type='orpo', whose "
-                "score is the log-odds of the mean log-prob; use coefficient_reduction='mean'"
+                f"{prefix}coefficient_reduction='sum' is not defined for loss_type={odds[0]!r}, "
+                "whose score is the log-odds of the mean log-prob; use "
+                "coefficient_reduction='mean'"
             )
-        if self.use_weighting and BATCH_SORTED_LOSS_TYPES & set(types):
-            raise ValueError(f"{prefix}use_weighting=true is not defined for aot and "
-                             "aot_unpaired, which sort the pairs (each pair's weight would "
-                             "land on another pair's term)")
+        if self.use_weighting and self.sorts_batch:
+            raise ValueError(f"{prefix}use_weighting=true is not defined for "
+                             f"{', '.join(sorted(BATCH_SORTED_LOSS_TYPES))}, which sort the "
+                             "pairs (each pair's weight would land on another pair's term)")
 
     @property
     def loss_types(self) -> Tuple[str, ...]:
@@ -211,13 +203,23 @@ class LossConfig:
                      for t, w in zip(self.loss_types, weights, strict=True))
 
     @property
+    def sorts_batch(self) -> bool:
+        """Whether a loss of the mix sorts the batch over data-parallel ranks (aot,
+        aot_unpaired): the forward step then hands it the data-parallel group."""
+        return any(loss_record(t).sorts_batch for t, _ in self.terms)
+
+    @property
+    def updates_running_mean(self) -> bool:
+        """Whether a loss of the mix keeps a running reward mean (bco_pair), which the
+        forward step folds each step's rewards into."""
+        return any(loss_record(t).updates_running_mean for t, _ in self.terms)
+
+    @property
     def primary_type(self) -> str:
         """The first preference loss type (not "sft"): the one rewards/* and
         adadpo/grad_ratio are read in. "sft" when the mix has nothing else."""
-        for name, _ in self.terms:
-            if name != "sft":
-                return name
-        return "sft"
+        return next((name for name, _ in self.terms if loss_record(name).term is not None),
+                    self.terms[0][0])
 
     def check_fused_logprobs(self, fused: bool) -> None:
         """Raises if the loss cannot run on fused log-probs (model.fused_logprobs), which
@@ -230,11 +232,17 @@ class LossConfig:
     @property
     def needs_reference(self) -> bool:
         """Whether the loss reads reference log-probs."""
-        return any(t not in REFERENCE_FREE_LOSS_TYPES for t, _ in self.terms)
+        return any(not loss_record(t).reference_free for t, _ in self.terms)
 
     @property
     def effective_nll_weight(self) -> float:
         """``nll_weight`` with None resolved to the loss type's default."""
         if self.nll_weight is not None:
             return float(self.nll_weight)
-        return 1.0 if {"cpo", "orpo"} & {t for t, _ in self.terms} else 0.0
+        return max(loss_record(t).nll_weight for t, _ in self.terms)
+
+
+__all__ = ["ALIASES", "BATCH_SORTED_LOSS_TYPES", "COEFFICIENT_REDUCTIONS", "COEFFICIENT_SPACES",
+           "EXACT_BALANCE_LOSS_TYPES", "LABEL_SMOOTHED_LOSS_TYPES", "LOSS_TYPES",
+           "MEAN_SCORED_LOSS_TYPES", "MEASURED_BALANCE_LOSS_TYPES", "NLL_REDUCTIONS",
+           "NOT_ADAPTIVE", "REFERENCE_FREE_LOSS_TYPES", "LossConfig"]
