@@ -36,30 +36,50 @@ pad each rank's micro-batches to the schedule's count with copies marked
     filler        bool                  True: the forward step counts it for nothing
 """
 
-from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import torch
 
 
-class MicroBatch(TypedDict, total=False):
-    """The keys and shapes of the module docstring."""
+class MicroBatch(TypedDict):
+    """The keys and shapes of the module docstring: the row keys are required, the others
+    present where the layout has them."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
     example_ids: torch.Tensor
-    ref_logps: torch.Tensor
-    segment_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    ld_tail_mask: torch.Tensor
-    filler: bool
+    ref_logps: NotRequired[torch.Tensor]
+    segment_ids: NotRequired[torch.Tensor]
+    cu_seqlens: NotRequired[torch.Tensor]
+    max_seqlen: NotRequired[int]
+    ld_tail_mask: NotRequired[torch.Tensor]
+    filler: NotRequired[bool]
 
 
+REQUIRED_KEYS = tuple(sorted(MicroBatch.__required_keys__))
 # the keys with a sequence dimension (the last), which context parallelism splits and THD
 # flattens
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids",
                  "ld_tail_mask")
+
+
+def check_micro_batch(batch) -> None:
+    """Raises ValueError naming what a micro-batch (from this project's planner or from a
+    user's loader) lacks or has of the wrong kind, before it reaches the model."""
+    if not isinstance(batch, dict):
+        raise ValueError(f"a micro-batch must be a dict of tensors (adadpo_megatron."
+                         f"micro_batch.MicroBatch), got {type(batch).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in batch]
+    if missing:
+        raise ValueError(f"the micro-batch has no {', '.join(map(repr, missing))} (it has "
+                         f"{', '.join(map(repr, sorted(batch)))}); every micro-batch holds "
+                         f"{', '.join(REQUIRED_KEYS)} (adadpo_megatron.micro_batch)")
+    shape = batch["tokens"].shape
+    wrong = [key for key in SEQUENCE_KEYS if key in batch and batch[key].shape != shape]
+    if wrong:
+        raise ValueError(f"the micro-batch's {', '.join(map(repr, wrong))} do not have the "
+                         f"shape of its tokens {tuple(shape)}: "
+                         f"{', '.join(str(tuple(batch[k].shape)) for k in wrong)}")

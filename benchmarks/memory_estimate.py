@@ -104,7 +104,7 @@ def report(config, world_size: int) -> str:
     dp = config.check_layout(world_size)
     expert_dp = dp * config.parallel.context_parallel_size // e["ep"]
     bf16 = config.train.dtype == "bfloat16"
-    distributed = config.optimizer.megatron.get("use_distributed_optimizer", True)
+    distributed = config.optimizer.distributed(gpu=True)
     # tokens of one micro-batch: data.max_tokens_per_micro_batch when packed
     tokens = (config.micro_batch_tokens() if config.data.packing == "pack"
               else config.data.seq_length * 2 * config.train.micro_batch_size)

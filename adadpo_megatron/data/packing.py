@@ -53,6 +53,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from adadpo_megatron.data.preference_data import IGNORE_INDEX, PreferenceDataset
+from adadpo_megatron.micro_batch import MicroBatch
 
 PACKING_MODES = ("none", "longest", "pack")
 
@@ -351,7 +352,7 @@ def _micro_batch(b: _Bin, indices: List[int], padded: List[List[int]], seq_lengt
 
 
 def materialize(dataset: PreferenceDataset, plan: MicroBatchPlan, *, pad_id: int,
-                chosen_only: bool = False):
+                chosen_only: bool = False) -> MicroBatch:
     """The tensors of one planned micro-batch (adadpo_megatron.micro_batch)."""
     from adadpo_megatron.data.micro_batches import collate
 
@@ -368,7 +369,8 @@ def materialize(dataset: PreferenceDataset, plan: MicroBatchPlan, *, pad_id: int
     return batch
 
 
-def _packed_tensors(dataset: PreferenceDataset, plan: MicroBatchPlan, pad_id: int, sides: int):
+def _packed_tensors(dataset: PreferenceDataset, plan: MicroBatchPlan, pad_id: int,
+                    sides: int) -> MicroBatch:
     rows, length = plan.rows, plan.length
     tokens = torch.full((rows, length), pad_id, dtype=torch.long)
     labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)

@@ -22,6 +22,7 @@ sums over micro-batches and data-parallel ranks and divides; ``adadpo/coef_max``
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -35,7 +36,7 @@ from adadpo_megatron.mcore.packed_attention import (
     thd_this_cp_rank,
 )
 from adadpo_megatron.mcore.parallel_groups import default_group
-from adadpo_megatron.micro_batch import SEQUENCE_KEYS, MicroBatch
+from adadpo_megatron.micro_batch import SEQUENCE_KEYS, MicroBatch, check_micro_batch
 from adadpo_megatron.ops.batch_statistics import RewardRunningMean
 from adadpo_megatron.ops.fused_logprobs import fused_hidden_logprobs
 from adadpo_megatron.ops.logprobs import (
@@ -149,13 +150,39 @@ class LogProbOutputProcessor:
         return logps.view(s, b).t()
 
 
-def _sequence_statistics(output_tensor, batch: MicroBatch, tp_group, cp_group, fused: bool = False,
-                         sides: int = 2, wpo: bool = False) -> Dict[str, torch.Tensor]:
-    """Per-sequence statistics from the last stage's output (logits, or log-probs when
-    fused), in one CP all-reduce: ``logps`` (differentiable) and ``lengths`` under the loss
-    mask; with an ``ld_tail_mask`` in the batch, ``tail_logps`` and ``tail_lengths``; with
-    ``wpo``, ``wpo_logps``, the detached sum of log p - log sum_v p_v^2 (WPO). A packed batch
-    is reduced per segment: ``sides`` segments per pair, chosen first."""
+@dataclass(frozen=True)
+class SequenceStatistics:
+    """Per-sequence statistics of a micro-batch, [2m] each (chosen first; [m] for SFT),
+    reduced over tensor- and context-parallel ranks.
+
+    Fields:
+        logps: sums of response-token log-probs (differentiable).
+        lengths: response-token counts (detached).
+        tail_logps, tail_lengths: LD-DPO's sums and counts beyond the shorter response of
+            the pair, where the batch has an ``ld_tail_mask``.
+        wpo_logps: WPO's detached sum of log p - log sum_v p_v^2, where asked for.
+    """
+
+    logps: torch.Tensor
+    lengths: torch.Tensor
+    tail_logps: Optional[torch.Tensor] = None
+    tail_lengths: Optional[torch.Tensor] = None
+    wpo_logps: Optional[torch.Tensor] = None
+
+    def ld_weighted(self, ld_alpha: Optional[float]) -> torch.Tensor:
+        """LD-DPO's sums: shared + alpha * tail (the plain sums without ld_alpha)."""
+        if ld_alpha is None:
+            return self.logps
+        return self.logps - (1.0 - ld_alpha) * self.tail_logps
+
+
+def _sequence_statistics(output_tensor, batch: MicroBatch, tp_group, cp_group,
+                         fused: bool = False, sides: int = 2,
+                         wpo: bool = False) -> SequenceStatistics:
+    """The SequenceStatistics of the last stage's output (logits, or log-probs when fused),
+    in one CP all-reduce; tails with an ``ld_tail_mask`` in the batch, WPO's sums with
+    ``wpo``. A packed batch is reduced per segment: ``sides`` segments per pair, chosen
+    first."""
     if fused:
         token_logps = output_tensor
     else:
@@ -177,22 +204,15 @@ def _sequence_statistics(output_tensor, batch: MicroBatch, tp_group, cp_group, f
     for name in ("lengths", "tail_lengths", "wpo_logps"):
         if name in out:
             out[name] = out[name].detach()
-    return out
-
-
-def _ld_weighted(stats: Dict[str, torch.Tensor], ld_alpha: Optional[float]) -> torch.Tensor:
-    """LD-DPO's sums: shared + alpha * tail (the plain sums without ld_alpha)."""
-    if ld_alpha is None:
-        return stats["logps"]
-    return stats["logps"] - (1.0 - ld_alpha) * stats["tail_logps"]
+    return SequenceStatistics(**out)
 
 
 def pairs_first_to_chosen_first(batch: MicroBatch) -> MicroBatch:
     """A pair-major batch (tokens [m, 2, S], ref_logps [m, 2], as a loader that stacks
     PairDataset items makes it) in the chosen-first layout ([2m, S], [2m]); a chosen-first
     batch is returned as it is."""
-    if batch["tokens"].dim() == 2:
-        return batch
+    if not isinstance(batch, dict) or "tokens" not in batch or batch["tokens"].dim() == 2:
+        return batch  # chosen-first already (or not a micro-batch: check_micro_batch says)
     out = dict(batch)
     for key in ("tokens", "labels", "loss_mask", "position_ids", "ref_logps"):
         if key in batch:
@@ -205,7 +225,9 @@ def _next_batch(data_iterator) -> Optional[MicroBatch]:
     # Megatron-LM passes None on pipeline stages that read no data.
     if data_iterator is None:
         return None
-    return pairs_first_to_chosen_first(next(data_iterator))
+    batch = pairs_first_to_chosen_first(next(data_iterator))
+    check_micro_batch(batch)
+    return batch
 
 
 def _to_device(batch: Optional[MicroBatch], device: torch.device) -> Optional[MicroBatch]:
@@ -345,7 +367,7 @@ class PreferenceForwardStep(_ForwardStep):
         c = self.loss_config
         stats = _sequence_statistics(output_tensor, batch, tp_group, cp_group, self.fused,
                                      self.sides, wpo=c.use_weighting)
-        sums, counts = stats["logps"], stats["lengths"]
+        sums, counts = stats.logps, stats.lengths
         pairs = sums.shape[0] // 2
         reference = ()
         if c.needs_reference:
@@ -356,11 +378,11 @@ class PreferenceForwardStep(_ForwardStep):
             reference = (ref[:pairs], ref[pairs:])
         extra = {}
         if c.ld_alpha is not None:
-            tail, tail_n = stats["tail_logps"], stats["tail_lengths"]
+            tail, tail_n = stats.tail_logps, stats.tail_lengths
             extra["tails"] = LengthTails(tail[:pairs], tail[pairs:], tail_n[:pairs],
                                          tail_n[pairs:])
         if c.use_weighting:
-            weights = torch.exp(stats["wpo_logps"] / counts.clamp(min=1))
+            weights = torch.exp(stats.wpo_logps / counts.clamp(min=1))
             extra["wpo_weights"] = (weights[:pairs], weights[pairs:])
         if c.sorts_batch:
             extra["batch_group"] = _data_parallel_group(self.dp_group)
@@ -387,7 +409,7 @@ class SFTForwardStep(_ForwardStep):
     def loss_func(self, batch: MicroBatch, tp_group, cp_group, output_tensor):
         stats = _sequence_statistics(output_tensor, batch, tp_group, cp_group, self.fused,
                                      self.sides)
-        sums, counts = stats["logps"], stats["lengths"]
+        sums, counts = stats.logps, stats.lengths
         nll = -sums.sum()
         tokens = counts.sum()
         report = {"loss": torch.stack([nll.detach(), tokens]),
@@ -413,10 +435,10 @@ class ReferenceForwardStep(_ForwardStep):
         with torch.no_grad():
             stats = _sequence_statistics(output_tensor, batch, tp_group, cp_group, self.fused,
                                          self.sides)
-        sums = _ld_weighted(stats, self.ld_alpha)
+        sums = stats.ld_weighted(self.ld_alpha)
         zero = output_tensor.new_zeros(())
         count = torch.tensor(sums.shape[0] // 2, dtype=torch.int, device=sums.device)
-        return zero, count, {"ref_logps": sums, "ref_counts": stats["lengths"]}
+        return zero, count, {"ref_logps": sums, "ref_counts": stats.lengths}
 
 
 def _counting_nothing(loss: torch.Tensor, report: Dict[str, torch.Tensor]):

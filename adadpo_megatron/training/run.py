@@ -208,7 +208,7 @@ class Run:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=self._use_distributed_optimizer(),
+            use_distributed_optimizer=c.optimizer.distributed(self.gpu),
         )
         return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                         disable_bucketing=i > 0)
@@ -241,9 +241,6 @@ class Run:
         c = self.config
         import_into(chunks, c.resolve(c.model.hf), Path(c.train.output_dir) / IMPORT_DIR,
                     fingerprint={"weights": self.sources["model.hf"]})
-
-    def _use_distributed_optimizer(self) -> bool:
-        return bool(self.config.optimizer.megatron.get("use_distributed_optimizer", self.gpu))
 
     def run_schedule(self, step_func, model, batches, forward_only: bool):
         """megatron-core's forward-backward over ``batches``; the last stage's reports.

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -165,12 +165,17 @@ class OptimizerSection:
 
     Fields:
         megatron: megatron-core OptimizerConfig fields (optimizer, lr, min_lr, weight_decay,
-            adam_beta1, adam_beta2, adam_eps, clip_grad, use_distributed_optimizer, ...).
-            use_distributed_optimizer defaults to true on GPU; it is refused on CPU.
+            adam_beta1, adam_beta2, adam_eps, clip_grad, use_distributed_optimizer, ...),
+            DEFAULTS filled in where unset. use_distributed_optimizer defaults to true on GPU;
+            it is refused on CPU.
         lr_warmup_fraction: share of train.max_steps spent in linear warm-up, in [0, 1).
         lr_decay_style: "constant", "linear" or "cosine", from the end of warm-up to
             train.max_steps, down to min_lr.
     """
+
+    # this project's defaults where megatron-core's differ or it has none (its lr is None)
+    DEFAULTS: ClassVar[Dict[str, Any]] = {"optimizer": "adam", "lr": 1e-5, "min_lr": 0.0,
+                                          "weight_decay": 0.0, "clip_grad": 1.0}
 
     megatron: Dict[str, Any] = field(default_factory=dict)
     lr_warmup_fraction: float = 0.0
@@ -193,12 +198,13 @@ class OptimizerSection:
         return cls(megatron=section, **ours)
 
     def __post_init__(self):
+        self.megatron = {**self.DEFAULTS, **self.megatron}
         if not 0.0 <= self.lr_warmup_fraction < 1.0:
             raise ValueError(f"optimizer.lr_warmup_fraction={self.lr_warmup_fraction!r} must "
                              "be in [0, 1)")
         require_choice("optimizer.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         m = self.megatron
-        require_number("optimizer.lr", m.get("lr", 1e-5), low=0.0, low_open=True)
+        require_number("optimizer.lr", m["lr"], low=0.0, low_open=True)
         for key, low, high, high_open in (("min_lr", 0.0, None, False),
                                           ("weight_decay", 0.0, None, False),
                                           ("adam_beta1", 0.0, 1.0, True),
@@ -209,9 +215,38 @@ class OptimizerSection:
             if m.get(key) is not None:
                 require_number(f"optimizer.{key}", m[key], low=low, high=high,
                                high_open=high_open)
-        if m.get("min_lr") is not None and m["min_lr"] > m.get("lr", 1e-5):
+        if m["min_lr"] > m["lr"]:
             raise ValueError(f"optimizer.min_lr={m['min_lr']!r} is above optimizer.lr="
-                             f"{m.get('lr')!r}")
+                             f"{m['lr']!r}")
+
+    def distributed(self, gpu: bool) -> bool:
+        """use_distributed_optimizer: as set, else on GPU."""
+        return bool(self.megatron.get("use_distributed_optimizer", gpu))
+
+    def optimizer_config(self, *, gpu: bool, dtype):
+        """megatron-core's OptimizerConfig of this section for parameters of ``dtype``."""
+        import torch
+        from megatron.core.optimizer import OptimizerConfig
+
+        return OptimizerConfig(**{**self.megatron, "use_distributed_optimizer":
+                                  self.distributed(gpu), "bf16": dtype == torch.bfloat16,
+                                  "params_dtype": dtype})
+
+    def scheduler(self, optimizer, max_steps: int):
+        """megatron-core's OptimizerParamScheduler of this section over ``max_steps``. On
+        resume it keeps these settings and takes only the step count from the checkpoint
+        (Megatron-LM's --override-opt_param-scheduler), so that a changed train.max_steps or
+        an allowed optimizer change applies from the resumed step on."""
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        m = self.megatron
+        warmup = int(self.lr_warmup_fraction * max_steps)
+        return OptimizerParamScheduler(
+            optimizer, init_lr=0.0 if warmup else m["lr"], max_lr=m["lr"], min_lr=m["min_lr"],
+            lr_warmup_steps=warmup, lr_decay_steps=max(max_steps, warmup + 1),
+            lr_decay_style=self.lr_decay_style, start_wd=m["weight_decay"],
+            end_wd=m["weight_decay"], wd_incr_steps=max_steps, wd_incr_style="constant",
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
 
 
 @dataclass

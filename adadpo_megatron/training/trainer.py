@@ -163,28 +163,12 @@ class Trainer(Run):
 
     def _build_optimizer(self) -> None:
         from megatron.core.distributed import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.optimizer import get_megatron_optimizer
 
-        c, o = self.config, self.config.optimizer
-        fields = {"optimizer": "adam", "lr": 1e-5, "weight_decay": 0.0, "clip_grad": 1.0,
-                  **o.megatron}
-        fields["use_distributed_optimizer"] = self._use_distributed_optimizer()
-        fields.setdefault("min_lr", 0.0)
-        fields["bf16"] = self.dtype == torch.bfloat16
-        fields["params_dtype"] = self.dtype
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(**fields), self.model)
-        warmup = int(o.lr_warmup_fraction * c.train.max_steps)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if warmup else fields["lr"], max_lr=fields["lr"],
-            min_lr=fields["min_lr"], lr_warmup_steps=warmup,
-            lr_decay_steps=max(c.train.max_steps, warmup + 1), lr_decay_style=o.lr_decay_style,
-            start_wd=fields["weight_decay"], end_wd=fields["weight_decay"],
-            wd_incr_steps=c.train.max_steps, wd_incr_style="constant",
-            # on resume, this config's schedule at the checkpoint's step (Megatron-LM's
-            # --override-opt_param-scheduler): a changed train.max_steps or an allowed
-            # optimizer change applies from there on
-            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
+        c = self.config
+        self.optimizer = get_megatron_optimizer(
+            c.optimizer.optimizer_config(gpu=self.gpu, dtype=self.dtype), self.model)
+        self.scheduler = c.optimizer.scheduler(self.optimizer, c.train.max_steps)
         model_config = self.model[0].config
         model_config.finalize_model_grads_func = finalize_model_grads
         model_config.grad_scale_func = self.optimizer.scale_loss
