@@ -111,7 +111,7 @@ def child(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     # planned, not run: the share over many steps, as over a long run
-    fraction = trainer.real_token_fraction(range(args.fraction_steps))
+    fraction = trainer.run.real_token_fraction(range(args.fraction_steps))
     trainer.close()
     step_s = statistics.median(times)
     return {"mode": args.mode, "micro_batch_size": args.micro_batch_size[0], "step_s": step_s,

@@ -71,7 +71,7 @@ def child(args) -> dict:
     peak = (torch.cuda.max_memory_allocated() if gpu else rss_bytes("VmHWM")) - base
     trainer.close()
     return {"variant": args.variant, "step_ms": 1e3 * statistics.median(times),
-            "extra_peak_mib": peak / 2**20, "vocab": trainer.vocab_size}
+            "extra_peak_mib": peak / 2**20, "vocab": trainer.run.vocab_size}
 
 
 def coefficient_cost(pairs: int, repeats: int = 2000) -> dict:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import sys
 
 from adadpo_megatron.mcore.model import padded_vocab_size
+from adadpo_megatron.training.layout import ParallelLayout
 from adadpo_megatron.training.run_config import load_run_config
 
 GIB = 2**30
@@ -101,7 +102,7 @@ def estimate(config) -> dict:
 
 def report(config, world_size: int) -> str:
     e = estimate(config)
-    dp = config.check_layout(world_size)
+    dp = ParallelLayout.of(config, world_size).dp
     expert_dp = dp * config.parallel.context_parallel_size // e["ep"]
     bf16 = config.train.dtype == "bfloat16"
     distributed = config.optimizer.distributed(gpu=True)

@@ -197,7 +197,7 @@ def _packed_vs_padded(rows, label, variants, loss_overrides=()):
         overrides = packed_overrides(extra, loss_overrides)
         trainer = Trainer(load_run_config(str(REPO / "configs/tiny_cpu.yaml"),
                                           overrides)).setup()
-        assert name == "padded" or trainer.packed_format == "thd", trainer.packed_format
+        assert name == "padded" or trainer.run.packed_format == "thd", trainer.run.packed_format
         # a packed THD micro-batch is one sequence of its segments end to end (issue 17)
         rows = max(b["tokens"].shape[0] for b in trainer.micro_batches(1)[0])
         trainer.train_step(0)
@@ -308,7 +308,7 @@ def _policy_vs_transformers(trainer, model, label: str, rows) -> None:
     from adadpo_megatron.data.micro_batches import collate
     from adadpo_megatron.mcore.forward_step import _model_forward
 
-    batch = collate(trainer.dataset, torch.arange(2))
+    batch = collate(trainer.run.data.dataset, torch.arange(2))
     chunk = trainer.model[0].module.eval()
     with torch.no_grad():
         cuda = {k: v.cuda() for k, v in batch.items()}
@@ -378,7 +378,7 @@ def check_lora(rows):
         saved = tensor_metadata(tmp / "run" / "checkpoints" / "step_0000002")
         only_adapters = bool(saved) and all("_lora." in key for key in saved)
         first = history[0]["loss"]
-        te = trainer.packed_format == "thd"  # the layer spec is Transformer Engine's
+        te = trainer.run.packed_format == "thd"  # the layer spec is Transformer Engine's
         ok = abs(first - math.log(2)) < 1e-4 and only_adapters and te
         rows.append({"check": "LoRA (TE layers): step 0, checkpoint", "ms": float("nan"),
                      "peak_mib": float("nan"),

@@ -263,7 +263,3 @@ class ParallelConfig:
             "virtual_pipeline_model_parallel_size", "context_parallel_size",
             "expert_model_parallel_size")}
 
-    @property
-    def model_parallel_size(self) -> int:
-        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-                * self.context_parallel_size)

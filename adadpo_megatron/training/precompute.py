@@ -18,18 +18,22 @@ from adadpo_megatron.training.reference_cache import (
     reference_fingerprint,
     save_cache,
 )
-from adadpo_megatron.training.run import Run
+from adadpo_megatron.training.run import RunContext, setup_run
 from adadpo_megatron.training.run_config import RunConfig
 
 
 def precompute_reference(config: RunConfig) -> str:
     """Writes the reference cache for ``config``; returns its path (on every rank)."""
-    run = Run(config)
-    run.setup_common()
-    reference = run.build_reference()
-    from megatron.core import parallel_state
+    run = setup_run(config)
+    try:
+        return _precompute(run)
+    finally:
+        run.close()
 
-    dataset = run.dataset
+
+def _precompute(run: RunContext) -> str:
+    config, dataset, step = run.config, run.data.dataset, run.reference_step()
+    reference = run.build_reference()
     num = len(dataset)
     logps = torch.zeros(num, 2)
     counts = torch.zeros(num, 2)
@@ -37,11 +41,9 @@ def precompute_reference(config: RunConfig) -> str:
     for start in range(0, num, per_call):
         plan = run.plan(dataset, range(start, min(num, start + per_call)), fill=True)
         batches = run.materialize(dataset, plan)
-        with torch.no_grad():
-            reports = run.run_schedule(run.reference_step, reference, batches,
-                                       forward_only=True)
-        if run.is_last_stage:
-            for micro_batch, report in zip(plan[run.dp_rank], reports, strict=True):
+        reports = run.forward_only(step, reference, batches)
+        if run.groups.is_last_stage:
+            for micro_batch, report in zip(plan[run.groups.dp_rank], reports, strict=True):
                 if micro_batch.filler:
                     continue
                 m = len(micro_batch.pairs)
@@ -50,18 +52,17 @@ def precompute_reference(config: RunConfig) -> str:
                     logps[position] = torch.stack([sums[j], sums[m + j]])
                     counts[position] = torch.stack([cnt[j], cnt[m + j]])
     # Every pair was computed on exactly one data-parallel rank of the last stage.
-    if run.is_last_stage:
-        group = parallel_state.get_data_parallel_group()
+    if run.groups.is_last_stage:
         device = torch.device("cuda", torch.cuda.current_device()) if run.gpu else "cpu"
         both = torch.stack([logps, counts]).to(device)
-        dist.all_reduce(both, group=group)
+        dist.all_reduce(both, group=run.groups.dp)
         logps, counts = both.cpu()
     path = default_cache_path(config)
-    if run.is_logging_rank:
-        fingerprint = reference_fingerprint(config, run.tokenizer, dataset, run.sources)
+    if run.groups.is_logging_rank:
+        fingerprint = reference_fingerprint(config, run.data.tokenizer, dataset,
+                                            run.data.sources)
         # rows by position in the loaded data set, keyed by each pair's source row
         save_cache(path, fingerprint, dataset.example_ids, logps, counts)
         print(f"wrote reference log-probs of {num} pairs to {path}", flush=True)
     dist.barrier()
-    run.close()
     return str(path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from adadpo_megatron.mcore.model_config import (
     ParallelConfig,
 )
 from adadpo_megatron.ops.loss_config import LossConfig
+from adadpo_megatron.training.layout import ParallelLayout
 from adadpo_megatron.validation import (
     from_mapping,
     require_choice,
@@ -308,6 +308,11 @@ class TrainConfig:
     distributed_timeout_minutes: float = 30.0
     grad_norm_warning_steps: int = 3
 
+    @property
+    def sides(self) -> int:
+        """Sequences per pair in a micro-batch: 2 (chosen and rejected), 1 for SFT."""
+        return 1 if self.stage == "sft" else 2
+
     def __post_init__(self):
         for key in ("global_batch_size", "micro_batch_size", "max_steps", "keep_checkpoints"):
             require_int(f"train.{key}", getattr(self, key))
@@ -445,50 +450,27 @@ class RunConfig:
         if experts and experts % ep:
             raise ValueError(f"model.num_moe_experts({experts}) is not divisible by "
                              f"parallel.expert_model_parallel_size({ep})")
-        budget, sides = self.data.max_tokens_per_micro_batch, self.sides()
+        budget, sides = self.data.max_tokens_per_micro_batch, self.train.sides
         if budget is not None and budget < sides * self.data.seq_length:
             raise ValueError(f"data.max_tokens_per_micro_batch({budget}) is below "
                              f"{sides} x data.seq_length({self.data.seq_length}): a pair of "
                              "that length would fit no micro-batch")
 
-    def sequence_multiple(self) -> int:
-        """What the length of a longest-padded or packed micro-batch is rounded up to: FP8
-        GEMMs, sequence parallelism (which splits it over TP) and context parallelism (2 x CP)
-        each need a multiple. seq_length is a multiple of it (checked at load)."""
-        p, t = self.parallel, self.model.transformer
-        multiple = self.segment_multiple()
-        if t.get("fp8"):
-            multiple = math.lcm(multiple, FP8_SEQUENCE_MULTIPLE.get(t.get("fp8_recipe", "delayed"),
-                                                                    16))
-        if p.sequence_parallel:
-            multiple = math.lcm(multiple, p.tensor_model_parallel_size)
-        return multiple
-
-    def sides(self) -> int:
-        """Sequences per pair in a micro-batch: 2 (chosen and rejected), 1 for SFT."""
-        return 1 if self.train.stage == "sft" else 2
+    @property
+    def fp8_multiple(self) -> int:
+        """The token alignment the FP8 GEMMs need (1 without FP8)."""
+        t = self.model.transformer
+        return FP8_SEQUENCE_MULTIPLE.get(t.get("fp8_recipe", "delayed"), 16) if t.get("fp8") else 1
 
     def micro_batch_tokens(self) -> int:
         """data.max_tokens_per_micro_batch, else what a padded micro-batch computes."""
         return (self.data.max_tokens_per_micro_batch
-                or self.sides() * self.train.micro_batch_size * self.data.seq_length)
-
-    def micro_batch_multiple(self) -> int:
-        """What each rank's micro-batch count must be a multiple of: the pipeline size for
-        megatron-core's interleaved schedule (its default group of micro-batches per virtual
-        stage), else 1."""
-        p = self.parallel
-        return p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size else 1
-
-    def segment_multiple(self) -> int:
-        """What every packed segment is padded to: 2 x CP, since megatron-core and Transformer
-        Engine split each segment in 2 x CP chunks under context parallelism."""
-        cp = self.parallel.context_parallel_size
-        return 2 * cp if cp > 1 else 1
+                or self.train.sides * self.train.micro_batch_size * self.data.seq_length)
 
     def check_machine(self, *, gpu: bool) -> None:
-        """What this machine must have for the config (GPU, Transformer Engine)."""
-        p = self.parallel
+        """What this machine must have for the config, beyond the layout's needs
+        (ParallelLayout.check_machine): FP8 needs a GPU with Transformer Engine; the CPU
+        runs float32 without the distributed optimizer."""
         fp8 = self.model.transformer.get("fp8")
         if fp8:
             if not gpu:
@@ -499,66 +481,19 @@ class RunConfig:
                                  "pip install -e '.[te]'")
         if gpu:
             return
-        if p.context_parallel_size > 1:
-            raise ValueError(f"parallel.context_parallel_size={p.context_parallel_size} needs "
-                             "Transformer Engine's context-parallel attention, which needs a "
-                             "GPU")
-        if p.sequence_parallel:
-            raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or "
-                             "Apex norms (megatron-core's torch norm refuses it), so a GPU")
         if self.optimizer.megatron.get("use_distributed_optimizer"):
             raise ValueError("optimizer.use_distributed_optimizer=true needs a GPU; on CPU "
                              "megatron-core's plain optimizer is used")
         if self.train.dtype != "float32":
             raise ValueError(f"train.dtype={self.train.dtype!r}: CPU runs use float32")
 
-    def check_world(self, world_size: int, *, gpu: bool) -> int:
-        """Checks the layout against the world and the machine; returns the DP size."""
-        dp = self.check_layout(world_size)
+    def check_world(self, world_size: int, *, gpu: bool) -> ParallelLayout:
+        """The parallel layout on ``world_size`` processes, checked against the world, the
+        batch sizes and the machine."""
+        layout = ParallelLayout.of(self, world_size)
+        layout.check_machine(gpu=gpu)
         self.check_machine(gpu=gpu)
-        return dp
-
-    def check_layout(self, world_size: int) -> int:
-        """Checks the parallel layout and batch sizes against the world; returns the DP size."""
-        p, t = self.parallel, self.train
-        tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                      p.context_parallel_size)
-        if world_size % (tp * pp * cp):
-            raise ValueError(f"WORLD_SIZE({world_size}) is not divisible by "
-                             f"parallel.tensor_model_parallel_size({tp}) * "
-                             f"parallel.pipeline_model_parallel_size({pp}) * "
-                             f"parallel.context_parallel_size({cp}) = {tp * pp * cp}")
-        dp = world_size // (tp * pp * cp)
-        ep = p.expert_model_parallel_size
-        if (dp * cp) % ep:
-            raise ValueError(f"parallel.expert_model_parallel_size({ep}) does not divide "
-                             f"data-parallel size({dp}) * parallel.context_parallel_size({cp}) "
-                             f"= {dp * cp}: the experts are split over those ranks")
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ValueError(f"train.global_batch_size({t.global_batch_size}) is not divisible "
-                             f"by train.micro_batch_size({t.micro_batch_size}) * "
-                             f"data-parallel size({dp}) = {t.micro_batch_size * dp}")
-        multiple = self.micro_batch_multiple()
-        if multiple > 1:
-            vpp = (f"parallel.virtual_pipeline_model_parallel_size"
-                   f"({p.virtual_pipeline_model_parallel_size})")
-            if self.data.packing == "pack" and t.global_batch_size % (dp * pp):
-                # each rank's micro-batches must be a multiple of PP, each of at least one
-                # pair: with that many pairs, one pair a micro-batch always plans, whatever
-                # their lengths (fewer could need more micro-batches than there are pairs)
-                raise ValueError(f"train.global_batch_size({t.global_batch_size}) is not "
-                                 f"divisible by data-parallel size({dp}) * parallel.pipeline_"
-                                 f"model_parallel_size({pp}) = {dp * pp}: with {vpp} each rank "
-                                 f"needs a multiple of {pp} micro-batches, each of at least one "
-                                 "pair, and long pairs may need a micro-batch each")
-            per_rank = t.global_batch_size // (t.micro_batch_size * dp)
-            if self.data.packing != "pack" and per_rank % pp:
-                raise ValueError(f"train.global_batch_size({t.global_batch_size}) / "
-                                 f"(train.micro_batch_size({t.micro_batch_size}) * data-parallel "
-                                 f"size({dp})) = {per_rank} micro-batches, not a multiple of "
-                                 f"parallel.pipeline_model_parallel_size({pp}), which {vpp} "
-                                 "needs")
-        return dp
+        return layout
 
     def resolve(self, path) -> Optional[Path]:
         """An input path of the config (data.path, model.load, reference.load,

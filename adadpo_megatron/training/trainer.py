@@ -1,8 +1,8 @@
-"""The training loop: megatron-core's optimizer and LR schedule around the step, on a Run
-(adadpo_megatron.training.run: the parallel world, data and models).
+"""The training loop: megatron-core's optimizer and LR schedule around the step, on a
+RunContext (adadpo_megatron.training.run: the parallel world, data and model building).
 
     trainer = Trainer(load_run_config("configs/tiny_cpu.yaml"))
-    trainer.setup()          # distributed, parallel_state, data, model(s), optimizer
+    trainer.setup()          # distributed, process groups, data, model(s), optimizer
     trainer.train()          # max_steps steps, one JSON line per step in metrics.jsonl
     trainer.close()
 
@@ -20,7 +20,10 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import get_megatron_optimizer
 
+from adadpo_megatron.data.packing import step_token_counts
 from adadpo_megatron.mcore.forward_step import (
     PreferenceForwardStep,
     SFTForwardStep,
@@ -34,7 +37,6 @@ from adadpo_megatron.training.checkpoint import (
     check_resume_config,
     latest_checkpoint,
     load_checkpoint,
-    load_model_weights,
     save_checkpoint,
 )
 from adadpo_megatron.training.preemption import StopRequests
@@ -43,7 +45,7 @@ from adadpo_megatron.training.reference_cache import (
     load_cache,
     reference_fingerprint,
 )
-from adadpo_megatron.training.run import Run
+from adadpo_megatron.training.run import RunContext, setup_run
 from adadpo_megatron.training.run_config import RunConfig
 from adadpo_megatron.training.run_log import RunLog
 
@@ -87,46 +89,63 @@ class CollectiveTimeout(RuntimeError):
     """A collective waited longer than train.distributed_timeout_minutes for some rank."""
 
 
-class Trainer(Run):
-    """A Run (its parallel world, data and models) with the policy's optimizer and the loop."""
+class Trainer:
+    """The policy, its optimizer and the loop, on a RunContext (the parallel world, the data,
+    model building and the schedule call: adadpo_megatron.training.run), which it holds.
+
+    Every attribute is declared here; ``setup()`` fills them in.
+    """
 
     def __init__(self, config: RunConfig):
-        super().__init__(config)
+        self.config = config
         # the budget starts now; until the first step, a signal stops the process at once
         self.stop = StopRequests(config.train.exit_after_minutes, immediate=True)
         self.stop.install()
         self.stop_agreed = False  # some rank asked to stop: every rank stops after this step
         self.stopped: Optional[str] = None  # why train() returned early, if it did
+        self.run: Optional[RunContext] = None
+        self.model: List[torch.nn.Module] = []  # the policy's chunks, DDP-wrapped
+        self.reference_model: List[torch.nn.Module] = []  # reference.mode resident
+        self.reference_logps: Optional[torch.Tensor] = None  # reference.mode precompute
+        self.optimizer = None
+        self.scheduler = None
+        self.forward_step: Optional[PreferenceForwardStep | SFTForwardStep] = None
+        self.reference_step = None
+        self.start_step = 0
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.run is not None and self.run.groups.is_logging_rank
 
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> Trainer:
-        """Everything for training: the common part, the models, the optimizer."""
+        """Everything for training: the run, the models, the optimizer, the resumed state."""
         c = self.config
-        self.setup_common(claim_output_dir=True)
+        self.run = run = setup_run(c, claim_output_dir=True)
+        data = run.data
         resume = self._resume_path()
         changes = []
         if resume is not None:  # before anything is built: a refused change fails fast
-            changes = check_resume_config(c, self.dataset.content_hash, resume,
-                                          report=self.is_logging_rank, files=self.sources)
+            changes = check_resume_config(c, data.dataset.content_hash, resume,
+                                          report=self.is_logging_rank, files=data.sources)
         if c.reference.mode == "precompute":  # before building anything: a stale cache fails
             self.reference_logps = load_cache(
                 default_cache_path(c),
-                reference_fingerprint(c, self.tokenizer, self.dataset, self.sources),
-                self.dataset)
-        self.model = self._build(frozen=False)
-        if c.model.load:
-            load_model_weights(self.model, c.resolve(c.model.load))
-        elif c.model.hf:
-            self._import_hf(self.model)
+                reference_fingerprint(c, data.tokenizer, data.dataset, data.sources),
+                data.dataset)
+        self.model = run.build_model(frozen=False)
+        run.load_initial_weights(self.model)
         if c.reference.mode == "resident":
-            self.reference_model = self.build_reference()
+            self.reference_model = run.build_reference(policy=self.model)
         self._build_optimizer()
-        fused, packed = c.model.fused_logprobs, self.packed_format
-        self.forward_step = (SFTForwardStep(fused=fused, packed_format=packed) if self.sft
-                             else PreferenceForwardStep(c.loss, fused=fused,
-                                                        packed_format=packed))
-        self.start_step = 0
+        g, fused, packed = run.groups, c.model.fused_logprobs, run.packed_format
+        self.forward_step = (
+            SFTForwardStep(tp_group=g.tp, cp_group=g.cp, fused=fused, packed_format=packed)
+            if run.sft else
+            PreferenceForwardStep(c.loss, tp_group=g.tp, cp_group=g.cp, dp_group=g.dp,
+                                  fused=fused, packed_format=packed))
+        self.reference_step = run.reference_step()
         if resume is not None:
             self.start_step = load_checkpoint(self.checkpoint_state(), resume)
             if self.is_logging_rank:
@@ -140,10 +159,11 @@ class Trainer(Run):
 
     def checkpoint_state(self) -> CheckpointState:
         """What checkpoints save of this trainer, and restore into it."""
+        data = self.run.data
         loss_state = self.forward_step if hasattr(self.forward_step, "state_dict") else None
         return CheckpointState(config=self.config, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, data_content=self.dataset.content_hash,
-                               loss_state=loss_state, gpu=self.gpu, files=self.sources)
+                               scheduler=self.scheduler, data_content=data.dataset.content_hash,
+                               loss_state=loss_state, gpu=self.run.gpu, files=data.sources)
 
     def _resume_path(self):
         resume = self.config.train.resume
@@ -162,12 +182,9 @@ class Trainer(Run):
         return path
 
     def _build_optimizer(self) -> None:
-        from megatron.core.distributed import finalize_model_grads
-        from megatron.core.optimizer import get_megatron_optimizer
-
         c = self.config
         self.optimizer = get_megatron_optimizer(
-            c.optimizer.optimizer_config(gpu=self.gpu, dtype=self.dtype), self.model)
+            c.optimizer.optimizer_config(gpu=self.run.gpu, dtype=self.run.dtype), self.model)
         self.scheduler = c.optimizer.scheduler(self.optimizer, c.train.max_steps)
         model_config = self.model[0].config
         model_config.finalize_model_grads_func = finalize_model_grads
@@ -175,40 +192,48 @@ class Trainer(Run):
 
     # ------------------------------------------------------------------ the step
 
+    def micro_batches(self, step: int):
+        """This rank's micro-batches for ``step`` and the step's real-token share."""
+        plan = self.run.step_plan(step)
+        real, computed = step_token_counts(plan)
+        batches = self.run.materialize(self.run.data.train_set, plan, self.reference_logps)
+        return batches, real / computed
+
     def _attach_reference(self, batches) -> None:
         """Fills ``ref_logps`` from the resident reference, or from the policy with its
         adapters off (precomputed ones are already in)."""
+        run = self.run
         if self.config.reference.mode == "adapters_off":
             with adapters_disabled(self.model), evaluating(self.model):
-                reports = self._forward_only(self.reference_step, self.model, batches)
+                reports = run.forward_only(self.reference_step, self.model, batches)
         elif self.reference_model:
-            reports = self._forward_only(self.reference_step, self.reference_model,
-                                                 batches)
+            reports = run.forward_only(self.reference_step, self.reference_model, batches)
         else:
             return
-        if self.is_last_stage:
+        if run.groups.is_last_stage:
             collect_reference(reports, batches)
 
-    def _forward_only(self, step_func, model, batches):
-        """run_schedule forward-only, without autograd."""
-        with torch.no_grad():
-            return self.run_schedule(step_func, model, batches, forward_only=True) or []
+    def _metrics(self, reports) -> Dict[str, float]:
+        """The reports of this rank's micro-batches reduced over the data- and
+        context-parallel ranks (the last pipeline stage's; {} elsewhere)."""
+        run = self.run
+        if not run.groups.is_last_stage:
+            return {}
+        return reduce_reports(reports, run.groups.dp_cp, run.layout.cp)
 
     def evaluate(self) -> Dict[str, float]:
         """The step metrics on the held-out pairs, forward-only, prefixed "eval/"."""
-        plan = self.plan(self.eval_set, range(len(self.eval_set)), fill=True)
-        batches = self.materialize(self.eval_set, plan)
+        run, eval_set = self.run, self.run.data.eval_set
+        plan = run.plan(eval_set, range(len(eval_set)), fill=True)
+        batches = run.materialize(eval_set, plan, self.reference_logps)
         self._attach_reference(batches)
         with evaluating(self.model):
-            reports = self._forward_only(self.forward_step, self.model, batches)
-        if not self.is_last_stage:
-            return {}
-        metrics = reduce_reports(reports, self.metrics_group,
-                                 self.config.parallel.context_parallel_size)
-        return {f"eval/{name}": value for name, value in metrics.items()}
+            reports = run.forward_only(self.forward_step, self.model, batches)
+        return {f"eval/{name}": value for name, value in self._metrics(reports).items()}
 
     def train_step(self, step: int) -> Dict[str, float]:
         """One optimizer step; returns the step's metrics (complete on the logging rank)."""
+        run = self.run
         start = time.perf_counter()
         batches, real_token_fraction = self.micro_batches(step)
         self._attach_reference(batches)
@@ -216,20 +241,14 @@ class Trainer(Run):
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.forward_step.start_step()
-        reports = self.run_schedule(self.forward_step, self.model, batches, forward_only=False)
+        reports = run.run_schedule(self.forward_step, self.model, batches, forward_only=False)
         self._stop_if_not_finite(step)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        if not self.sft:
-            p = self.config.parallel
-            self.forward_step.finish_step(
-                replicas=p.tensor_model_parallel_size * p.context_parallel_size,
-                device=torch.device("cuda", torch.cuda.current_device()) if self.gpu else None)
-        metrics: Dict[str, float] = {"step": step}
-        if self.is_last_stage:
-            metrics.update(reduce_reports(reports, self.metrics_group,
-                                          self.config.parallel.context_parallel_size))
+        if not run.sft:
+            self.forward_step.finish_step(replicas=run.layout.replicas, device=self._device())
+        metrics: Dict[str, float] = {"step": step, **self._metrics(reports)}
         elapsed = time.perf_counter() - start
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        learning_rate=learning_rate, step_time=elapsed)
@@ -237,6 +256,10 @@ class Trainer(Run):
         if "tokens" in metrics:
             metrics["tokens_per_second"] = metrics["tokens"] / elapsed
         return metrics
+
+    def _device(self) -> Optional[torch.device]:
+        """The device NCCL's collectives need (None: gloo's CPU tensors)."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.run.gpu else None
 
     def _stop_if_not_finite(self, step: int) -> None:
         """Raises NonFiniteError on every rank, before any weight changes, if a loss or a
@@ -246,7 +269,7 @@ class Trainer(Run):
         bad_losses = self.forward_step.nonfinite_micro_batches()
         finite_grads = [torch.isfinite(buffer.grad_data).all()
                         for chunk in self.model for buffer in chunk.buffers]
-        device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else None
+        device = self._device()
         flags = torch.stack([torch.tensor(bool(bad_losses), device=device),
                              ~torch.stack(finite_grads).all().to(device),
                              torch.tensor(self.stop.requested(), device=device)]).float()
@@ -303,9 +326,10 @@ class Trainer(Run):
         return history
 
     def close(self) -> None:
-        """Gives the signals back, then the run (its lock, megatron-core's state)."""
+        """Gives the signals back, then the run (its lock, megatron-core's groups)."""
         self.stop.restore()
-        super().close()
+        if self.run is not None:
+            self.run.close()
 
     def _step_naming_timeouts(self, step: int) -> Dict[str, float]:
         """train_step, with a collective that timed out (a hung or dead rank) reported with

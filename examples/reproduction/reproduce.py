@@ -149,8 +149,8 @@ def _probe(model, held, reference_logps, trainer) -> Dict:
         "clipped": coefficient["clipped"].tolist(),
         "log_balance_token": balance["log_token"].tolist(),
         "log_balance_sequence": balance["log_sequence"].tolist(),
-        "generation": probes.generation_report(model, trainer.eval_set, trainer.tokenizer,
-                                               c.data.seq_length),
+        "generation": probes.generation_report(model, trainer.run.data.eval_set,
+                                               trainer.run.data.tokenizer, c.data.seq_length),
     }
 
 
@@ -174,12 +174,12 @@ def train_one(run: Run, sft: Path, out: Path) -> Dict:
     try:
         initial = trainer.evaluate()
         reference = trainer.reference_model[0]
-        reference_logps = probes.pair_logps(reference, trainer.eval_set)
+        reference_logps = probes.pair_logps(reference, trainer.run.data.eval_set)
         before = _probe(reference, reference_logps, reference_logps, trainer)  # = the policy
         history = trainer.train()
         policy = trainer.model[0].module
-        after = _probe(policy, probes.pair_logps(policy, trainer.eval_set), reference_logps,
-                       trainer)
+        after = _probe(policy, probes.pair_logps(policy, trainer.run.data.eval_set),
+                       reference_logps, trainer)
     finally:
         trainer.close()
     record = {"run": asdict(run), "name": run.name, "initial_eval": initial,

@@ -106,7 +106,7 @@ def policy_token_logps(trainer):
     from adadpo_megatron.data.micro_batches import collate
     from adadpo_megatron.mcore.forward_step import _model_forward
 
-    batch = collate(trainer.dataset, torch.arange(4))
+    batch = collate(trainer.run.data.dataset, torch.arange(4))
     model = trainer.model[0].module
     model.eval()
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 import pytest
 
+from adadpo_megatron.training.layout import ParallelLayout
 from tests.support.training import REPO
 
 # Meta-Llama-3-8B-Instruct's and Meta-Llama-3-70B-Instruct's config.json (their published
@@ -57,7 +58,7 @@ def test_shipped_recipes_are_consistent(name, world, tmp_path):
     from adadpo_megatron.training.run_config import load_run_config
 
     config = load_run_config(str(REPO / "configs" / name), recipe_model_overrides(name, tmp_path))
-    dp = config.check_layout(world)
+    dp = ParallelLayout.of(config, world).dp
     assert config.train.global_batch_size % (config.train.micro_batch_size * dp) == 0
     if name.startswith("llama3_70b"):
         assert (dp, config.parallel.virtual_pipeline_model_parallel_size) == (2, 5)
@@ -120,7 +121,7 @@ def test_the_gpu_benchmark_shape_is_a_valid_one_gpu_run():
 
     path = REPO / "benchmarks" / "configs" / "gpu_step.yaml"
     config = load_run_config(str(path))
-    assert config.check_layout(1) == 1
+    assert ParallelLayout.of(config, 1).dp == 1
     assert config.model.transformer["num_layers"] == 2
     assert config.model.transformer["hidden_size"] == 4096
     config.check_machine(gpu=True)
@@ -187,7 +188,7 @@ def test_interleaved_pipelines_need_micro_batches_in_multiples_of_the_pipeline()
                                     "train.micro_batch_size=2"])
     with pytest.raises(ValueError, match=r"= 3 micro-batches, not a multiple of parallel\."
                                          r"pipeline_model_parallel_size\(2\)"):
-        padded.check_layout(2)
+        ParallelLayout.of(padded, 2)
     # issue 23: 3 pairs on one data-parallel rank planned 2 micro-batches, and two long
     # pairs that fit no micro-batch together failed the step mid-run; now refused up front
     packed = load_run_config(path, [*vpp, "train.global_batch_size=3",
@@ -195,17 +196,17 @@ def test_interleaved_pipelines_need_micro_batches_in_multiples_of_the_pipeline()
     with pytest.raises(ValueError, match=r"train.global_batch_size\(3\) is not divisible by "
                                          r"data-parallel size\(1\) \* parallel.pipeline_model_"
                                          r"parallel_size\(2\) = 2"):
-        packed.check_layout(2)
+        ParallelLayout.of(packed, 2)
     packed = load_run_config(path, [*vpp, "train.global_batch_size=4",
                                     "train.micro_batch_size=1"])
-    assert packed.check_layout(2) == 1
+    assert ParallelLayout.of(packed, 2).dp == 1
     nine = load_run_config(path, [*vpp, "train.global_batch_size=9",
                                   "train.micro_batch_size=1"])
     with pytest.raises(ValueError, match=r"train.global_batch_size\(9\) is not divisible by "
                                          r"data-parallel size\(3\) \* parallel.pipeline_model_"
                                          r"parallel_size\(2\) = 6"):
-        nine.check_layout(6)
-    assert packed.micro_batch_multiple() == 2
+        ParallelLayout.of(nine, 6)
+    assert ParallelLayout.of(packed, 2).micro_batch_multiple == 2
 
 
 @pytest.mark.parametrize("overrides,message", [

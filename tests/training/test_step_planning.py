@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from adadpo_megatron.data.micro_batches import global_batch_indices
+from adadpo_megatron.training.layout import ParallelLayout
 from adadpo_megatron.training.run import plan_micro_batches
 from tests.support.training import tiny_config
 
@@ -57,10 +58,10 @@ def _draw(rng: random.Random):
     return overrides, dp * pp
 
 
-def _check(plan, indices, config, dp_size, *, evaluation):
+def _check(plan, indices, config, layout, *, evaluation):
     counts = {len(rank) for rank in plan}
-    assert len(plan) == dp_size and len(counts) == 1, f"ranks differ: {counts}"
-    assert counts.pop() % config.micro_batch_multiple() == 0
+    assert len(plan) == layout.dp and len(counts) == 1, f"ranks differ: {counts}"
+    assert counts.pop() % layout.micro_batch_multiple == 0
     real = [mb for rank in plan for mb in rank if not mb.filler]
     assert Counter(i for mb in real for i in mb.pairs) == Counter(int(i) for i in indices), \
         "every pair once, in a real micro-batch"
@@ -81,27 +82,23 @@ def test_accepted_configs_plan_every_step_and_every_evaluation(seed):
         overrides, world = _draw(rng)
         try:
             config = tiny_config(overrides)
-            config.check_layout(world)
+            layout = ParallelLayout.of(config, world)
         except ValueError:
             refused += 1
             continue
         accepted += 1
-        p = config.parallel
-        interleaved_packed += bool(p.virtual_pipeline_model_parallel_size
-                                   and config.data.packing == "pack")
-        dp_size = world // p.pipeline_model_parallel_size
+        interleaved_packed += bool(layout.vpp and config.data.packing == "pack")
         lengths = _lengths(rng.choice(["tailed", "max", "bimodal"]), config.data.seq_length, rng)
         thd = rng.random() < 0.5
         t = config.train
         for step in range(4):
             indices = global_batch_indices(step, N, t.global_batch_size, t.seed)
-            _check(plan_micro_batches(config, lengths, indices, dp_size=dp_size, thd=thd),
-                   indices, config, dp_size, evaluation=False)
+            _check(plan_micro_batches(config, layout, lengths, indices, thd=thd),
+                   indices, config, layout, evaluation=False)
         for size in (1, rng.randint(1, 60)):
             indices = torch.randperm(N, generator=torch.Generator().manual_seed(size))[:size]
-            _check(plan_micro_batches(config, lengths, indices, dp_size=dp_size, thd=thd,
-                                      fill=True),
-                   indices, config, dp_size, evaluation=True)
+            _check(plan_micro_batches(config, layout, lengths, indices, thd=thd, fill=True),
+                   indices, config, layout, evaluation=True)
     assert refused > 0 and interleaved_packed > 0, (refused, interleaved_packed)
 
 
@@ -117,4 +114,4 @@ def test_the_issues_failing_config_is_refused_up_front():
     with pytest.raises(ValueError, match=r"train.global_batch_size\(11\) is not divisible by "
                                          r"data-parallel size\(1\) \* parallel.pipeline_model_"
                                          r"parallel_size\(2\) = 2"):
-        config.check_layout(2)
+        ParallelLayout.of(config, 2)

@@ -172,7 +172,7 @@ def _loss_type_worker(rank, world, out_path):
         losses = []
         batches, _ = trainer.micro_batches(0)
         for micro in batches:
-            batch = collate(trainer.dataset, micro["example_ids"])
+            batch = collate(trainer.run.data.dataset, micro["example_ids"])
             policy, counts, tails, wpo = _independent_statistics(trainer.model[0].module, batch,
                                                                  loss.ld_alpha)
             m = counts.numel() // 2
