@@ -7,7 +7,7 @@ bad YAML value is reported before anything is built.
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any, Mapping, Optional, Type
 
 
@@ -47,8 +47,6 @@ def require_like_defaults(cls, values: Mapping[str, Any], section: str) -> None:
     fields whose default is None or a container are left to ``cls`` itself. For the
     megatron-core dataclasses (TransformerConfig, OptimizerConfig) whose own checks run late
     or not at all, so that ``model.hidden_size=abc`` fails when the config is read."""
-    from dataclasses import MISSING
-
     defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
     for key, value in values.items():
         default = defaults.get(key)

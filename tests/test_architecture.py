@@ -176,3 +176,33 @@ def test_nothing_in_ops_or_mcore_branches_on_a_loss_name():
                                  for x in literals(side)):
                         found.append(f"{path.relative_to(REPO)}:{node.lineno} compares {name!r}")
     assert not found, "\n".join(found)
+
+
+def test_nothing_private_crosses_a_module():
+    """Issue 24: a name a module keeps to itself (a leading underscore) is never imported by
+    another module of the package."""
+    crossing = [f"{path.relative_to(REPO)}:{node.lineno} imports {alias.name} from "
+                f"{node.module}"
+                for path in sorted(PACKAGE.rglob("*.py"))
+                for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "adadpo_megatron")
+                for alias in node.names if alias.name.startswith("_")]
+    assert not crossing, "\n".join(crossing)
+
+
+def test_the_package_imports_its_own_modules_at_the_top():
+    """Issue 24: imports of the package's own modules sit at the top of each module (where a
+    reader looks for a module's dependencies); inside a function only what import cost or
+    an optional dependency requires, and never the package's own modules, except the
+    commands' (cli.py answers --help before megatron-core and the trainer are imported)."""
+    inside = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inside += [f"{path.relative_to(REPO)}:{sub.lineno} in {node.name}()"
+                           for sub in ast.walk(node) if isinstance(sub, ast.ImportFrom)
+                           and (sub.module or "").startswith("adadpo_megatron")]
+    assert not inside, "\n".join(inside)

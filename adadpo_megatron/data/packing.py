@@ -52,6 +52,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from adadpo_megatron.data.micro_batches import collate
 from adadpo_megatron.data.preference_data import IGNORE_INDEX, PreferenceDataset
 from adadpo_megatron.micro_batch import MicroBatch
 
@@ -354,7 +355,6 @@ def _micro_batch(b: _Bin, indices: List[int], padded: List[List[int]], seq_lengt
 def materialize(dataset: PreferenceDataset, plan: MicroBatchPlan, *, pad_id: int,
                 chosen_only: bool = False) -> MicroBatch:
     """The tensors of one planned micro-batch (adadpo_megatron.micro_batch)."""
-    from adadpo_megatron.data.micro_batches import collate
 
     indices = torch.tensor(plan.pairs, dtype=torch.long)
     if plan.placements is None:

@@ -165,7 +165,7 @@ def open_source(source: str, split: str = "train"):
     # at import, or a name missing from the cache spends its time trying the Hub
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
+    import datasets  # after the offline switches above, which it reads at import
 
     path = Path(source)
     if path.is_file():

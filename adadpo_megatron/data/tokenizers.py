@@ -85,7 +85,7 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str, fingerprint: Optional[str] = None):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # seconds to import: byte runs need none
 
         self.path = Path(path)
         if not self.path.is_dir():

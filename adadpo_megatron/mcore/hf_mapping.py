@@ -42,6 +42,10 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+
+from adadpo_megatron.mcore.lora import is_adapter_name
+from adadpo_megatron.mcore.parameter_names import global_parameter_names
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 _MEGATRON_FIXED_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -233,8 +237,6 @@ def _safe_open(path: Path):
     """safetensors' safe_open (it reads and checks the header and the file's length); a file
     cut short or with a header that is not JSON is a ValueError naming the file, not
     safetensors' own error from deep in a traceback."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         return safe_open(path, framework="pt")
     except SafetensorError as err:
@@ -242,7 +244,7 @@ def _safe_open(path: Path):
                          "model again") from err
 
 
-def _hf_prefix(tensors: HFTensors) -> str:
+def hf_prefix(tensors: HFTensors) -> str:
     return "model." if "model.embed_tokens.weight" in tensors else ""
 
 
@@ -280,7 +282,7 @@ def _mlp_linear(layer: str, rest: str) -> Tuple[str, Optional[str]]:
 def megatron_tensor(name: str, tensors: HFTensors, arch: HFArchitecture) -> torch.Tensor:
     """The full (unsharded) megatron-core tensor ``name`` (a global checkpoint name, layer
     index included) built from the Hugging Face tensors it maps from."""
-    p = _hf_prefix(tensors)
+    p = hf_prefix(tensors)
     if name == "embedding.word_embeddings.weight":
         return tensors.get(f"{p}embed_tokens.weight")
     if name == "output_layer.weight":
@@ -376,8 +378,6 @@ def load_hf_weights(chunks, directory, arch: HFArchitecture) -> None:
     """
     from megatron.core import parallel_state
 
-    from adadpo_megatron.mcore.lora import is_adapter_name
-    from adadpo_megatron.mcore.parameter_names import global_parameter_names
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()

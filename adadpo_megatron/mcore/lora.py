@@ -38,6 +38,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from adadpo_megatron.mcore.parameter_names import global_parameter_names
 from adadpo_megatron.validation import require_int, require_number
 
 # the linear layers LoRA adapts, and how megatron-core shards each
@@ -101,14 +102,13 @@ class LoRAAdapter(torch.nn.Module):
                  stride: int, sequence_parallel: bool, tp_group, dtype: torch.dtype,
                  device: torch.device):
         super().__init__()
-        from torch.nn import Parameter
-
         self.kind, self.scale, self.stride = kind, lora.scale, stride
         self.sequence_parallel, self.tp_group = sequence_parallel, tp_group
         self.enabled = True
         self.dropout = torch.nn.Dropout(lora.dropout) if lora.dropout else torch.nn.Identity()
-        self.lora_a = Parameter(torch.zeros(lora.rank, in_features, dtype=dtype, device=device))
-        self.lora_b = Parameter(torch.zeros(out_features, lora.rank, dtype=dtype,
+        self.lora_a = torch.nn.Parameter(torch.zeros(lora.rank, in_features, dtype=dtype,
+                                                     device=device))
+        self.lora_b = torch.nn.Parameter(torch.zeros(out_features, lora.rank, dtype=dtype,
                                             device=device))
         # the tensor-parallel one, as megatron-core marks its own sharded weights
         split, dim = (self.lora_b, 0) if kind == "column" else (self.lora_a, 1)
@@ -249,7 +249,6 @@ def init_adapters_(chunks: Sequence[torch.nn.Module], seed: int) -> None:
     Kaiming-uniform with a = sqrt(5), over the full input width."""
     from megatron.core import parallel_state
 
-    from adadpo_megatron.mcore.parameter_names import global_parameter_names
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from adadpo_megatron.mcore.hf_mapping import read_architecture
 from adadpo_megatron.mcore.lora import LoRAConfig
 from adadpo_megatron.validation import (
     from_mapping,
@@ -24,7 +25,6 @@ from adadpo_megatron.validation import (
 def _from_hf(section: Dict[str, Any], base: Optional[Path]) -> Dict[str, Any]:
     """The model section a Hugging Face config.json implies; a user key that contradicts it
     is an error naming both values."""
-    from adadpo_megatron.mcore.hf_mapping import read_architecture
 
     directory = Path(section["hf"])
     if not directory.is_absolute() and base is not None:

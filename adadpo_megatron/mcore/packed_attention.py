@@ -92,7 +92,7 @@ def thd_partition_index(cu_seqlens: torch.Tensor, total: int, cp_size: int,
     Transformer Engine's ``thd_get_partitioned_indices`` where it is installed (the GPU path);
     otherwise the same split in torch (CPU tests; examples/gpu_check.py compares the two).
     """
-    try:
+    try:  # Transformer Engine: optional, GPU machines only
         import transformer_engine_torch as tex
     except ImportError:
         tex = None

@@ -19,12 +19,12 @@ from typing import Optional
 import torch
 
 from adadpo_megatron.ops.logprobs import (
-    _check_labels,
-    _chunk_rows,
-    _row_scales,
-    _targets,
+    check_labels,
+    chunk_rows,
     combine_over_tp,
     group_size,
+    row_scales,
+    token_targets,
 )
 
 Tensor = torch.Tensor
@@ -34,9 +34,9 @@ class _FusedHiddenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, tp_group, ignore_index, chunk_size):
         num_rows, vocab_shard = hidden.shape[0], weight.shape[0]
-        ignored, owned, local_target = _targets(labels, vocab_shard, tp_group, ignore_index)
-        _check_labels(labels, ignored, vocab_shard * group_size(tp_group), ignore_index)
-        rows = _chunk_rows(num_rows, vocab_shard, chunk_size, hidden.device)
+        ignored, owned, local_target = token_targets(labels, vocab_shard, tp_group, ignore_index)
+        check_labels(labels, ignored, vocab_shard * group_size(tp_group), ignore_index)
+        rows = chunk_rows(num_rows, vocab_shard, chunk_size, hidden.device)
         local_lse = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
         target = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
         for start in range(0, num_rows, rows):
@@ -53,12 +53,12 @@ class _FusedHiddenLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logps):
         hidden, weight, labels, lse = ctx.saved_tensors
         num_rows, vocab_shard = hidden.shape[0], weight.shape[0]
-        ignored, owned, local_target = _targets(labels, vocab_shard, ctx.tp_group,
+        ignored, owned, local_target = token_targets(labels, vocab_shard, ctx.tp_group,
                                                 ctx.ignore_index)
-        g, g_target = _row_scales(grad_logps, ignored, owned)
+        g, g_target = row_scales(grad_logps, ignored, owned)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        rows = _chunk_rows(num_rows, vocab_shard, ctx.chunk_size, hidden.device)
+        rows = chunk_rows(num_rows, vocab_shard, ctx.chunk_size, hidden.device)
         for start in range(0, num_rows, rows):
             end = min(start + rows, num_rows)
             # d logp / d logits = onehot(label) - softmax, scaled per row

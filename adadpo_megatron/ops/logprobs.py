@@ -47,16 +47,18 @@ def group_size(group: Optional[ProcessGroup]) -> int:
 # --------------------------------------------------------------------------- per-token op
 
 
-def _chunk_rows(num_rows: int, vocab_shard: int, chunk_size: Optional[int],
-                device: torch.device) -> int:
+def chunk_rows(num_rows: int, vocab_shard: int, chunk_size: Optional[int],
+               device: torch.device) -> int:
+    """Rows (tokens) per chunk: ``chunk_size``, else what keeps one fp32 chunk of
+    [rows, vocab_shard] under the device's budget (the fused path shares it)."""
     if chunk_size is None:
         chunk_bytes = DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES_ACCELERATOR)
         chunk_size = chunk_bytes // (4 * max(vocab_shard, 1))
     return max(1, min(int(chunk_size), max(num_rows, 1)))
 
 
-def _targets(labels: Tensor, vocab_shard: int, tp_group: Optional[ProcessGroup],
-             ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+def token_targets(labels: Tensor, vocab_shard: int, tp_group: Optional[ProcessGroup],
+                  ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(ignored [N] bool, owned [N] bool, local target index [N] long, 0 where not owned)
     for this rank's contiguous vocab block."""
     tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
@@ -66,13 +68,14 @@ def _targets(labels: Tensor, vocab_shard: int, tp_group: Optional[ProcessGroup],
     return ignored, owned, torch.where(owned, local, torch.zeros_like(local))
 
 
-def _row_scales(grad_logps: Tensor, ignored: Tensor, owned: Tensor) -> Tuple[Tensor, Tensor]:
+def row_scales(grad_logps: Tensor, ignored: Tensor, owned: Tensor) -> Tuple[Tensor, Tensor]:
     """(g [N], g at the owned target [N]): the incoming gradient, 0 on ignored tokens."""
     g = torch.where(ignored, torch.zeros_like(grad_logps), grad_logps.float())
     return g, torch.where(owned, g, torch.zeros_like(g))
 
 
-def _check_labels(labels: Tensor, ignored: Tensor, vocab_size: int, ignore_index: int) -> None:
+def check_labels(labels: Tensor, ignored: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raises ValueError naming the first label outside [0, vocab_size) (ignore_index aside)."""
     bad = ~ignored & ((labels < 0) | (labels >= vocab_size))
     if bad.any():
         where = bad.nonzero()[0]
@@ -87,10 +90,10 @@ def _forward(logits2d: Tensor, labels: Tensor, tp_group: Optional[ProcessGroup],
              ignore_index: int, chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     """Returns (log-probs [N] fp32, 0 where ignored; global log-sum-exp [N] fp32)."""
     num_rows, vocab_shard = logits2d.shape
-    ignored, owned, local_target = _targets(labels, vocab_shard, tp_group, ignore_index)
-    _check_labels(labels, ignored, vocab_shard * group_size(tp_group), ignore_index)
+    ignored, owned, local_target = token_targets(labels, vocab_shard, tp_group, ignore_index)
+    check_labels(labels, ignored, vocab_shard * group_size(tp_group), ignore_index)
 
-    rows = _chunk_rows(num_rows, vocab_shard, chunk_size, logits2d.device)
+    rows = chunk_rows(num_rows, vocab_shard, chunk_size, logits2d.device)
     buffer = torch.empty((rows, vocab_shard), dtype=torch.float32, device=logits2d.device)
     local_lse = torch.empty(num_rows, dtype=torch.float32, device=logits2d.device)
     for start in range(0, num_rows, rows):
@@ -134,11 +137,11 @@ def _backward(grad_logps: Tensor, logits2d: Tensor, labels: Tensor, lse: Tensor,
               chunk_size: Optional[int]) -> Tensor:
     """d logp / d logits = onehot(label) - softmax, scaled per row, recomputed per chunk."""
     num_rows, vocab_shard = logits2d.shape
-    ignored, owned, local_target = _targets(labels, vocab_shard, tp_group, ignore_index)
-    g, g_target = _row_scales(grad_logps, ignored, owned)
+    ignored, owned, local_target = token_targets(labels, vocab_shard, tp_group, ignore_index)
+    g, g_target = row_scales(grad_logps, ignored, owned)
 
     grad = torch.empty_like(logits2d)
-    rows = _chunk_rows(num_rows, vocab_shard, chunk_size, logits2d.device)
+    rows = chunk_rows(num_rows, vocab_shard, chunk_size, logits2d.device)
     # float32 logits get their gradient written in place; other dtypes go through one fp32 chunk.
     buffer = None
     if logits2d.dtype != torch.float32:
@@ -364,7 +367,7 @@ def vocab_parallel_log_sum_sq_probs(logits: Tensor, *, tp_group: Optional[Proces
     with torch.no_grad():
         logits2d = logits.reshape(-1, logits.shape[-1])
         num_rows, vocab_shard = logits2d.shape
-        rows = _chunk_rows(num_rows, vocab_shard, chunk_size, logits2d.device)
+        rows = chunk_rows(num_rows, vocab_shard, chunk_size, logits2d.device)
         row_max = torch.empty(num_rows, dtype=torch.float32, device=logits2d.device)
         for start in range(0, num_rows, rows):
             row_max[start: start + rows] = logits2d[start: start + rows].float().amax(-1)

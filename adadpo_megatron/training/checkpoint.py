@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from adadpo_megatron.mcore.lora import is_adapter_name
+from adadpo_megatron.training.resume_checks import check_resume
+from adadpo_megatron.training.run_config import to_dict
 
 if TYPE_CHECKING:
     from adadpo_megatron.training.run_config import RunConfig
@@ -36,7 +38,7 @@ STATE_FILE = "adadpo_state.pt"
 LATEST = "latest"
 
 
-def _import_checkpointing():
+def megatron_dist_checkpointing():
     """megatron-core's dist_checkpointing (imported on use: this module needs no megatron)."""
     from megatron.core import dist_checkpointing
 
@@ -210,7 +212,7 @@ def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Pa
             after the partial step directory is removed; ``latest`` still names the
             previous checkpoint.
     """
-    dist_checkpointing = _import_checkpointing()
+    dist_checkpointing = megatron_dist_checkpointing()
     c = state.config
     root = checkpoint_root(c.train.output_dir)
     name = f"step_{next_step:07d}"
@@ -254,7 +256,6 @@ def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Pa
 
 def _state_file(state: CheckpointState, next_step: int) -> Dict[str, Any]:
     """What adadpo_state.pt holds (rank 0 writes it)."""
-    from adadpo_megatron.training.run_config import to_dict
 
     c = state.config
     # where the weights' architecture and tokenizer came from, resolved, for
@@ -329,8 +330,6 @@ def check_resume_config(config, data_content: str, path: Path, *, report: bool,
     ``files``, the run's source_fingerprints) if the config or the files changed in a way that
     alters the optimisation (adadpo_megatron.training.resume_checks); prints the accepted
     changes when ``report``, and returns them as (YAML key, checkpoint's, this run's)."""
-    from adadpo_megatron.training.resume_checks import check_resume
-    from adadpo_megatron.training.run_config import to_dict
 
     meta = read_state(path)
     saved = {**meta.get("config", {}), "data": {**meta.get("config", {}).get("data", {}),
@@ -412,7 +411,7 @@ def load_checkpoint(state: CheckpointState, path: Path) -> int:
     from. Weights, optimizer moments, step count, RNG and the loss's state come from the
     checkpoint; optimizer settings and the learning-rate schedule from ``state.config``
     (equal to the checkpoint's unless train.resume_allow_changes allowed a change)."""
-    dist_checkpointing = _import_checkpointing()
+    dist_checkpointing = megatron_dist_checkpointing()
     for optimizer in getattr(state.optimizer, "chained_optimizers", [state.optimizer]):
         # megatron-core calls init_state_fn before loading, so that the state has tensors to
         # load into; it has none for SGD
@@ -453,7 +452,7 @@ def load_model_weights(chunks: List[torch.nn.Module], path: str) -> None:
     tensors are matched by their global ShardedTensor keys. LoRA adapters, if the chunks have
     any, are not loaded: model.load is the base they adapt.
     """
-    dist_checkpointing = _import_checkpointing()
+    dist_checkpointing = megatron_dist_checkpointing()
     path = resolve_checkpoint(path)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint "
@@ -483,7 +482,7 @@ def check_tensor_shapes(state, path: Path) -> None:
     rows, hidden size, layer count, heads), naming the tensor and both shapes. megatron-core
     itself would load a smaller tensor into a larger one without a word. Every rank checks
     its own tensors, so every rank stops, before any weight is loaded."""
-    dist_checkpointing = _import_checkpointing()
+    dist_checkpointing = megatron_dist_checkpointing()
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     for tensor in _sharded_tensors(state):
         if tensor.key not in saved:

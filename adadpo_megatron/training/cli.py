@@ -52,7 +52,7 @@ def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override a config value, e.g. train.max_steps=5")
     args = parser.parse_args(argv)
-    import torch
+    import torch  # after parsing: --help answers before torch's few seconds of import
 
     from adadpo_megatron.training.run_config import load_run_config
 

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 
 class _RegionPlanner:
@@ -21,13 +26,6 @@ class _RegionPlanner:
 
     @staticmethod
     def make(regions):
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import (
-            create_read_items_for_chunk_list,
-        )
-
         class Planner(DefaultLoadPlanner):
             def create_local_plan(self):
                 items = []
@@ -46,8 +44,6 @@ class _RegionPlanner:
 
 def read_regions(checkpoint: Path, regions) -> Dict[str, torch.Tensor]:
     """{key: tensor of the region} for regions {key: (offsets, sizes, dtype)}."""
-    import torch.distributed.checkpoint as dcp
-
     state = {key: torch.empty(sizes, dtype=dtype) for key, (_, sizes, dtype) in regions.items()}
     planner = _RegionPlanner.make({k: (o, s) for k, (o, s, _) in regions.items()})
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint)), planner=planner,
@@ -57,9 +53,6 @@ def read_regions(checkpoint: Path, regions) -> Dict[str, torch.Tensor]:
 
 def tensor_metadata(checkpoint: Path) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     """{global name: (shape, dtype)} of the model tensors in a torch_dist checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     return {key: (tuple(meta.size), meta.properties.dtype) for key, meta in metadata.items()
             if isinstance(meta, TensorStorageMetadata)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict
 
 from adadpo_megatron.data.tokenizers import digest_parts, tokenizer_digest
+from adadpo_megatron.training.checkpoint import resolve_checkpoint
 
 # files that describe weights and are read whole (each at most a few MB)
 _DESCRIPTORS = ("config.json", "metadata.json", ".metadata", "model.safetensors.index.json")
@@ -77,7 +78,6 @@ def source_fingerprints(config) -> Dict[str, str]:
     """{config key: digest} of the run's input files that are set: data.tokenizer (a Hugging
     Face directory), model.hf, model.load, reference.load. What resuming compares, what the
     reference cache and the model.hf import cache are keyed by. Reads a few MB."""
-    from adadpo_megatron.training.checkpoint import resolve_checkpoint
 
     out: Dict[str, str] = {}
     for key, value, digest in (

@@ -30,6 +30,19 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from adadpo_megatron.mcore import cpu_compat
+from adadpo_megatron.mcore.hf_mapping import load_hf_weights, read_architecture
+from adadpo_megatron.mcore.model import build_model_chunks, transformer_config
+from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
+from adadpo_megatron.training import output_dirs
+from adadpo_megatron.training.checkpoint import (
+    load_model_weights,
+    megatron_dist_checkpointing,
+    model_sharded_state_dict,
+)
+from adadpo_megatron.training.fingerprints import weights_digest
+from adadpo_megatron.training.process_groups import init_distributed
+
 IMPORT_DIR = "hf_import"
 SOURCE_FILE = "hf_source.json"
 
@@ -38,7 +51,6 @@ def hf_fingerprint(directory) -> Dict[str, object]:
     """What identifies a Hugging Face model directory's weights without reading them
     (adadpo_megatron.training.fingerprints.weights_digest: names, sizes, mtimes, safetensors
     headers, config.json and the index), so that weights replaced in place are noticed."""
-    from adadpo_megatron.training.fingerprints import weights_digest
 
     return {"weights": weights_digest(directory)}
 
@@ -50,10 +62,8 @@ def save_model_weights(chunks: List[torch.nn.Module], path: Path,
     written into a temporary sibling that rank 0 renames into place when every rank is done
     (output_dirs); a failure leaves ``path`` as it was. ``marker`` is saved as
     ``hf_source.json``."""
-    from adadpo_megatron.training import output_dirs
-    from adadpo_megatron.training.checkpoint import _import_checkpointing, model_sharded_state_dict
 
-    dist_checkpointing = _import_checkpointing()
+    dist_checkpointing = megatron_dist_checkpointing()
     path = Path(path)
     tmp, _ = output_dirs.siblings(path)  # the same name on every rank
     if dist.get_rank() == 0:
@@ -78,8 +88,6 @@ def import_into(chunks: List[torch.nn.Module], directory, cache: Path,
     """model.hf's weights into this rank's chunks: from ``cache`` when it was imported from
     the same source (``fingerprint``: its ``hf_fingerprint`` when already known), else from
     the safetensors (then cached)."""
-    from adadpo_megatron.mcore.hf_mapping import load_hf_weights, read_architecture
-    from adadpo_megatron.training.checkpoint import load_model_weights
 
     fingerprint = fingerprint or hf_fingerprint(directory)
     marker = Path(cache) / SOURCE_FILE
@@ -109,11 +117,6 @@ def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None,
     """
     from megatron.core import parallel_state
 
-    from adadpo_megatron.mcore import cpu_compat
-    from adadpo_megatron.mcore.hf_mapping import load_hf_weights, read_architecture
-    from adadpo_megatron.mcore.model import build_model_chunks, transformer_config
-    from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
-    from adadpo_megatron.training.process_groups import init_distributed
 
     gpu = torch.cuda.is_available()
     arch = read_architecture(directory)
@@ -148,7 +151,6 @@ def _checked_out(directory, out, overwrite: bool) -> Path:
     """The resolved ``out``, checked on rank 0 before anything is built (output_dirs); every
     rank gets rank 0's verdict, so that all raise the same error or none does (a rank that
     went on alone would wait for the others forever)."""
-    from adadpo_megatron.training import output_dirs
 
     verdict = [None, None]  # [error, resolved out]
     if dist.get_rank() == 0:

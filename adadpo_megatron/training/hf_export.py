@@ -30,7 +30,11 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
+from safetensors.torch import save_file
 
+from adadpo_megatron.mcore.hf_mapping import HFArchitecture, hf_tensors, read_architecture
+from adadpo_megatron.training import lora_export, output_dirs
+from adadpo_megatron.training.checkpoint import STATE_FILE, resolve_checkpoint
 from adadpo_megatron.training.dcp_reader import layer_slices, tensor_metadata
 from adadpo_megatron.training.hf_checkpoints import SOURCE_FILE
 
@@ -52,7 +56,6 @@ class _Origin:
 
 def _source_of(checkpoint: Path) -> _Origin:
     """Where a checkpoint came from, as far as it records it."""
-    from adadpo_megatron.training.checkpoint import STATE_FILE
 
     if (checkpoint / SOURCE_FILE).is_file():
         source = Path(json.loads((checkpoint / SOURCE_FILE).read_text())["directory"])
@@ -75,7 +78,6 @@ def _source_of(checkpoint: Path) -> _Origin:
 def _architecture(source: Optional[Path], run: Optional[dict]):
     """The HFArchitecture of the checkpoint: the source's, or one written from the run's
     model section (a Llama layout, checked)."""
-    from adadpo_megatron.mcore.hf_mapping import HFArchitecture, read_architecture
 
     if source is not None and (source / "config.json").is_file():
         return read_architecture(source)
@@ -116,8 +118,6 @@ def _architecture(source: Optional[Path], run: Optional[dict]):
 def _write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out: Path,
                   shard_bytes: int) -> Dict[str, str]:
     """Safetensors shards of at most ``shard_bytes`` (a tensor never split) and their index."""
-    from safetensors.torch import save_file
-
     pending: Dict[str, torch.Tensor] = {}
     size, shards = 0, []
 
@@ -163,8 +163,6 @@ def export_checkpoint(path, out, *, dtype: Optional[str] = None,
     what the export reads (``_protected``); a non-empty ``out`` that is not an earlier
     export (no adadpo_export.json) is replaced only with ``overwrite``.
     """
-    from adadpo_megatron.training import output_dirs
-    from adadpo_megatron.training.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(path)
     if not (checkpoint / "metadata.json").is_file():
@@ -194,8 +192,6 @@ def _protected(checkpoint: Path, origin: _Origin) -> Dict[str, Optional[Path]]:
 def _export(checkpoint: Path, origin: _Origin, out: Path, dtype: Optional[str],
             shard_bytes: int, peft: bool) -> None:
     """Writes the export into the empty directory ``out``."""
-    from adadpo_megatron.mcore.hf_mapping import hf_tensors
-    from adadpo_megatron.training import lora_export
 
     lora = origin.run["model"]["lora"] if lora_export.is_lora_run(origin.run) else None
     if peft and lora is None:
@@ -241,7 +237,7 @@ def _export(checkpoint: Path, origin: _Origin, out: Path, dtype: Optional[str],
                 shutil.copy2(folder / name, out / name)
                 break
     if not (out / "generation_config.json").is_file():
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import AutoConfig, GenerationConfig  # seconds to import: on use
 
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
 
@@ -257,7 +253,7 @@ def _write_config(out: Path, arch, source: Optional[Path], dtype: str) -> None:
         config.pop("torch_dtype", None)
         (out / "config.json").write_text(json.dumps(config, indent=2))
         return
-    import transformers
+    import transformers  # seconds to import: only where no source config.json is carried over
 
     rope = {"rope_type": "default", "rope_theta": arch.rope_theta}
     if arch.rope_scaling_factor is not None:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+from safetensors.torch import save_file
 
+from adadpo_megatron.mcore.hf_mapping import HFTensors, hf_prefix, hf_tensors
 from adadpo_megatron.mcore.lora import SUFFIX, TARGETS, is_adapter_name
 from adadpo_megatron.training.dcp_reader import layer_regions, layer_slices, read_regions
 
@@ -80,10 +82,9 @@ def merged_hf_tensors(source: Path, checkpoint: Path, metadata, arch, scale: flo
                       ) -> Iterator[Tuple[str, torch.Tensor]]:
     """(Hugging Face name, tensor) of the model in ``source`` with the adapters merged in:
     its tensors under their own names, a layer at a time."""
-    from adadpo_megatron.mcore.hf_mapping import HFTensors, _hf_prefix, hf_tensors
 
     tensors = HFTensors(source)
-    prefix = _hf_prefix(tensors)
+    prefix = hf_prefix(tensors)
     by_layer: Dict[Optional[int], list] = {}
     for name in sorted(tensors.weight_map):
         by_layer.setdefault(_layer_of(name), []).append(name)
@@ -110,9 +111,6 @@ def write_peft_adapter(checkpoint: Path, metadata, arch, lora: dict, out: Path,
     """``out`` as a PEFT LoRA adapter directory (adapter_config.json and
     adapter_model.safetensors) for the Hugging Face model ``arch`` describes; PEFT's scale
     lora_alpha / r is ours, alpha / rank."""
-    from safetensors.torch import save_file
-
-    from adadpo_megatron.mcore.hf_mapping import hf_tensors
 
     tensors = {}
     for layer in range(arch.num_layers):

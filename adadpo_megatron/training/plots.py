@@ -51,7 +51,7 @@ def read_metrics_or_exit(parser: argparse.ArgumentParser, run: Path) -> List[Dic
 
 
 def plot(rows: List[Dict[str, float]], out_dir: Path) -> List[Path]:
-    import matplotlib
+    import matplotlib  # seconds to import: adadpo-plot's alone
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,6 +6,7 @@ Shared by the trainer and ``adadpo-import-hf``, which sets up the same way witho
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from typing import Callable, List
 
@@ -14,8 +15,6 @@ import torch.distributed as dist
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

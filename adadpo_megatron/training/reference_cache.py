@@ -24,6 +24,7 @@ import torch
 
 from adadpo_megatron.data.preference_data import PreferenceDataset
 from adadpo_megatron.micro_batch import MicroBatch
+from adadpo_megatron.training.fingerprints import source_fingerprints
 
 CACHE_FORMAT = "adadpo-reference-logps-v2"
 
@@ -39,7 +40,6 @@ def reference_fingerprint(config, tokenizer, dataset: PreferenceDataset,
     weights = reference_weights_path(config)
     if weights is not None or config.model.hf:
         if sources is None:
-            from adadpo_megatron.training.fingerprints import source_fingerprints
 
             sources = source_fingerprints(config)
     if weights is None and config.model.hf:  # imported from a Hugging Face directory

@@ -9,14 +9,18 @@ config key and the numbers involved.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
+import torch
 import yaml
 
+from adadpo_megatron.data.packing import PACKING_MODES
+from adadpo_megatron.data.preference_data import DataSettings
 from adadpo_megatron.mcore.lora import LoRAConfig
 from adadpo_megatron.mcore.model_config import (
     MODEL_EXTRA_KEYS,
@@ -88,7 +92,6 @@ class DataConfig:
     max_tokens_per_micro_batch: Optional[int] = None
 
     def __post_init__(self):
-        from adadpo_megatron.data.packing import PACKING_MODES
 
         require_choice("data.packing", self.packing, PACKING_MODES)
         if self.max_tokens_per_micro_batch is not None:
@@ -118,7 +121,6 @@ class DataConfig:
 
     def settings(self):
         """The DataSettings (the fields tokenising reads) of this section."""
-        from adadpo_megatron.data.preference_data import DataSettings
 
         return DataSettings(**{f.name: getattr(self, f.name)
                                for f in dataclasses.fields(DataSettings)})
@@ -225,8 +227,7 @@ class OptimizerSection:
 
     def optimizer_config(self, *, gpu: bool, dtype):
         """megatron-core's OptimizerConfig of this section for parameters of ``dtype``."""
-        import torch
-        from megatron.core.optimizer import OptimizerConfig
+        from megatron.core.optimizer import OptimizerConfig  # megatron-core: imported on use
 
         return OptimizerConfig(**{**self.megatron, "use_distributed_optimizer":
                                   self.distributed(gpu), "bf16": dtype == torch.bfloat16,
@@ -599,8 +600,6 @@ def config_keys() -> List[str]:
 
 def _check_allowed_changes(allowed: Sequence[str]) -> None:
     """train.resume_allow_changes names sections or config keys, as the YAML writes them."""
-    import difflib
-
     known = None
     for key in allowed:
         if key in SECTIONS:

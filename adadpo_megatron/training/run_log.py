@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from tqdm import tqdm
+
 
 def _kept_lines(path: Path, start_step: int) -> List[str]:
     """The lines of steps before ``start_step``; a last line that is not JSON (a write cut
@@ -48,13 +50,12 @@ class RunLog:
         self.metrics = open(path, "a")
         self.tensorboard = None
         if t.tensorboard:
+            # TensorBoard's writer imports tensorboard and protobuf: seconds, only when asked
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(out / "tensorboard"))
         self.bar = None
         if t.progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=t.max_steps, initial=start_step, desc="adadpo", unit="step",
                             file=sys.stdout, dynamic_ncols=True, mininterval=1.0)
 
