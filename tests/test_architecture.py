@@ -142,10 +142,24 @@ def test_examples_use_the_public_api_only():
 
 
 def test_the_application_is_exported_lazily():
+    """Importing adadpo_megatron.training imports none of the modules it exports from (in a
+    fresh interpreter); each export then imports its own module on first use and is the
+    module's object."""
+    code = (
+        "import importlib, sys\n"
+        "import adadpo_megatron.training as training\n"
+        "modules = {f'adadpo_megatron.training.{m}' for m in training._EXPORTS.values()}\n"
+        "assert not modules & set(sys.modules), sorted(modules & set(sys.modules))\n"
+        "for name, module in training._EXPORTS.items():\n"
+        "    value = getattr(training, name)\n"
+        "    full = f'adadpo_megatron.training.{module}'\n"
+        "    assert value is getattr(importlib.import_module(full), name), name\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
     import adadpo_megatron.training as training
 
-    for name in training.__all__:
-        assert callable(getattr(training, name)), name
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         training.Nope  # noqa: B018
 

@@ -88,8 +88,10 @@ class ModelConfig:
         position_embedding_type: "rope" or "learned_absolute".
         rotary_base: RoPE base.
         share_embeddings_and_output_weights: tie input and output embeddings.
-        make_vocab_size_divisible_by: the vocabulary is padded to a multiple of this times
-            the tensor-parallel size, as Megatron-LM does.
+        make_vocab_size_divisible_by: the vocabulary is padded to a multiple of this (not of
+            this times the tensor-parallel size, as Megatron-LM pads it, so that the padded
+            vocabulary, and with it the softmax, is the same on every layout; the padded size
+            must then divide by TP, checked).
         activation: "gelu", "swiglu" (with gated_linear_unit) or "relu".
         load: a megatron-core distributed checkpoint (torch_dist; this project's or
             Megatron-LM's, any TP/PP layout) to start the policy from; None starts from
