@@ -100,6 +100,7 @@ def save_cache(path: Path, fingerprint: Dict[str, str], example_ids: torch.Tenso
         counts: [N, 2] float32 response-token counts.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # reference.cache_path's folder may be new
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     example_ids, logps, counts = example_ids.long(), logps.float(), counts.float()
     torch.save({"format": CACHE_FORMAT, "fingerprint": fingerprint, "example_ids": example_ids,
