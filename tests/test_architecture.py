@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from tests.support.fresh_interpreter import assert_runs_clean
 from tests.support.training import REPO
 
 PACKAGE = REPO / "adadpo_megatron"
@@ -155,9 +156,7 @@ def test_the_application_is_exported_lazily():
         "    full = f'adadpo_megatron.training.{module}'\n"
         "    assert value is getattr(importlib.import_module(full), name), name\n"
         "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
-    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert_runs_clean(code)
     import adadpo_megatron.training as training
 
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):

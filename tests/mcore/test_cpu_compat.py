@@ -1,13 +1,12 @@
 """The CPU layer that runs megatron-core's schedules over gloo: idempotent, and it redirects."""
 
+from tests.support.fresh_interpreter import assert_runs_clean
+
 
 def test_cpu_layer_is_idempotent():
     """In a fresh interpreter: in this one an earlier test may have enabled the layer
     already, and "the first call redirects something" would depend on the order of the
     tests (issue 24)."""
-    import subprocess
-    import sys
-
     code = (
         "import torch\n"
         "from adadpo_megatron.mcore import cpu_compat\n"
@@ -21,18 +20,13 @@ def test_cpu_layer_is_idempotent():
         "assert first > 0 and second == 0, (first, second)\n"
         "assert schedules.torch.cuda.current_device() == torch.device('cpu')\n"
         "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
-    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert_runs_clean(code)
 
 
 def test_modules_imported_after_enabling_are_redirected_too():
     """One call, whatever the import order: a megatron.core module first imported after
     enable() sees the CPU proxy (in a fresh interpreter, so that it really is imported
     after)."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, torch\n"
         "from adadpo_megatron import cpu_compat\n"
@@ -45,6 +39,4 @@ def test_modules_imported_after_enabling_are_redirected_too():
         "assert gpt_model.torch.zeros(1, device='cuda').device.type == 'cpu'\n"
         "assert cpu_compat.enable() == 0\n"
         "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
-    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert_runs_clean(code)
