@@ -17,38 +17,48 @@ megatron-core's schedules, reading and batching preference data, the CPU layer):
 
 and the application (Trainer, load_run_config, ...) from ``adadpo_megatron.training``.
 
-Importing this package needs torch only: megatron-core and datasets are imported on use.
+Importing this package imports nothing else: what it exports is imported on first use (torch
+then; megatron-core and datasets where they are used).
 docs/ARCHITECTURE.md walks through a step.
 """
 
-from adadpo_megatron.data.micro_batches import PairDataset, split_held_out, step_micro_batches
-from adadpo_megatron.data.preference_data import (
-    IGNORE_INDEX,
-    DataSettings,
-    PreferenceDataset,
-    load_preference_data,
-)
-from adadpo_megatron.data.tokenizers import ByteTokenizer, build_tokenizer
-from adadpo_megatron.mcore import cpu_compat
-from adadpo_megatron.mcore.forward_step import (
-    PreferenceForwardStep,
-    ReferenceForwardStep,
-    SFTForwardStep,
-    collect_reference,
-    reduce_reports,
-)
+from __future__ import annotations
 
-# the ops with megatron-core's groups as defaults (adadpo_megatron.ops.logprobs: explicit only)
-from adadpo_megatron.mcore.parallel_groups import sequence_logprobs, vocab_parallel_logprobs
-from adadpo_megatron.ops.batch_statistics import RewardRunningMean
-from adadpo_megatron.ops.loss import (
-    LengthTails,
-    PairStats,
-    adadpo_coefficient,
-    coefficient_log_ratio,
-    preference_loss,
-)
-from adadpo_megatron.ops.loss_config import LossConfig
+import importlib
+
+# {name: module}: imported on first use (PEP 562), so that ``import adadpo_megatron`` costs
+# nothing and a command's signal handlers are installed before torch's seconds of import
+_EXPORTS = {
+    "PairDataset": "data.micro_batches", "split_held_out": "data.micro_batches",
+    "step_micro_batches": "data.micro_batches",
+    "IGNORE_INDEX": "data.preference_data", "DataSettings": "data.preference_data",
+    "PreferenceDataset": "data.preference_data", "load_preference_data": "data.preference_data",
+    "ByteTokenizer": "data.tokenizers", "build_tokenizer": "data.tokenizers",
+    "PreferenceForwardStep": "mcore.forward_step", "ReferenceForwardStep": "mcore.forward_step",
+    "SFTForwardStep": "mcore.forward_step", "collect_reference": "mcore.forward_step",
+    "reduce_reports": "mcore.forward_step",
+    # the ops with megatron-core's groups as defaults (ops.logprobs: explicit groups only)
+    "sequence_logprobs": "mcore.parallel_groups",
+    "vocab_parallel_logprobs": "mcore.parallel_groups",
+    "RewardRunningMean": "ops.batch_statistics",
+    "LengthTails": "ops.loss", "PairStats": "ops.loss", "adadpo_coefficient": "ops.loss",
+    "coefficient_log_ratio": "ops.loss", "preference_loss": "ops.loss",
+    "LossConfig": "ops.loss_config",
+}
+_SUBMODULES = {"cpu_compat": "mcore.cpu_compat"}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{_SUBMODULES[name]}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS, *_SUBMODULES])
+
 
 __version__ = "0.2.0"
 

@@ -378,7 +378,6 @@ def load_hf_weights(chunks, directory, arch: HFArchitecture) -> None:
     """
     from megatron.core import parallel_state
 
-
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tensors = HFTensors(directory)

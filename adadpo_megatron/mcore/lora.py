@@ -249,7 +249,6 @@ def init_adapters_(chunks: Sequence[torch.nn.Module], seed: int) -> None:
     Kaiming-uniform with a = sqrt(5), over the full input width."""
     from megatron.core import parallel_state
 
-
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:

@@ -235,6 +235,15 @@ class LossConfig:
         return any(not loss_record(t).reference_free for t, _ in self.terms)
 
     @property
+    def token_mean_per_micro_batch(self) -> bool:
+        """Whether the loss averages over the tokens of each micro-batch (nll_reduction
+        "token" with an NLL term or sft, TRL's convention): its value then depends on which
+        pairs share a micro-batch (micro-batch size, packing, data-parallel size)."""
+        return self.nll_reduction == "token" and (
+            self.effective_nll_weight > 0
+            or any(loss_record(t).term is None for t, _ in self.terms))
+
+    @property
     def effective_nll_weight(self) -> float:
         """``nll_weight`` with None resolved to the loss type's default."""
         if self.nll_weight is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
@@ -89,9 +90,9 @@ def checkpoint_root(output_dir: str) -> Path:
 def latest_checkpoint(output_dir: str) -> Optional[Path]:
     """The checkpoint to resume from under output_dir, or None when there is none.
 
-    The one ``checkpoints/latest`` names; without that pointer (deleted, or a kill between a
-    first checkpoint's rename and the pointer's write), the newest step directory once it is
-    verified complete, so that a restart never starts again at step 0 over the run's
+    The one ``checkpoints/latest`` names; without that pointer (deleted, empty, or a kill
+    between a first checkpoint's rename and the pointer's write), the newest step directory
+    once it is verified complete, so that a restart never starts again at step 0 over the run's
     checkpoints and metrics.
 
     Raises:
@@ -100,8 +101,9 @@ def latest_checkpoint(output_dir: str) -> Optional[Path]:
     """
     root = checkpoint_root(output_dir)
     pointer = root / LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
+    named = pointer_target(root)
+    if named:
+        path = root / named
         if not (path / STATE_FILE).is_file():
             raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete "
                                     "checkpoint; remove the pointer or restore the directory")
@@ -117,6 +119,12 @@ def latest_checkpoint(output_dir: str) -> Optional[Path]:
                          f"{newest.name} is incomplete ({problem}): restore it{older}; a run "
                          "never writes over a checkpoint it cannot account for")
     return newest
+
+
+def pointer_target(root: Path) -> str:
+    """The checkpoint name ``root/latest`` holds, "" when it is missing or empty."""
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else ""
 
 
 def step_directories(root: Path) -> List[Path]:
@@ -246,12 +254,21 @@ def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Pa
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        pointer_tmp = root / (LATEST + ".tmp")
-        pointer_tmp.write_text(name + "\n")
-        os.replace(pointer_tmp, root / LATEST)
+        _write_durably(root / LATEST, name + "\n")
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replaces ``path`` with ``text`` atomically, and on disk before it is visible (a crash
+    of the node must not leave an empty pointer)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _state_file(state: CheckpointState, next_step: int) -> Dict[str, Any]:
@@ -263,7 +280,8 @@ def _state_file(state: CheckpointState, next_step: int) -> Dict[str, Any]:
     sources = {"hf": str(c.resolve(c.model.hf).resolve()) if c.model.hf else None,
                "load": (str(resolve_checkpoint(c.resolve(c.model.load)).resolve())
                         if c.model.load else None),
-               "tokenizer": c.tokenizer_spec()}
+               "tokenizer": (c.tokenizer_spec() if c.data.tokenizer == "byte"
+                             else str(Path(c.tokenizer_spec()).resolve()))}
     # the loss's running state (bco_pair's reward mean) is the same on every rank
     loss_state = state.loss_state.state_dict() if state.loss_state is not None else {}
     return {"next_step": next_step, "scheduler": state.scheduler.state_dict(),
@@ -338,7 +356,8 @@ def check_resume_config(config, data_content: str, path: Path, *, report: bool,
     current["data"] = {**current["data"], "content": (data_content
                                                       if meta.get("data_content") else None)}
     changes = check_resume(saved, current, config.train.resume_allow_changes,
-                           saved_files=meta.get("files"), current_files=files)
+                           saved_files=meta.get("files"), current_files=files,
+                           micro_batch_dependent=config.loss.token_mean_per_micro_batch)
     if changes and report:
         print("resuming with changed config: " + "; ".join(
             f"{k}: {a!r} -> {b!r}" for k, a, b in changes), flush=True)
@@ -422,8 +441,11 @@ def load_checkpoint(state: CheckpointState, path: Path) -> int:
     sharded = dict(model_state)
     sharded["optimizer"] = state.optimizer.sharded_state_dict(model_state, is_loading=True)
     try:
+        check_tensor_shapes(model_state, path)  # the model section against the checkpoint's
         loaded = dist_checkpointing.load(sharded, str(path))
-    except Exception as err:  # a truncated shard, a missing file: name the checkpoint
+    except ValueError:
+        raise
+    except (Exception, CheckpointException) as err:  # a truncated shard, a missing file
         raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or "
                          "incomplete: resume from another one (train.resume=<path>)") from err
@@ -436,11 +458,16 @@ def load_checkpoint(state: CheckpointState, path: Path) -> int:
     if state.loss_state is not None:
         state.loss_state.load_state_dict(meta.get("loss_state", {}))
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
-    if meta["world_size"] == dist.get_world_size() and rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["cpu"])
-        if state.gpu and rng["cuda"] is not None:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+    if meta["world_size"] == dist.get_world_size():
+        if rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["cpu"])
+            if state.gpu and rng["cuda"] is not None:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:  # dropout then draws other numbers than the uninterrupted run would
+            print(f"adadpo-train: warning: {rng_file} is missing: rank {dist.get_rank()} "
+                  "continues with a fresh random state (not bitwise the uninterrupted run)",
+                  file=sys.stderr, flush=True)
     return int(meta["next_step"])
 
 

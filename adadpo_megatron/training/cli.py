@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
-from adadpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, Preempted
+from adadpo_megatron.training.preemption import (
+    PREEMPTED_EXIT_CODE,
+    SIGNALS,
+    Preempted,
+    StopRequests,
+)
 from adadpo_megatron.training.run_dir import RunDirectoryError
 
 # what a person can fix (a path, a config key, a file, the disk, a directory in use): one
@@ -70,8 +76,6 @@ def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> None:
-    from adadpo_megatron.training.preemption import StopRequests
-
     prog = "adadpo-train"
     # a preemption while the config is read and the modules imported stops at once
     early = StopRequests(immediate=True)
@@ -81,7 +85,6 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
         from adadpo_megatron.training.trainer import NonFiniteError, Trainer
     except Preempted as err:
         _preempted_in_setup(prog, err)
-    early.restore()
     trainer = Trainer(config)
     try:
         trainer.setup()
@@ -96,6 +99,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
         fail(prog, err)
     finally:
         trainer.close()
+        # the run is over (its checkpoint saved): a signal during the exit changes nothing
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
     if trainer.stopped:
         if trainer.is_logging_rank:
             print(f"{prog}: stopped early ({trainer.stopped}); a checkpoint is saved in "

@@ -22,6 +22,7 @@ the checkpoint in ``<output_dir>/hf_import`` with the source's fingerprint, whic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -115,13 +116,18 @@ def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None,
     Raises:
         ValueError: on every rank alike, for an ``out`` refused so (output_dirs).
     """
-    from megatron.core import parallel_state
-
-
     gpu = torch.cuda.is_available()
     arch = read_architecture(directory)
     init_distributed(gpu)
-    out = _checked_out(directory, out, overwrite)
+    with contextlib.ExitStack() as held:  # rank 0 holds OUT's lock until OUT is written
+        out = _checked_out(directory, out, overwrite, held)
+        _import(directory, out, arch, tp, pp, gpu)
+    return out
+
+
+def _import(directory, out: Path, arch, tp: int, pp: Optional[int], gpu: bool) -> None:
+    from megatron.core import parallel_state  # megatron-core: imported on use
+
     world = dist.get_world_size()
     pp = pp or world // tp
     if tp * pp != world:
@@ -144,17 +150,17 @@ def import_checkpoint(directory, out, *, tp: int = 1, pp: Optional[int] = None,
     if dist.get_rank() == 0:
         print(f"wrote {out}: {arch.model_type}, {arch.num_layers} layers, vocabulary "
               f"{arch.vocab_size}; use it as model.load", flush=True)
-    return out
 
 
-def _checked_out(directory, out, overwrite: bool) -> Path:
-    """The resolved ``out``, checked on rank 0 before anything is built (output_dirs); every
-    rank gets rank 0's verdict, so that all raise the same error or none does (a rank that
-    went on alone would wait for the others forever)."""
-
+def _checked_out(directory, out, overwrite: bool, held: contextlib.ExitStack) -> Path:
+    """The resolved ``out``, checked on rank 0 before anything is built (output_dirs), whose
+    lock rank 0 then holds in ``held``; every rank gets rank 0's verdict, so that all raise
+    the same error or none does (a rank that went on alone would wait for the others
+    forever)."""
     verdict = [None, None]  # [error, resolved out]
     if dist.get_rank() == 0:
         try:
+            held.enter_context(output_dirs.writing(out))
             verdict[1] = str(output_dirs.check_output(
                 out, {"the source model": directory}, SOURCE_FILE, overwrite))
         except ValueError as err:

@@ -168,11 +168,13 @@ def export_checkpoint(path, out, *, dtype: Optional[str] = None,
     if not (checkpoint / "metadata.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a megatron-core distributed checkpoint")
     origin = _source_of(checkpoint)
-    out = output_dirs.check_output(out, _protected(checkpoint, origin), EXPORT_FILE, overwrite)
-    with output_dirs.atomic_directory(out) as tmp:
-        _export(checkpoint, origin, tmp, dtype, shard_bytes, peft)
-        (tmp / EXPORT_FILE).write_text(json.dumps(
-            {"checkpoint": str(checkpoint.resolve()), "peft": peft}, indent=1))
+    with output_dirs.writing(out):
+        out = output_dirs.check_output(out, _protected(checkpoint, origin), EXPORT_FILE,
+                                       overwrite)
+        with output_dirs.atomic_directory(out) as tmp:
+            _export(checkpoint, origin, tmp, dtype, shard_bytes, peft)
+            (tmp / EXPORT_FILE).write_text(json.dumps(
+                {"checkpoint": str(checkpoint.resolve()), "peft": peft}, indent=1))
     return out
 
 

@@ -9,7 +9,10 @@ file) unless ``--overwrite``. The new directory is built in a temporary sibling
 old OUT is moved aside (``OUT.adadpo-old``), the new one renamed into place and the old one
 deleted. A failure before the rename leaves the old OUT as it was; a killed process leaves
 at most ``OUT.adadpo-tmp`` (or, killed between the two renames, the old OUT as
-``OUT.adadpo-old``), which the next write into OUT removes (or renames back).
+``OUT.adadpo-old``), which the next write into OUT removes (or renames back). One write into
+an OUT at a time: a second command into the same OUT is refused while the first holds
+``OUT.adadpo-lock`` (``writing``), naming its pid and host. An empty OUT, and one that is or
+holds the working directory, are refused too.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Tuple
 
+from adadpo_megatron.training.run_dir import ProcessLock
+
 TMP_SUFFIX = ".adadpo-tmp"
 OLD_SUFFIX = ".adadpo-old"
+LOCK_SUFFIX = ".adadpo-lock"
 
 
 def siblings(out: Path) -> Tuple[Path, Path]:
@@ -44,7 +50,9 @@ def check_output(out, protected: Mapping[str, Optional[os.PathLike]], marker: st
     Raises:
         ValueError: naming OUT and the protected path and what it is, or naming --overwrite.
     """
+    _require_named(out)
     given, out = out, Path(out).resolve()
+    protected = {**protected, "the working directory": Path.cwd()}
     clashes = []  # (0 is / 1 holds / 2 lies inside, what, path): "is" is the clearest
     for what, path in protected.items():
         if path is not None:
@@ -111,6 +119,27 @@ def replace_directory(tmp: Path, out: Path) -> None:
 
 
 @contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Holds ``OUT.adadpo-lock`` (beside OUT) while OUT is checked and written.
+
+    Raises:
+        ValueError: another process is writing OUT, naming it.
+    """
+    _require_named(out)
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = ProcessLock(out.with_name(out.name + LOCK_SUFFIX))
+    holder = lock.acquire()
+    if holder is not None:
+        raise ValueError(f"the output directory {out} is being written by another command "
+                         f"({holder}); wait for it to end or choose another directory")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """One process: yields an empty temporary sibling of ``out`` to fill; when the block
     ends it replaces ``out``; when it raises, it is removed and ``out`` stays as it was."""
@@ -121,6 +150,12 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _require_named(out) -> None:
+    """An empty OUT would be the working directory: refused, flags or not."""
+    if not str(out).strip():
+        raise ValueError("the output directory is empty: name one")
 
 
 def _remove(path: Path) -> None:

@@ -25,34 +25,30 @@ class RunDirectoryError(RuntimeError):
     one would overwrite."""
 
 
-class RunDirectoryLock:
-    """The exclusive lock of one output directory, held until ``release`` (or process exit)."""
+class ProcessLock:
+    """An exclusive POSIX record lock on the file ``path``, held until ``release`` (or until
+    the process dies: the kernel drops it, so no stale lock is left). The file names its
+    holder (pid, host)."""
 
-    def __init__(self, output_dir) -> None:
-        self.output_dir = Path(output_dir)
+    def __init__(self, path) -> None:
+        self.path = Path(path)
         self._fd: Optional[int] = None
 
-    def acquire(self) -> None:
-        path = self.output_dir / LOCK_FILE
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise RunDirectoryError(f"train.output_dir={str(self.output_dir)!r} cannot be "
-                                    f"written ({err.strerror}); choose a writable directory"
-                                    ) from err
+    def acquire(self) -> Optional[str]:
+        """Takes the lock: None, or the holder ("pid N on host H") when another process has
+        it. Raises OSError when the file cannot be created."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunDirectoryError(
-                f"train.output_dir={str(self.output_dir)!r} is in use by another run "
-                f"({holder}); wait for it to end or choose another output_dir") from None
+            return holder
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
         os.fsync(fd)
         self._fd = fd
+        return None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -60,21 +56,48 @@ class RunDirectoryLock:
             self._fd = None
 
 
+class RunDirectoryLock:
+    """The exclusive lock of one output directory, held until ``release`` (or process exit)."""
+
+    def __init__(self, output_dir) -> None:
+        self.output_dir = Path(output_dir)
+        self._lock = ProcessLock(self.output_dir / LOCK_FILE)
+
+    def acquire(self) -> None:
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            holder = self._lock.acquire()
+        except OSError as err:
+            raise RunDirectoryError(f"train.output_dir={str(self.output_dir)!r} cannot be "
+                                    f"written ({err.strerror}); choose a writable directory"
+                                    ) from err
+        if holder is not None:
+            raise RunDirectoryError(
+                f"train.output_dir={str(self.output_dir)!r} is in use by another run "
+                f"({holder}); wait for it to end or choose another output_dir")
+
+    def release(self) -> None:
+        self._lock.release()
+
+
 def prepare_fresh_run(output_dir, overwrite: bool) -> None:
-    """For train.resume=never: refuses a directory holding checkpoints unless ``overwrite``,
-    which removes them and the old metrics first."""
+    """For train.resume=never: refuses a directory holding checkpoints or metrics unless
+    ``overwrite``, which removes them first."""
     output_dir = Path(output_dir)
     checkpoints = output_dir / "checkpoints"
     held = sorted(p.name for p in checkpoints.glob("step_*")) if checkpoints.is_dir() else []
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        held.append("metrics.jsonl")
     if not held:
         return
     if not overwrite:
         raise RunDirectoryError(
             f"train.resume=never, but train.output_dir={str(output_dir)!r} holds checkpoints "
-            f"of another run ({', '.join(held[-3:])}{', ...' if len(held) > 3 else ''}); set "
-            "train.overwrite=true to delete them and its metrics.jsonl, train.resume=auto to "
-            "continue that run, or choose another output_dir")
-    shutil.rmtree(checkpoints)
+            f"or metrics of another run ({', '.join(held[-3:])}"
+            f"{', ...' if len(held) > 3 else ''}); set train.overwrite=true to delete them, "
+            "train.resume=auto to continue that run, or choose another output_dir")
+    shutil.rmtree(checkpoints, ignore_errors=True)
     for name in ("metrics.jsonl", "tensorboard"):
         path = output_dir / name
         if path.is_dir():

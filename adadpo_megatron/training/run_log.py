@@ -31,18 +31,35 @@ def _kept_lines(path: Path, start_step: int) -> List[str]:
     return kept
 
 
+def _set_aside(path: Path) -> Path:
+    """Renames ``path`` to the first free ``path.N`` and says so: the metrics of a start that
+    left no checkpoint (killed before its first save, or its checkpoints moved away) are
+    kept, not written over, when the run starts again at step 0."""
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    kept = path.with_name(f"{path.name}.{n}")
+    os.replace(path, kept)
+    print(f"{path} held the metrics of an earlier start and there is no checkpoint to resume "
+          f"from: they are kept as {kept.name}; this run starts at step 0", flush=True)
+    return kept
+
+
 class RunLog:
     """Writes each step's metrics to output_dir/metrics.jsonl (one JSON object a line), to
     TensorBoard (output_dir/tensorboard) and to a progress bar with step, loss, reward
     accuracy, tokens/s, the real-token share of the computed tokens and ETA. On resume, the
     lines of steps from the resumed one on are dropped (atomically), so that every step
-    appears once, and a last line torn by a kill is dropped too; then lines are appended."""
+    appears once, and a last line torn by a kill is dropped too; then lines are appended. A
+    start at step 0 over an earlier start's metrics keeps them as metrics.jsonl.N."""
 
     def __init__(self, config, start_step: int):
         t = config.train
         out = Path(t.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.jsonl"
+        if not start_step and path.is_file() and path.read_text().strip():
+            _set_aside(path)  # a start from step 0 over metrics with no checkpoint to resume
         kept = _kept_lines(path, start_step) if start_step and path.is_file() else []
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))

@@ -33,10 +33,14 @@ from adadpo_megatron.mcore.forward_step import (
 from adadpo_megatron.mcore.lora import adapters_disabled
 from adadpo_megatron.training.checkpoint import (
     LATEST,
+    STATE_FILE,
     CheckpointState,
     check_resume_config,
+    checkpoint_root,
     latest_checkpoint,
     load_checkpoint,
+    pointer_target,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from adadpo_megatron.training.preemption import StopRequests
@@ -165,20 +169,33 @@ class Trainer:
                                scheduler=self.scheduler, data_content=data.dataset.content_hash,
                                loss_state=loss_state, gpu=self.run.gpu, files=data.sources)
 
-    def _resume_path(self):
-        resume = self.config.train.resume
-        if resume == "never":
+    def _resume_path(self) -> Optional[Path]:
+        """The checkpoint train.resume names: auto, this run's latest (or newest verified);
+        a path, the checkpoint it means (a checkpoint, a run directory, its checkpoints/, a
+        Megatron-LM root), as model.load reads them."""
+        t = self.config.train
+        if t.resume == "never":
             return None
-        if resume == "auto":
-            path = latest_checkpoint(self.config.train.output_dir)
-            if path is not None and not (path.parent / LATEST).is_file() \
-                    and self.is_logging_rank:
-                print(f"{path.parent / LATEST} is missing: resuming from the newest complete "
-                      f"checkpoint, {path.name} (verified)", flush=True)
+        root = checkpoint_root(t.output_dir)
+        if t.resume == "auto":
+            path = latest_checkpoint(t.output_dir)
+            if path is not None and not pointer_target(root) and self.is_logging_rank:
+                print(f"{root / LATEST} is missing or empty: resuming from the newest "
+                      f"complete checkpoint, {path.name} (verified)", flush=True)
             return path
-        path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint directory")
+        path = resolve_checkpoint(t.resume)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(
+                f"train.resume={t.resume!r} is not a checkpoint of this project (no "
+                f"{STATE_FILE} in {path}); a checkpoint may have been pruned since: "
+                "train.resume=auto continues a run from its latest")
+        newest = pointer_target(root)
+        if newest and path.parent.resolve() == root.resolve() and newest != path.name \
+                and self.is_logging_rank:
+            print(f"adadpo-train: warning: train.resume names {path.name}, but this run's "
+                  f"latest checkpoint is {newest}: continuing from the older one rewrites the "
+                  "steps after it (train.resume=auto continues from the latest)",
+                  file=sys.stderr, flush=True)
         return path
 
     def _build_optimizer(self) -> None:
@@ -298,6 +315,12 @@ class Trainer:
         ``self.stopped`` saying why."""
         t = self.config.train
         history = []
+        if self.start_step >= t.max_steps:
+            if self.is_logging_rank:
+                print(f"nothing to do: the checkpoint is at step {self.start_step} and "
+                      f"train.max_steps={t.max_steps}; raise train.max_steps to train on",
+                      flush=True)
+            return history
         log = RunLog(self.config, self.start_step) if self.is_logging_rank else None
         self.stop.immediate = False  # from the first step on, a signal stops after a step
         watch = GradNormWatch(t.grad_norm_warning_steps)

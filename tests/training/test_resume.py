@@ -216,9 +216,60 @@ def test_the_expert_parallel_size_cannot_change_on_resume_allowed_or_not():
     current = {"parallel": {"expert_model_parallel_size": 2}}
     for allowed in ([], ["parallel"], ["parallel.expert_model_parallel_size"]):
         with pytest.raises(ValueError, match=r"parallel.expert_model_parallel_size=2 \(the "
-                                             r"checkpoint's is 1\) is not possible: the "
-                                             r"experts' optimizer state"):
+                                             r"checkpoint's is 1\) is not possible, whatever "
+                                             r"train.resume_allow_changes says: the experts' "
+                                             r"optimizer state"):
             check_resume(saved, current, allowed)
+
+
+@pytest.mark.parametrize("saved,current,allowed,key", [
+    # an architecture key, allowed: the checkpoint's tensors would not fit
+    ({"model": {"transformer": {"num_layers": 4}}}, {"model": {"transformer": {"num_layers": 2}}},
+     ["model"], "model.num_layers"),
+    # LoRA added to a full-model run, and another rank
+    ({"model": {"lora": None}}, {"model": {"lora": {"rank": 4}}}, ["model"], "model.lora.rank"),
+    ({"model": {"lora": {"rank": 8}}}, {"model": {"lora": {"rank": 4}}}, ["model"],
+     "model.lora.rank"),
+    # another optimizer, and SGD's momentum switched on (no buffers in the checkpoint)
+    ({"optimizer": {"megatron": {"optimizer": "adam"}}},
+     {"optimizer": {"megatron": {"optimizer": "sgd"}}}, ["optimizer"], "optimizer.optimizer"),
+    ({"optimizer": {"megatron": {"optimizer": "sgd", "sgd_momentum": 0.0}}},
+     {"optimizer": {"megatron": {"optimizer": "sgd", "sgd_momentum": 0.9}}}, ["optimizer"],
+     "optimizer.sgd_momentum"),
+])
+def test_changes_that_cannot_take_effect_are_refused_whatever_is_allowed(saved, current,
+                                                                         allowed, key):
+    """Issue 23 review: these passed the check (allowed) and then crashed minutes later in
+    the checkpoint load, or blamed the checkpoint."""
+    with pytest.raises(ValueError, match=rf"resuming with {key}=.* is not possible, whatever "
+                                         r"train.resume_allow_changes says"):
+        check_resume(saved, current, allowed)
+
+
+def test_an_optimizer_key_set_in_one_run_only_is_a_change():
+    """Issue 23 review: optimizer.adam_eps added on resume was neither refused nor printed,
+    and took effect."""
+    saved = {"optimizer": {"megatron": {"lr": 1e-3}}}
+    current = {"optimizer": {"megatron": {"lr": 1e-3, "adam_eps": 0.5}}}
+    with pytest.raises(ValueError, match=r"optimizer.adam_eps: None in the checkpoint, 0.5 now"):
+        check_resume(saved, current, [])
+    assert check_resume(saved, current, ["optimizer.adam_eps"]) == [
+        ("optimizer.adam_eps", None, 0.5)]
+    # a checkpoint from before the section filled in its defaults: no change
+    assert check_resume({"optimizer": {"megatron": {}}},
+                        {"optimizer": {"megatron": {"lr": 1e-5, "clip_grad": 1.0}}}, []) == []
+
+
+def test_micro_batch_grouping_is_refused_where_the_loss_averages_over_its_tokens():
+    """Issue 23 review: with loss.nll_reduction token the NLL term is a mean over each
+    micro-batch's tokens, so the micro-batch size changes the gradient."""
+    saved, current = ({"train": {"micro_batch_size": m}} for m in (4, 2))
+    assert check_resume(saved, current, []) == [("train.micro_batch_size", 4, 2)]
+    with pytest.raises(ValueError, match=r"train.micro_batch_size: 4 in the checkpoint, 2 now"):
+        check_resume(saved, current, [], micro_batch_dependent=True)
+    config = tiny_config({"loss.nll_weight": 1.0, "loss.nll_reduction": "token"})
+    assert config.loss.token_mean_per_micro_batch
+    assert not tiny_config({"loss.nll_weight": 1.0}).loss.token_mean_per_micro_batch
 
 
 @pytest.mark.parametrize("key,hint", [
