@@ -416,3 +416,52 @@ def test_the_next_write_clears_what_a_killed_one_left(tmp_path):
         assert _names(tmp) == set()
         (tmp / "new.txt").write_text("new")
     assert _snapshot(out) == {"new.txt": b"new"} and _names(tmp_path) == {"out"}
+
+
+@pytest.mark.slow
+def test_one_command_writes_an_out_at_a_time(llama, tmp_path):
+    """Issue 23 review: two imports into one OUT removed each other's temporary sibling and
+    wrote into the same one; the survivor said it wrote SRC, with the other's weights. Now a
+    second command into an OUT another holds is refused, naming the holder (a process of
+    its own: record locks are per process)."""
+    _, _, run = llama
+    out = tmp_path / "served"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from adadpo_megatron.training.output_dirs import writing\n"
+         f"with writing({str(out)!r}):\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, stderr = _cli(EXPORT, run, out)
+        assert code == 2
+        assert f"is being written by another command (pid {holder.pid} on host " in \
+            _error_line(stderr, "adadpo-export-hf")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, stderr = _cli(EXPORT, run, out)  # the lock went with its process
+    assert code == 0, stderr[-3000:]
+
+
+def test_an_empty_out_or_the_working_directory_is_refused_whatever_the_flags(tmp_path,
+                                                                             monkeypatch):
+    """Issue 23 review: an unset $OUT made OUT "", which resolved to the working directory,
+    and --overwrite replaced it with the export."""
+    from adadpo_megatron.training.output_dirs import check_output
+
+    (tmp_path / "work.txt").write_text("the user's")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="the output directory is empty: name one"):
+        check_output("", {}, "marker.json", overwrite=True)
+    for out in (".", str(tmp_path)):
+        with pytest.raises(ValueError, match=r"is the working directory .* refused even with "
+                                             r"--overwrite"):
+            check_output(out, {}, "marker.json", overwrite=True)
+    with pytest.raises(ValueError, match=r"holds the working directory"):
+        check_output("..", {}, "marker.json", overwrite=True)
+    assert (tmp_path / "work.txt").read_text() == "the user's"

@@ -141,3 +141,27 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path):
                     "the previous checkpoint, step_0000001, is intact")
     # what is on that filesystem: the first checkpoint, no partial second, latest naming it
     assert listing[1:] == ["latest", "step_0000001", "step_0000001", "2"], listing
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path):
+    """Issue 23 review: a truncated shard raised torch's CheckpointException (not an
+    Exception) past the one-line handler: a 60-line traceback."""
+    out = tmp_path / "run"
+    assert _run(f"train.output_dir={out}").returncode == 0
+    shard = next((out / "checkpoints" / "step_0000001").glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    _one_error_line(_run(f"train.output_dir={out}", "train.max_steps=2"),
+                    "step_0000001 cannot be loaded", "it is damaged or incomplete")
+
+
+def test_the_command_takes_its_signals_before_importing_torch():
+    """Issue 23 review: the handler was installed after the package had imported torch
+    (seconds on a shared filesystem), and a SIGTERM in that window exited 143, which a requeue
+    script does not requeue. The package and the command module now import nothing heavy."""
+    from tests.support.fresh_interpreter import assert_runs_clean
+
+    assert_runs_clean("import sys\n"
+                      "import adadpo_megatron.training.cli\n"
+                      "assert 'torch' not in sys.modules, 'torch before the handler'\n"
+                      "print('ok')\n")

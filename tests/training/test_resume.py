@@ -326,3 +326,31 @@ def test_a_lost_latest_pointer_resumes_from_the_newest_verified_checkpoint(tmp_p
            "(no adadpo_state.pt): restore it, or remove it to resume from step_0000003" \
            in r["refusal"]
     assert r["after"] == r["kept"] and r["metrics_after"] == 4, "the refused run wrote"
+
+
+def _metrics_worker(rank, world, tmp, out):
+    tmp = Path(tmp)
+    run = {"train.output_dir": str(tmp / "run"), "train.save_interval": 1}
+    _train({**run, "train.max_steps": 3})
+    # the checkpoints moved away (to free space), the metrics left behind
+    shutil.rmtree(tmp / "run" / "checkpoints")
+    start, _, _, _ = _train({**run, "train.max_steps": 2})
+    kept = (tmp / "run" / "metrics.jsonl.1").read_text().splitlines()
+    now = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
+    # an empty latest pointer (a node crash before its write reached the disk)
+    (tmp / "run" / "checkpoints" / "latest").write_text("")
+    again, _, _, _ = _train({**run, "train.max_steps": 3})
+    torch.save({"start": start, "kept": [json.loads(x)["step"] for x in kept],
+                "now": [json.loads(x)["step"] for x in now], "again": again}, out)
+
+
+@pytest.mark.slow
+def test_metrics_are_never_written_over_and_an_empty_pointer_falls_back(tmp_path):
+    """Issue 23 review: a start at step 0 over an earlier start's metrics (no checkpoint left
+    to resume) truncated metrics.jsonl; an empty checkpoints/latest was reported as naming
+    'checkpoints'."""
+    out = tmp_path / "out.pt"
+    run_distributed(_metrics_worker, 1, str(tmp_path), str(out))
+    r = torch.load(out, weights_only=False)
+    assert r["start"] == 0 and r["kept"] == [0, 1, 2] and r["now"] == [0, 1]
+    assert r["again"] == 2, "resumed from the newest verified step"
