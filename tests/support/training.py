@@ -25,6 +25,21 @@ TINY = {
 }
 
 
+def tiny_training_gaps(history, seq_length=24, **overrides):
+    """tolerances.dpo_training_gaps of a TINY run (its model at ``seq_length``, the byte
+    tokenizer's 259 ids padded to 384): how far two layouts' metrics and weights may be
+    apart, from the metrics of one of them."""
+    from tests.support.tolerances import dpo_training_gaps, forward_depth
+
+    model, optimizer = TINY["model"], TINY["optimizer"]
+    settings = dict(beta=TINY["loss"]["beta"], lr=optimizer["lr"],
+                    clip_grad=optimizer["clip_grad"], seq=seq_length,
+                    depth=forward_depth(model["num_layers"], model["hidden_size"],
+                                        model["ffn_hidden_size"], seq_length, 384),
+                    batch_tokens=2 * int(history[0]["pairs"]) * seq_length)
+    return dpo_training_gaps(history, **{**settings, **overrides})
+
+
 def tiny_config(overrides=None, **section_overrides):
     """A RunConfig from TINY with {"section.key": value} overrides. Its output_dir is a fresh
     temporary directory unless one is given: runs lock their output_dir, and two test runs on
