@@ -80,6 +80,42 @@ def dpo_loss_gap(beta: float, chosen: float, rejected: float, *, reference: bool
     return z * (1.0 - math.exp(-loss) if loss is not None else 1.0)
 
 
+def loss_slope(config, mean_logp: float, *, loss: float = 0.0, log_ratio: float = 1.0,
+               reach: float = 1.0) -> float:
+    """A bound on the sum over a pair's four sums (pi_w, pi_l, ref_w, ref_l) of |d l / d sum|
+    for the loss mix ``config`` (a LossConfig): its gap is this times the largest sum's gap.
+
+    Each term (ops/loss.py) is f(x), x linear in the sums with these l1 slopes (lengths >= 1,
+    AdaDPO's w <= C rounding with the per-token means: log_ratio r as in dpo_loss_gap, and
+    |m| (``mean_logp``) where w multiplies a policy mean or sum; chosen responses at most
+    twice the rejected's length): x = beta (w rho_w - rho_l): beta A, A = 2 C (1 + r) + 2;
+    ipo's h and sppo_hard's w rho_w: A without beta; simpo's beta (w m_w - m_l): beta M,
+    M = C (1 + 2 |m|) + 1; cpo's beta (w pi_w - pi_l): beta (C (1 + 3 |m|) + 1); orpo's log
+    odds ratio: M / (1 - e^-|m|). And |f'| for |x| <= ``reach`` (on the scale of beta times a
+    reward): -log sigmoid (smoothed or not), hinge, aot: 1; robust 1 / (1 - 2 eps); exo_pair
+    (|x| + log((1 - eps) / eps)) / 4; nca_pair 1.5; bco_pair 1 a side (its running mean is 0
+    until step 2); apo_zero 1/4, apo_down 1/2; discopop 1 + e^x + (e^x + log(1 + e^x)) /
+    (4 tau); ipo 2 (|h| + 1 / (2 beta)), sppo_hard 2 (|w rho_w| + 1 / (2 beta)), both with
+    |h|, beta |w rho_w| <= reach; orpo lambda; the NLL and sft 1. WPO's detached weights round
+    with 4 per-token means: 4 times the (measured, nonnegative) ``loss``.
+    """
+    c, r, m = (config.clip, log_ratio, abs(mean_logp)) if config.adaptive else (1.0, 0.0, 0.0)
+    b, eps, x = config.beta, config.label_smoothing, reach
+    ratio, mean = 2 * c * (1 + r) + 2, c * (1 + 2 * m) + 1
+    slope = {"dpo": b * ratio, "rdpo": b * ratio, "hinge": b * ratio, "aot": b * ratio,
+             "aot_unpaired": b * ratio, "sigmoid_norm": b * ratio, "bco_pair": b * ratio,
+             "robust": b * ratio / (1 - 2 * eps), "nca_pair": 1.5 * b * ratio,
+             "exo_pair": b * ratio * (x + math.log((1 - eps) / max(eps, 1e-30))) / 4,
+             "apo_zero": b * ratio / 4, "apo_down": b * ratio / 2,
+             "discopop": b * ratio * (1 + math.exp(x) + (math.exp(x) + math.log1p(math.exp(x)))
+                                      / (4 * config.discopop_tau)),
+             "ipo": ratio * 2 * (x + 1 / (2 * b)), "sppo_hard": ratio * 2 * (x / b + 1 / (2 * b)),
+             "simpo": b * mean, "cpo": b * (c * (1 + 3 * m) + 1),
+             "orpo": config.orpo_lambda * mean / (1 - math.exp(-max(m, 1.0))), "sft": 1.0}
+    total = sum(weight * slope[t] for t, weight in config.terms)
+    return total + config.effective_nll_weight + (4 * loss if config.use_weighting else 0.0)
+
+
 def dpo_curvature(grad_norm: float) -> float:
     """An estimate, not a bound, of the DPO loss's Hessian norm at the reference, for what a
     weight difference does to the next gradient. Per pair the Hessian is beta^2 l'' dm dm^T +
@@ -115,47 +151,65 @@ def dpo_sum_sensitivity(beta: float, grad_norm: float, pairs: int) -> float:
     return 2.0 / beta * grad_norm * math.sqrt(pairs)
 
 
+def dpo_step_gaps(m, dw: float, *, beta: float, depth: int, seq: int, batch_tokens: int,
+                  clip: float = 2.0, adaptive: bool = True, sensitivity: float = 0.0,
+                  curvature: float = 0.0, loss_slope: float | None = None):
+    """{metric: gap} of one step's (or one evaluation's) DPO / AdaDPO metrics ``m``, computed
+    by two layouts from weights ``dw`` apart (in 2-norm), with a resident reference.
+
+    Every policy sum rounds (logp_sum_gap) and moves by ``sensitivity`` * dw; the
+    reference's (mean |pi_ref| = |logps - rewards / beta|, exact for means of one-signed
+    sums) only rounds. The loss moves by dpo_loss_gap of the rounding plus ``loss_slope`` *
+    dw (||g|| for a training step: first order, exact; None: through the sums' moves).
+    """
+    c, ratio = (clip, 1.0) if adaptive else (1.0, 0.0)
+    own = {s: logp_sum_gap(m[f"logps/{s}"], seq, depth) for s in ("chosen", "rejected")}
+    side = {s: own[s] + sensitivity * dw for s in own}
+    ref = {s: logp_sum_gap(m[f"logps/{s}"] - m[f"rewards/{s}"] / beta, seq, depth) for s in own}
+    # a per-token mean is a sum over its n tokens: the same relative gap
+    mean = {s: side[s] * abs(m[f"logps_mean/{s}"] / m[f"logps/{s}"]) for s in own}
+    gaps = {f"logps/{s}": side[s] for s in own}
+    gaps.update({f"logps_mean/{s}": mean[s] for s in own})
+    gaps.update({f"rewards/{s}": beta * (side[s] + ref[s]) for s in own})
+    gaps["rewards/margins"] = gaps["rewards/chosen"] + gaps["rewards/rejected"]
+    gaps["adadpo/coef_mean"] = c * (mean["chosen"] + mean["rejected"]) if adaptive else 0.0
+    rounded = own if loss_slope is not None else side
+    gaps["loss"] = dpo_loss_gap(beta, rounded["chosen"], rounded["rejected"], clip=c,
+                                loss=m["loss"], log_ratio=ratio) + (loss_slope or 0.0) * dw
+    if "grad_norm" in m:
+        gaps["grad_norm"] = gradient_gap(m["grad_norm"], batch_tokens, depth) + curvature * dw
+    gaps["weights"] = dw  # the weights' gap this step starts from
+    return gaps
+
+
 def dpo_training_gaps(history, *, beta: float, depth: int, seq: int, batch_tokens: int,
                       lr: float, clip_grad: float, clip: float = 2.0, adaptive: bool = True,
                       momentum: float = 0.0):
     """({metric: gap} for each step of ``history``, the weights' gap after the last step):
     how far two float32 computations (two layouts) of one DPO / AdaDPO run with SGD and a
-    resident reference can be apart, from that run's measured metrics.
+    resident reference can be apart, from that run's measured metrics (dpo_step_gaps).
 
     ``seq`` bounds a sequence's tokens, ``batch_tokens`` the positions of a step's global
-    batch. Step 0 starts from equal weights, where the policy is the reference: z = 0 and the
-    loss is ln 2 in both, exactly. A later step inherits the weights' gap dw
+    batch. Step 0 starts from equal weights, where the policy is the reference: every z is 0
+    exactly and the loss a mean of float32 ln 2s. A later step inherits the weights' gap
     (sgd_weight_gap), which moves the loss by ||g|| dw (first order, exact), the gradient by
     curvature * dw and a sum by sensitivity * dw (estimates: dpo_curvature,
-    dpo_sum_sensitivity).
+    dpo_sum_sensitivity, from step 0's gradient norm).
     """
     pairs = int(history[0]["pairs"])
-    curvature = dpo_curvature(history[0]["grad_norm"])
-    sensitivity = dpo_sum_sensitivity(beta, history[0]["grad_norm"], pairs)
-    c, ratio = (clip, 1.0) if adaptive else (1.0, 0.0)
+    estimates = dict(curvature=dpo_curvature(history[0]["grad_norm"]),
+                     sensitivity=dpo_sum_sensitivity(beta, history[0]["grad_norm"], pairs))
+    sizes = dict(beta=beta, depth=depth, seq=seq, batch_tokens=batch_tokens, clip=clip,
+                 adaptive=adaptive)
     steps, norms, own = [], [], []
     for k, m in enumerate(history):
-        dw = sgd_weight_gap(lr, norms, own, clip=clip_grad, curvature=curvature,
-                            momentum=momentum)
-        side = {s: logp_sum_gap(m[f"logps/{s}"], seq, depth) + sensitivity * dw
-                for s in ("chosen", "rejected")}
-        # a per-token mean is a sum over its n tokens: the same relative gap
-        mean = {s: side[s] * abs(m[f"logps_mean/{s}"] / m[f"logps/{s}"]) for s in side}
-        own.append(gradient_gap(m["grad_norm"], batch_tokens, depth))
+        dw = sgd_weight_gap(lr, norms, own, clip=clip_grad, momentum=momentum,
+                            curvature=estimates["curvature"])
+        gaps = dpo_step_gaps(m, dw, loss_slope=m["grad_norm"], **sizes, **estimates)
+        if k == 0:
+            gaps["loss"] = gap(pairs, m["loss"])
+        steps.append(gaps)
         norms.append(m["grad_norm"])
-        step = {f"logps/{s}": side[s] for s in side}
-        step.update({f"logps_mean/{s}": mean[s] for s in mean})
-        # the reference's sums are the first step's policy sums, recomputed alike each step
-        rho = {s: side[s] + logp_sum_gap(history[0][f"logps/{s}"], seq, depth) for s in side}
-        step["rewards/chosen"] = beta * rho["chosen"]
-        step["rewards/rejected"] = beta * rho["rejected"]
-        step["rewards/margins"] = beta * (rho["chosen"] + rho["rejected"])
-        step["adadpo/coef_mean"] = c * (mean["chosen"] + mean["rejected"]) if adaptive else 0.0
-        # step 0: every pair's z is 0 exactly, the loss a mean of float32 ln 2s in any order
-        step["loss"] = gap(pairs, m["loss"]) if k == 0 else (
-            dpo_loss_gap(beta, side["chosen"], side["rejected"], clip=c, loss=m["loss"],
-                         log_ratio=ratio) + m["grad_norm"] * dw)
-        step["grad_norm"] = own[-1] + curvature * dw
-        steps.append(step)
-    return steps, sgd_weight_gap(lr, norms, own, clip=clip_grad, curvature=curvature,
-                                 momentum=momentum)
+        own.append(gradient_gap(m["grad_norm"], batch_tokens, depth))
+    return steps, sgd_weight_gap(lr, norms, own, clip=clip_grad, momentum=momentum,
+                                 curvature=estimates["curvature"])
