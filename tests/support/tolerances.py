@@ -192,7 +192,11 @@ def dpo_step_gaps(m, dw: float, *, beta: float, depth: int, seq: int, batch_toke
     gaps.update({f"logps_mean/{s}": mean[s] for s in own})
     gaps.update({f"rewards/{s}": beta * (side[s] + ref[s]) for s in own})
     gaps["rewards/margins"] = gaps["rewards/chosen"] + gaps["rewards/rejected"]
+    gaps["nll/chosen"] = mean["chosen"]
     gaps["adadpo/coef_mean"] = c * (mean["chosen"] + mean["rejected"]) if adaptive else 0.0
+    gaps["adadpo/coef_max"] = gaps["adadpo/coef_mean"]  # a max of values each within it
+    # exp(log g_w - log g_l - log r), 1 where the balance is exact: ~20 roundings of logs <= 10
+    gaps["adadpo/grad_ratio"] = gap(20, 10.0)
     rounded = own if loss_slope is not None else side
     gaps["loss"] = dpo_loss_gap(beta, rounded["chosen"], rounded["rejected"], clip=c,
                                 loss=m["loss"], log_ratio=ratio) + (loss_slope or 0.0) * dw

@@ -63,7 +63,6 @@ def tiny_eval_gaps(history, metrics, seq_length=24, **overrides):
     gaps = dpo_step_gaps(m, weights, curvature=dpo_curvature(g),
                          sensitivity=dpo_sum_sensitivity(sizes["beta"], g,
                                                          int(history[0]["pairs"])), **sizes)
-    gaps["adadpo/coef_max"] = gaps["adadpo/coef_mean"]  # a max of values each within it
     return {f"eval/{key}": value for key, value in gaps.items() if key != "weights"}
 
 
