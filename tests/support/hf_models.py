@@ -8,9 +8,12 @@ import json
 
 import torch
 
+from tests.support.tolerances import forward_depth
 from tests.support.training import TINY
 
 SEQ = 256
+VOCAB, HIDDEN, FFN = 384, 64, 160  # make_hf_model's sizes (the experts are narrower: 32)
+
 ARCHITECTURES = {
     "llama3": dict(model_type="llama", rope_theta=500000.0),
     "llama31": dict(model_type="llama", rope_theta=500000.0,
@@ -45,7 +48,7 @@ def make_hf_model(directory, name, seed=0, layers=2):
                     "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
                     "qwen3_moe": transformers.Qwen3MoeConfig}
     config = config_class[model_type](
-        vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
         rms_norm_eps=1e-5, **spec)
     torch.manual_seed(seed)
@@ -59,6 +62,11 @@ def make_hf_model(directory, name, seed=0, layers=2):
     model.save_pretrained(directory)
     make_tokenizer().save_pretrained(directory)
     return directory
+
+
+def hf_depth(layers=2):
+    """Roundings to one token's log-prob in make_hf_model's model at SEQ (tolerances.py)."""
+    return forward_depth(layers, HIDDEN, FFN, SEQ, VOCAB)
 
 
 def make_tokenizer():

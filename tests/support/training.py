@@ -25,6 +25,47 @@ TINY = {
 }
 
 
+def tiny_depth(seq_length=24):
+    """tolerances.forward_depth of TINY's model (the byte tokenizer's 259 ids padded to 384)."""
+    from tests.support.tolerances import forward_depth
+
+    model = TINY["model"]
+    return forward_depth(model["num_layers"], model["hidden_size"], model["ffn_hidden_size"],
+                         seq_length, 384)
+
+
+def _tiny_sizes(history, seq_length):
+    optimizer = TINY["optimizer"]
+    return dict(beta=TINY["loss"]["beta"], lr=optimizer["lr"], clip_grad=optimizer["clip_grad"],
+                seq=seq_length, depth=tiny_depth(seq_length),
+                batch_tokens=2 * int(history[0]["pairs"]) * seq_length)
+
+
+def tiny_training_gaps(history, seq_length=24, **overrides):
+    """tolerances.dpo_training_gaps of a TINY run: how far two layouts' metrics and weights
+    may be apart, from the metrics of one of them."""
+    from tests.support.tolerances import dpo_training_gaps
+
+    return dpo_training_gaps(history, **{**_tiny_sizes(history, seq_length), **overrides})
+
+
+def tiny_eval_gaps(history, metrics, seq_length=24, **overrides):
+    """{"eval/" metric: gap} of a TINY run's evaluation after the training steps of
+    ``history`` (tolerances.dpo_step_gaps from the weights' gap those steps leave; the loss
+    moves through the sums, its own gradient being unmeasured)."""
+    from tests.support.tolerances import dpo_curvature, dpo_step_gaps, dpo_sum_sensitivity
+
+    sizes = {**_tiny_sizes(history, seq_length), **overrides}
+    _, weights = tiny_training_gaps(history, seq_length, **overrides)
+    del sizes["lr"], sizes["clip_grad"]  # the training steps' own, used above
+    g = history[0]["grad_norm"]
+    m = {key.removeprefix("eval/"): value for key, value in metrics.items()}
+    gaps = dpo_step_gaps(m, weights, curvature=dpo_curvature(g),
+                         sensitivity=dpo_sum_sensitivity(sizes["beta"], g,
+                                                         int(history[0]["pairs"])), **sizes)
+    return {f"eval/{key}": value for key, value in gaps.items() if key != "weights"}
+
+
 def tiny_config(overrides=None, **section_overrides):
     """A RunConfig from TINY with {"section.key": value} overrides. Its output_dir is a fresh
     temporary directory unless one is given: runs lock their output_dir, and two test runs on
