@@ -44,10 +44,10 @@ setup(
         "console_scripts": [
             "adadpo-train=adadpo_megatron.training.cli:train_main",
             "adadpo-precompute-reference=adadpo_megatron.training.cli:precompute_main",
-            "adadpo-plot=adadpo_megatron.training.plots:main",
-            "adadpo-summary=adadpo_megatron.training.summary:main",
-            "adadpo-import-hf=adadpo_megatron.training.hf_checkpoints:import_main",
-            "adadpo-export-hf=adadpo_megatron.training.hf_export:export_main",
+            "adadpo-plot=adadpo_megatron.training.reporting.plots:main",
+            "adadpo-summary=adadpo_megatron.training.reporting.summary:main",
+            "adadpo-import-hf=adadpo_megatron.training.huggingface.hf_import:import_main",
+            "adadpo-export-hf=adadpo_megatron.training.huggingface.hf_export:export_main",
         ],
     },
     classifiers=[

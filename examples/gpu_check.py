@@ -362,8 +362,8 @@ def check_lora(rows):
     merged model; the checkpoint must hold the adapters only."""
     import transformers
 
-    from adadpo_megatron.training.dcp_reader import tensor_metadata
-    from adadpo_megatron.training.hf_export import export_checkpoint
+    from adadpo_megatron.training.huggingface.dcp_reader import tensor_metadata
+    from adadpo_megatron.training.huggingface.hf_export import export_checkpoint
     from adadpo_megatron.training.trainer import Trainer
 
     tmp = Path(tempfile.mkdtemp())

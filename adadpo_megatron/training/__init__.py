@@ -1,7 +1,16 @@
-"""The application around the maths and the hook-in: the YAML run config (``run_config``), the
-loop (``trainer``), distributed checkpoints (``checkpoint``), the precomputed reference
-(``reference_cache``, ``precompute``), the commands (``cli``) and what a person reads of a run
-(``run_log``, ``plots``, ``summary``).
+"""The application around the maths and the hook-in, in parts:
+
+    run_config, layout      the YAML run config; the parallel layout and its process groups
+    run, trainer            a set-up run (RunContext); the trainer that holds one
+    reference_cache,        the precomputed reference log-probs and the command that writes
+      precompute              them
+    preemption, process_groups, cli
+                            stopping on a signal or a budget; the process group; the commands
+    checkpointing/          distributed checkpoints, what resuming checks, input fingerprints,
+                            the run directory's lock
+    huggingface/            Hugging Face models in (model.hf, adadpo-import-hf) and out
+                            (adadpo-export-hf, LoRA's merged or PEFT export)
+    reporting/              metrics.jsonl, TensorBoard, the progress bar, plots, the summary
 
 What scripts call is re-exported here, imported on first use (so that importing one module
 of this package does not import them all):
@@ -21,10 +30,10 @@ _EXPORTS = {
     "Trainer": "trainer",
     "RunConfig": "run_config",
     "load_run_config": "run_config",
-    "latest_checkpoint": "checkpoint",
+    "latest_checkpoint": "checkpointing.checkpoint",
     "precompute_reference": "precompute",
-    "import_checkpoint": "hf_checkpoints",
-    "export_checkpoint": "hf_export",
+    "import_checkpoint": "huggingface.hf_import",
+    "export_checkpoint": "huggingface.hf_export",
 }
 
 __all__ = sorted(_EXPORTS)

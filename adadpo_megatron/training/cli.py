@@ -18,13 +18,13 @@ import signal
 import sys
 from typing import Optional, Sequence
 
+from adadpo_megatron.training.checkpointing.run_dir import RunDirectoryError
 from adadpo_megatron.training.preemption import (
     PREEMPTED_EXIT_CODE,
     SIGNALS,
     Preempted,
     StopRequests,
 )
-from adadpo_megatron.training.run_dir import RunDirectoryError
 
 # what a person can fix (a path, a config key, a file, the disk, a directory in use): one
 # line on rank 0, exit 2; anything else is a bug and keeps its traceback

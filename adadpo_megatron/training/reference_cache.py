@@ -4,8 +4,8 @@ The cache stores, per pair, keyed by its row in the source (``example_ids``: row
 as invalid leave gaps), the reference's sums of response-token log-probs and the
 response-token counts for the chosen and rejected sequences, a checksum of those tensors, and
 a fingerprint of everything they depend on: the reference model (architecture, dtype and
-what identifies its initial weights, adadpo_megatron.training.fingerprints), the tokenizer,
-the truncation settings, the data file's contents and LD-DPO's ld_alpha. Training recomputes
+what identifies its initial weights: checkpointing.fingerprints), the tokenizer, the
+truncation settings, the data file's contents and LD-DPO's ld_alpha. Training recomputes
 the fingerprint and refuses a cache whose fingerprint differs, naming the parts that changed;
 checks that every loaded pair's row is in the cache with the same token counts; and refuses a
 file whose checksum does not match.
@@ -24,7 +24,7 @@ import torch
 
 from adadpo_megatron.data.preference_data import PreferenceDataset
 from adadpo_megatron.micro_batch import MicroBatch
-from adadpo_megatron.training.fingerprints import source_fingerprints
+from adadpo_megatron.training.checkpointing.fingerprints import source_fingerprints
 
 CACHE_FORMAT = "adadpo-reference-logps-v2"
 

@@ -43,18 +43,18 @@ from adadpo_megatron.mcore.model import (
 )
 from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.micro_batch import MicroBatch
-from adadpo_megatron.training.checkpoint import load_model_weights
-from adadpo_megatron.training.fingerprints import source_fingerprints
-from adadpo_megatron.training.hf_checkpoints import IMPORT_DIR, import_into
-from adadpo_megatron.training.layout import ParallelLayout, ProcessGroups
-from adadpo_megatron.training.process_groups import computed_on_rank_zero, init_distributed
-from adadpo_megatron.training.reference_cache import attach_precomputed, reference_weights_path
-from adadpo_megatron.training.run_config import RunConfig
-from adadpo_megatron.training.run_dir import (
+from adadpo_megatron.training.checkpointing.checkpoint import load_model_weights
+from adadpo_megatron.training.checkpointing.fingerprints import source_fingerprints
+from adadpo_megatron.training.checkpointing.run_dir import (
     RunDirectoryError,
     RunDirectoryLock,
     prepare_fresh_run,
 )
+from adadpo_megatron.training.huggingface.hf_import import IMPORT_DIR, import_into
+from adadpo_megatron.training.layout import ParallelLayout, ProcessGroups
+from adadpo_megatron.training.process_groups import computed_on_rank_zero, init_distributed
+from adadpo_megatron.training.reference_cache import attach_precomputed, reference_weights_path
+from adadpo_megatron.training.run_config import RunConfig
 
 
 def plan_micro_batches(config: RunConfig, layout: ParallelLayout, lengths: torch.Tensor,

@@ -31,7 +31,7 @@ from adadpo_megatron.mcore.forward_step import (
     reduce_reports,
 )
 from adadpo_megatron.mcore.lora import adapters_disabled
-from adadpo_megatron.training.checkpoint import (
+from adadpo_megatron.training.checkpointing.checkpoint import (
     LATEST,
     STATE_FILE,
     CheckpointState,
@@ -49,9 +49,9 @@ from adadpo_megatron.training.reference_cache import (
     load_cache,
     reference_fingerprint,
 )
+from adadpo_megatron.training.reporting.run_log import RunLog
 from adadpo_megatron.training.run import RunContext, setup_run
 from adadpo_megatron.training.run_config import RunConfig
-from adadpo_megatron.training.run_log import RunLog
 
 # the config keys the learning-rate and weight-decay schedule is made of
 SCHEDULE_KEYS = ("train.max_steps", "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",

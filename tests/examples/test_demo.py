@@ -30,8 +30,9 @@ def test_demo_reaches_the_promised_held_out_accuracy(tmp_path):
          "train.progress=false")
     _run(*torchrun, "--config", "configs/demo_adadpo.yaml", f"train.output_dir={dpo}",
          f"model.load={sft}", "train.progress=false")
-    _run("-m", "adadpo_megatron.training.plots", str(dpo))
-    out = _run("-m", "adadpo_megatron.training.summary", str(dpo), "--min-eval-accuracy", "0.75")
+    _run("-m", "adadpo_megatron.training.reporting.plots", str(dpo))
+    out = _run("-m", "adadpo_megatron.training.reporting.summary", str(dpo),
+               "--min-eval-accuracy", "0.75")
     assert "held-out reward accuracy" in out
     assert (dpo / "summary.md").is_file()
     for name in ("loss", "rewards", "accuracy", "coefficient"):

@@ -131,7 +131,7 @@ def test_a_run_without_a_source_exports_qwen3_as_qwen3(tmp_path):
     run's model section: qk_layernorm makes it a Qwen3Config, which transformers reads back."""
     import transformers
 
-    from adadpo_megatron.training.hf_export import _architecture, _write_config
+    from adadpo_megatron.training.huggingface.hf_export import _architecture, _write_config
 
     run = {"model": {"transformer": {"num_layers": 2, "hidden_size": 64,
                                      "num_attention_heads": 4, "num_query_groups": 2,
@@ -183,7 +183,7 @@ def test_expert_keys_on_a_dense_model_are_refused_by_name(section, message):
 def test_a_run_without_a_source_exports_qwen3_moe_with_its_routing(tmp_path):
     import transformers
 
-    from adadpo_megatron.training.hf_export import _architecture, _write_config
+    from adadpo_megatron.training.huggingface.hf_export import _architecture, _write_config
 
     transformer = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                    "num_query_groups": 2, "kv_channels": 24, "ffn_hidden_size": 160,

@@ -64,7 +64,7 @@ def test_torchrun_two_processes_match_single_process(single_run, tmp_path, overr
 def test_plots_and_tensorboard(single_run_dir, tmp_path):
     run_dir = single_run_dir
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    from adadpo_megatron.training.plots import main
+    from adadpo_megatron.training.reporting.plots import main
 
     main([str(run_dir), "--out", str(tmp_path / "plots")])
     for name in ("loss", "rewards", "accuracy", "coefficient"):

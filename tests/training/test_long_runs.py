@@ -16,10 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from adadpo_megatron.training.checkpointing.resume_checks import check_resume
+from adadpo_megatron.training.checkpointing.run_dir import (
+    LOCK_FILE,
+    RunDirectoryError,
+    RunDirectoryLock,
+)
 from adadpo_megatron.training.preemption import PREEMPTED_EXIT_CODE
-from adadpo_megatron.training.resume_checks import check_resume
-from adadpo_megatron.training.run_dir import LOCK_FILE, RunDirectoryError, RunDirectoryLock
-from adadpo_megatron.training.run_log import _kept_lines
+from adadpo_megatron.training.reporting.run_log import _kept_lines
 from tests.support.distributed import run_distributed
 from tests.support.training import REPO, free_port, tiny_config
 
@@ -202,7 +206,7 @@ def test_a_fresh_run_into_a_used_directory_needs_overwrite(tmp_path):
 
 
 def test_pruning_never_deletes_latest_or_newer(tmp_path):
-    from adadpo_megatron.training.checkpoint import _prune
+    from adadpo_megatron.training.checkpointing.checkpoint import _prune
 
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 5, 6):

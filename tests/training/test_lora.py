@@ -215,8 +215,8 @@ def test_adapters_off_equals_a_frozen_copy_of_the_base(llama, one_process, tmp_p
 
 def _train_export_worker(rank, world, tmp, data, layout, base, out_dir, peft_dir, result_path):
     from adadpo_megatron.mcore.hf_mapping import read_architecture
-    from adadpo_megatron.training.hf_checkpoints import import_checkpoint
-    from adadpo_megatron.training.hf_export import export_checkpoint
+    from adadpo_megatron.training.huggingface.hf_export import export_checkpoint
+    from adadpo_megatron.training.huggingface.hf_import import import_checkpoint
     from adadpo_megatron.training.trainer import Trainer
 
     tmp = pathlib.Path(tmp)
@@ -277,7 +277,7 @@ def test_a_lora_run_exports_merged_and_as_a_peft_adapter(llama, tmp_path, world,
     torch.testing.assert_close(trained["ours"][mask], with_peft[mask], rtol=0, atol=bound)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == LORA["rank"] and config["lora_alpha"] == LORA["alpha"]
-    from adadpo_megatron.training.dcp_reader import tensor_metadata
+    from adadpo_megatron.training.huggingface.dcp_reader import tensor_metadata
 
     saved = tensor_metadata(tmp / f"trained_{world}_{base}" / "checkpoints" / "step_0000002")
     assert saved and all("_lora." in key for key in saved), sorted(saved)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from adadpo_megatron.training.checkpointing.run_dir import RunDirectoryLock
 from adadpo_megatron.training.preemption import PREEMPTED_EXIT_CODE
-from adadpo_megatron.training.run_dir import RunDirectoryLock
 from tests.support.training import DATA, REPO
 
 pytestmark = pytest.mark.slow

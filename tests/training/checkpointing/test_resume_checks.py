@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adadpo_megatron.training.resume_checks import check_resume
+from adadpo_megatron.training.checkpointing.resume_checks import check_resume
 from tests.support.distributed import run_distributed
 from tests.support.training import tiny_config
 

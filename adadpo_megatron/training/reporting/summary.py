@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from adadpo_megatron.training.plots import read_metrics_or_exit
+from adadpo_megatron.training.reporting.plots import read_metrics_or_exit
 
 ROWS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
         "logps_mean/chosen", "logps_mean/rejected", "adadpo/coef_mean", "adadpo/clip_fraction")

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Tuple
 
-from adadpo_megatron.training.run_dir import ProcessLock
+from adadpo_megatron.training.checkpointing.run_dir import ProcessLock
 
 TMP_SUFFIX = ".adadpo-tmp"
 OLD_SUFFIX = ".adadpo-old"

@@ -8,10 +8,10 @@ refused, naming every such key with both values, unless ``train.resume_allow_cha
 the key or its section; an allowed change then takes effect from the resumed step on (the
 trainer rebuilds the optimizer's settings and the learning-rate schedule from this run's
 config). So is a tokenizer or weight directory whose files changed in place (same path, other
-files: ``adadpo_megatron.training.fingerprints``). Some changes cannot take effect at all and
-are refused whatever is allowed: the architecture (the checkpoint's tensor shapes), LoRA's
-rank and targets or LoRA itself, the optimizer's kind (its state), the expert-parallel size
-(the experts' optimizer state is saved per expert-parallel rank). Other changes (max_steps,
+files: ``fingerprints``). Some changes cannot take effect at all and are refused whatever is
+allowed: the architecture (the checkpoint's tensor shapes), LoRA's rank and targets or LoRA
+itself, the optimizer's kind (its state), the expert-parallel size (the experts' optimizer
+state is saved per expert-parallel rank). Other changes (max_steps,
 intervals, logging, the rest of the parallel layout, micro-batch size, packing) do not
 change what is computed and are accepted and printed; micro-batch size and packing do where
 the loss averages over each micro-batch's tokens (loss.nll_reduction token), and are then

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from adadpo_megatron.mcore.lora import is_adapter_name
-from adadpo_megatron.training.resume_checks import check_resume
+from adadpo_megatron.training.checkpointing.resume_checks import check_resume
 from adadpo_megatron.training.run_config import to_dict
 
 if TYPE_CHECKING:
@@ -346,8 +346,8 @@ def check_resume_config(config, data_content: str, path: Path, *, report: bool,
                         files: Optional[Dict[str, str]] = None) -> List[tuple]:
     """Refuses to resume ``path`` with ``config`` (data of ``data_content``, input files of
     ``files``, the run's source_fingerprints) if the config or the files changed in a way that
-    alters the optimisation (adadpo_megatron.training.resume_checks); prints the accepted
-    changes when ``report``, and returns them as (YAML key, checkpoint's, this run's)."""
+    alters the optimisation (resume_checks); prints the accepted changes when ``report``, and
+    returns them as (YAML key, checkpoint's, this run's)."""
 
     meta = read_state(path)
     saved = {**meta.get("config", {}), "data": {**meta.get("config", {}).get("data", {}),

@@ -108,7 +108,7 @@ def test_checkpoint_from_tp2_continues_on_another_layout(saved_on_tp2, uninterru
 
 
 def _killed_save_worker(rank, world, out_dir, result_path):
-    from adadpo_megatron.training import checkpoint
+    from adadpo_megatron.training.checkpointing import checkpoint
     from adadpo_megatron.training.trainer import Trainer
 
     _train({"train.output_dir": out_dir, "train.max_steps": 2})
@@ -142,7 +142,7 @@ def test_save_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
 
 
 def test_latest_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):
-    from adadpo_megatron.training.checkpoint import latest_checkpoint
+    from adadpo_megatron.training.checkpointing.checkpoint import latest_checkpoint
 
     root = tmp_path / "checkpoints"
     root.mkdir()

@@ -129,7 +129,7 @@ def test_import_on_two_ranks_equals_one(hf_models, tmp_path, layout):
 def _import_command_worker(rank, world, tmp, name, data, out):
     import pathlib
 
-    from adadpo_megatron.training.hf_checkpoints import import_checkpoint
+    from adadpo_megatron.training.huggingface.hf_import import import_checkpoint
     from adadpo_megatron.training.trainer import Trainer
     from tests.support.training import gather_full_parameters
 
@@ -167,8 +167,8 @@ def test_import_command_writes_what_model_hf_loads(hf_models, tmp_path):
 def _import_export_worker(rank, world, tmp, name, layout, out_dir):
     import pathlib
 
-    from adadpo_megatron.training.hf_checkpoints import import_checkpoint
-    from adadpo_megatron.training.hf_export import export_checkpoint
+    from adadpo_megatron.training.huggingface.hf_export import export_checkpoint
+    from adadpo_megatron.training.huggingface.hf_import import import_checkpoint
 
     tmp = pathlib.Path(tmp)
     imported = tmp / f"imported_{layout}"
@@ -206,7 +206,7 @@ def test_import_then_export_gives_back_the_tensors_bit_for_bit(hf_models, tmp_pa
 def _train_and_export_worker(rank, world, tmp, name, data, out_dir, result_path):
     import pathlib
 
-    from adadpo_megatron.training.hf_export import export_checkpoint
+    from adadpo_megatron.training.huggingface.hf_export import export_checkpoint
     from adadpo_megatron.training.trainer import Trainer
 
     tmp = pathlib.Path(tmp)
@@ -264,7 +264,7 @@ def test_the_readme_three_commands_on_a_tiny_llama(hf_models, tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     for command in ([sys.executable, "-m", "adadpo_megatron", "--config", str(config_path)],
-                    [sys.executable, "-m", "adadpo_megatron.training.hf_export",
+                    [sys.executable, "-m", "adadpo_megatron.training.huggingface.hf_export",
                      str(tmp_path / "run"), str(tmp_path / "exported")]):
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Hugging Face models in: ``model.hf`` and ``adadpo-import-hf``.
 
     adadpo-import-hf /models/Llama-3.1-8B-Instruct ckpt/llama31_8b            # one process
-    torchrun --nproc_per_node 8 -m adadpo_megatron.training.hf_checkpoints \\
+    torchrun --nproc_per_node 8 -m adadpo_megatron.training.huggingface.hf_import \\
         /models/Llama-3.3-70B-Instruct ckpt/llama33_70b --pp 8                 # 1/8 each
 
 The result is a megatron-core torch_dist checkpoint of the model's weights, keyed by global
@@ -35,13 +35,13 @@ from adadpo_megatron.mcore import cpu_compat
 from adadpo_megatron.mcore.hf_mapping import load_hf_weights, read_architecture
 from adadpo_megatron.mcore.model import build_model_chunks, transformer_config
 from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
-from adadpo_megatron.training import output_dirs
-from adadpo_megatron.training.checkpoint import (
+from adadpo_megatron.training.checkpointing.checkpoint import (
     load_model_weights,
     megatron_dist_checkpointing,
     model_sharded_state_dict,
 )
-from adadpo_megatron.training.fingerprints import weights_digest
+from adadpo_megatron.training.checkpointing.fingerprints import weights_digest
+from adadpo_megatron.training.huggingface import output_dirs
 from adadpo_megatron.training.process_groups import init_distributed
 
 IMPORT_DIR = "hf_import"
@@ -50,8 +50,8 @@ SOURCE_FILE = "hf_source.json"
 
 def hf_fingerprint(directory) -> Dict[str, object]:
     """What identifies a Hugging Face model directory's weights without reading them
-    (adadpo_megatron.training.fingerprints.weights_digest: names, sizes, mtimes, safetensors
-    headers, config.json and the index), so that weights replaced in place are noticed."""
+    (checkpointing.fingerprints.weights_digest: names, sizes, mtimes, safetensors headers,
+    config.json and the index), so that weights replaced in place are noticed."""
 
     return {"weights": weights_digest(directory)}
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict
 
 from adadpo_megatron.data.tokenizers import digest_parts, tokenizer_digest
-from adadpo_megatron.training.checkpoint import resolve_checkpoint
+from adadpo_megatron.training.checkpointing.checkpoint import resolve_checkpoint
 
 # files that describe weights and are read whole (each at most a few MB)
 _DESCRIPTORS = ("config.json", "metadata.json", ".metadata", "model.safetensors.index.json")

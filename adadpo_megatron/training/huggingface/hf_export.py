@@ -33,10 +33,10 @@ import torch
 from safetensors.torch import save_file
 
 from adadpo_megatron.mcore.hf_mapping import HFArchitecture, hf_tensors, read_architecture
-from adadpo_megatron.training import lora_export, output_dirs
-from adadpo_megatron.training.checkpoint import STATE_FILE, resolve_checkpoint
-from adadpo_megatron.training.dcp_reader import layer_slices, tensor_metadata
-from adadpo_megatron.training.hf_checkpoints import SOURCE_FILE
+from adadpo_megatron.training.checkpointing.checkpoint import STATE_FILE, resolve_checkpoint
+from adadpo_megatron.training.huggingface import lora_export, output_dirs
+from adadpo_megatron.training.huggingface.dcp_reader import layer_slices, tensor_metadata
+from adadpo_megatron.training.huggingface.hf_import import SOURCE_FILE
 
 SHARD_BYTES = 5 * 1024**3
 EXPORT_FILE = "adadpo_export.json"  # marks a directory this command wrote (output_dirs)

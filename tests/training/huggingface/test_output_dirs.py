@@ -21,13 +21,13 @@ import time
 
 import pytest
 
-from adadpo_megatron.training.output_dirs import OLD_SUFFIX, TMP_SUFFIX
+from adadpo_megatron.training.huggingface.output_dirs import OLD_SUFFIX, TMP_SUFFIX
 from tests.support.distributed import run_distributed
 from tests.support.hf_models import hf_config, make_hf_model, make_pairs
 from tests.support.training import REPO, free_port
 
-IMPORT = "adadpo_megatron.training.hf_checkpoints"
-EXPORT = "adadpo_megatron.training.hf_export"
+IMPORT = "adadpo_megatron.training.huggingface.hf_import"
+EXPORT = "adadpo_megatron.training.huggingface.hf_export"
 IMPORTED = {".metadata", "__0_0.distcp", "metadata.json", "hf_source.json"}
 EXPORTED = {"adadpo_export.json", "config.json", "generation_config.json",
             "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
@@ -146,7 +146,7 @@ def test_import_replaces_a_foreign_directory_only_with_overwrite(llama, tmp_path
 
 
 def _import_worker(rank, world, source, out):
-    from adadpo_megatron.training.hf_checkpoints import import_checkpoint
+    from adadpo_megatron.training.huggingface.hf_import import import_checkpoint
 
     import_checkpoint(source, out, pp=world)
 
@@ -370,7 +370,7 @@ def test_a_damaged_shard_is_named_when_read(tmp_path):
 
 
 def test_a_write_that_raises_keeps_the_old_directory(tmp_path):
-    from adadpo_megatron.training.output_dirs import atomic_directory
+    from adadpo_megatron.training.huggingface.output_dirs import atomic_directory
 
     out = tmp_path / "out"
     out.mkdir()
@@ -388,7 +388,7 @@ def test_a_write_that_raises_keeps_the_old_directory(tmp_path):
 def test_a_write_killed_between_its_renames_gets_the_old_directory_back(tmp_path):
     """Killed after the old OUT was moved aside and before the new one took its place: the
     next check finds OUT.adadpo-old and no OUT, and renames it back before judging OUT."""
-    from adadpo_megatron.training.output_dirs import check_output
+    from adadpo_megatron.training.huggingface.output_dirs import check_output
 
     out = tmp_path / "out"
     aside = tmp_path / ("out" + OLD_SUFFIX)
@@ -404,7 +404,7 @@ def test_the_next_write_clears_what_a_killed_one_left(tmp_path):
     """What a killed write left (a half-built OUT.adadpo-tmp; an old OUT.adadpo-old beside
     the new OUT) is removed by the next write, with no check before it (the run's own
     output_dir/hf_import cache is written so)."""
-    from adadpo_megatron.training.output_dirs import atomic_directory
+    from adadpo_megatron.training.huggingface.output_dirs import atomic_directory
 
     out = tmp_path / "out"
     out.mkdir()
@@ -429,7 +429,7 @@ def test_one_command_writes_an_out_at_a_time(llama, tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from adadpo_megatron.training.output_dirs import writing\n"
+         "from adadpo_megatron.training.huggingface.output_dirs import writing\n"
          f"with writing({str(out)!r}):\n"
          "    print('held', flush=True)\n"
          "    time.sleep(120)\n"],
@@ -452,7 +452,7 @@ def test_an_empty_out_or_the_working_directory_is_refused_whatever_the_flags(tmp
                                                                              monkeypatch):
     """Issue 23 review: an unset $OUT made OUT "", which resolved to the working directory,
     and --overwrite replaced it with the export."""
-    from adadpo_megatron.training.output_dirs import check_output
+    from adadpo_megatron.training.huggingface.output_dirs import check_output
 
     (tmp_path / "work.txt").write_text("the user's")
     monkeypatch.chdir(tmp_path)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from adadpo_megatron.data.tokenizers import tokenizer_digest
-from adadpo_megatron.training.fingerprints import safetensors_header, weights_digest
+from adadpo_megatron.training.checkpointing.fingerprints import safetensors_header, weights_digest
 from tests.support.distributed import run_distributed
 
 GIB = 1024**3

@@ -23,7 +23,11 @@ from safetensors.torch import save_file
 
 from adadpo_megatron.mcore.hf_mapping import HFTensors, hf_prefix, hf_tensors
 from adadpo_megatron.mcore.lora import SUFFIX, TARGETS, is_adapter_name
-from adadpo_megatron.training.dcp_reader import layer_regions, layer_slices, read_regions
+from adadpo_megatron.training.huggingface.dcp_reader import (
+    layer_regions,
+    layer_slices,
+    read_regions,
+)
 
 _LAYER = re.compile(r"(?:.*\.)?layers\.(\d+)\.")
 _PEFT_MODULES = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
