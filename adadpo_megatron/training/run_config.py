@@ -265,8 +265,10 @@ class TrainConfig:
         save_interval: save a checkpoint every this many steps (and always after the last);
             0 saves only after the last step.
         keep_checkpoints: how many checkpoints to keep, >= 1.
-        resume: "auto" (continue from output_dir/checkpoints/latest when it exists), "never",
-            or the path of a checkpoint directory to continue from.
+        resume: "auto" (continue from output_dir/checkpoints/latest, or the newest verified
+            step directory when the pointer is lost, when there is one), "never", or the
+            checkpoint to continue from: a checkpoint, a run directory or its checkpoints/, a
+            Megatron-LM root (as model.load takes them).
         eval_interval: evaluate on the held-out pairs every this many steps (and after the
             last); 0 never evaluates. Needs data.eval_fraction > 0.
         progress: show a progress bar (step, loss, accuracy, tokens/s, ETA) on the logging

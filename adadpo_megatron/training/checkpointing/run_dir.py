@@ -10,6 +10,7 @@ first. Global rank 0 does the file work; every rank gets the same verdict.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -28,22 +29,32 @@ class RunDirectoryError(RuntimeError):
 class ProcessLock:
     """An exclusive POSIX record lock on the file ``path``, held until ``release`` (or until
     the process dies: the kernel drops it, so no stale lock is left). The file names its
-    holder (pid, host)."""
+    holder (pid, host); with ``remove_on_release`` it is deleted by its holder on release
+    (an acquirer that locked a file already deleted tries again on the new one)."""
 
-    def __init__(self, path) -> None:
+    def __init__(self, path, remove_on_release: bool = False) -> None:
         self.path = Path(path)
+        self.remove_on_release = remove_on_release
         self._fd: Optional[int] = None
 
     def acquire(self) -> Optional[str]:
         """Takes the lock: None, or the holder ("pid N on host H") when another process has
         it. Raises OSError when the file cannot be created."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                return holder
+            try:  # the file we locked is still the one at the path: not removed meanwhile
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
             os.close(fd)
-            return holder
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
         os.fsync(fd)
@@ -52,6 +63,9 @@ class ProcessLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            if self.remove_on_release:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # before the lock goes: the next one makes its own
             os.close(self._fd)  # closing drops the record lock
             self._fd = None
 

@@ -168,9 +168,8 @@ def export_checkpoint(path, out, *, dtype: Optional[str] = None,
     if not (checkpoint / "metadata.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a megatron-core distributed checkpoint")
     origin = _source_of(checkpoint)
-    with output_dirs.writing(out):
-        out = output_dirs.check_output(out, _protected(checkpoint, origin), EXPORT_FILE,
-                                       overwrite)
+    with output_dirs.claimed(out, _protected(checkpoint, origin), EXPORT_FILE,
+                             overwrite) as out:
         with output_dirs.atomic_directory(out) as tmp:
             _export(checkpoint, origin, tmp, dtype, shard_bytes, peft)
             (tmp / EXPORT_FILE).write_text(json.dumps(

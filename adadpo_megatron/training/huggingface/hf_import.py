@@ -160,9 +160,8 @@ def _checked_out(directory, out, overwrite: bool, held: contextlib.ExitStack) ->
     verdict = [None, None]  # [error, resolved out]
     if dist.get_rank() == 0:
         try:
-            held.enter_context(output_dirs.writing(out))
-            verdict[1] = str(output_dirs.check_output(
-                out, {"the source model": directory}, SOURCE_FILE, overwrite))
+            verdict[1] = str(held.enter_context(output_dirs.claimed(
+                out, {"the source model": directory}, SOURCE_FILE, overwrite)))
         except ValueError as err:
             verdict[0] = str(err)
     dist.broadcast_object_list(verdict, src=0)

@@ -11,7 +11,8 @@ deleted. A failure before the rename leaves the old OUT as it was; a killed proc
 at most ``OUT.adadpo-tmp`` (or, killed between the two renames, the old OUT as
 ``OUT.adadpo-old``), which the next write into OUT removes (or renames back). One write into
 an OUT at a time: a second command into the same OUT is refused while the first holds
-``OUT.adadpo-lock`` (``writing``), naming its pid and host. An empty OUT, and one that is or
+``OUT.adadpo-lock`` (``writing``; the file goes when the write ends), naming its pid and
+host. An empty OUT, and one that is or
 holds the working directory, are refused too.
 """
 
@@ -38,7 +39,8 @@ def siblings(out: Path) -> Tuple[Path, Path]:
 def check_output(out, protected: Mapping[str, Optional[os.PathLike]], marker: str,
                  overwrite: bool) -> Path:
     """The resolved OUT (symlinks followed, relative to the working directory), after
-    checking that writing it is safe.
+    checking that writing it is safe (``check_protected``, then ``marker`` or ``overwrite``);
+    what a killed write into it left is cleared (``recover``).
 
     Args:
         out: the output directory as the user gave it.
@@ -50,6 +52,22 @@ def check_output(out, protected: Mapping[str, Optional[os.PathLike]], marker: st
     Raises:
         ValueError: naming OUT and the protected path and what it is, or naming --overwrite.
     """
+    given, out = out, check_protected(out, protected)
+    recover(out)
+    if not os.path.lexists(out) or out.is_dir() and (not any(out.iterdir())
+                                                     or (out / marker).is_file()):
+        return out  # new, empty, or ours
+    if not overwrite:
+        kind = "a directory that" if out.is_dir() else "a file, and"
+        raise ValueError(f"the output directory {given} exists and is {kind} this command "
+                         f"did not write (no {marker}); pass --overwrite to replace it and "
+                         "delete everything in it, or choose a new or empty directory")
+    return out
+
+
+def check_protected(out, protected: Mapping[str, Optional[os.PathLike]]) -> Path:
+    """The resolved OUT once it is known not to be, hold or lie inside a protected path or
+    the working directory (ValueError otherwise); looks at nothing else, changes nothing."""
     _require_named(out)
     given, out = out, Path(out).resolve()
     protected = {**protected, "the working directory": Path.cwd()}
@@ -67,16 +85,17 @@ def check_output(out, protected: Mapping[str, Optional[os.PathLike]], marker: st
         raise ValueError(f"the output directory {given} {relation} {what} ({path}); "
                          "writing it would delete that, so it is refused even with "
                          "--overwrite: choose another directory")
-    recover(out)
-    if not os.path.lexists(out) or out.is_dir() and (not any(out.iterdir())
-                                                     or (out / marker).is_file()):
-        return out  # new, empty, or ours
-    if not overwrite:
-        kind = "a directory that" if out.is_dir() else "a file, and"
-        raise ValueError(f"the output directory {given} exists and is {kind} this command "
-                         f"did not write (no {marker}); pass --overwrite to replace it and "
-                         "delete everything in it, or choose a new or empty directory")
     return out
+
+
+@contextmanager
+def claimed(out, protected: Mapping[str, Optional[os.PathLike]], marker: str,
+            overwrite: bool) -> Iterator[Path]:
+    """OUT checked (``check_output``) and held for this command alone while the block writes
+    it (``writing``); a refused OUT leaves nothing behind, not even the lock's file."""
+    check_protected(out, protected)
+    with writing(out):
+        yield check_output(out, protected, marker, overwrite)
 
 
 def recover(out: Path) -> None:
@@ -120,7 +139,8 @@ def replace_directory(tmp: Path, out: Path) -> None:
 
 @contextmanager
 def writing(out: Path) -> Iterator[None]:
-    """Holds ``OUT.adadpo-lock`` (beside OUT) while OUT is checked and written.
+    """Holds ``OUT.adadpo-lock`` (beside OUT) while OUT is checked and written; the file goes
+    with the lock.
 
     Raises:
         ValueError: another process is writing OUT, naming it.
@@ -128,7 +148,7 @@ def writing(out: Path) -> Iterator[None]:
     _require_named(out)
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = ProcessLock(out.with_name(out.name + LOCK_SUFFIX))
+    lock = ProcessLock(out.with_name(out.name + LOCK_SUFFIX), remove_on_release=True)
     holder = lock.acquire()
     if holder is not None:
         raise ValueError(f"the output directory {out} is being written by another command "

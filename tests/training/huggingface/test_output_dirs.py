@@ -429,8 +429,8 @@ def test_one_command_writes_an_out_at_a_time(llama, tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from adadpo_megatron.training.huggingface.output_dirs import writing\n"
-         f"with writing({str(out)!r}):\n"
+         "from adadpo_megatron.training.huggingface.output_dirs import claimed\n"
+         f"with claimed({str(out)!r}, {{}}, 'adadpo_export.json', False):\n"
          "    print('held', flush=True)\n"
          "    time.sleep(120)\n"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -446,6 +446,7 @@ def test_one_command_writes_an_out_at_a_time(llama, tmp_path):
         holder.wait()
     code, stderr = _cli(EXPORT, run, out)  # the lock went with its process
     assert code == 0, stderr[-3000:]
+    assert not out.with_name(out.name + ".adadpo-lock").exists(), "the lock's file is left"
 
 
 def test_an_empty_out_or_the_working_directory_is_refused_whatever_the_flags(tmp_path,
