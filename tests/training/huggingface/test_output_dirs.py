@@ -261,8 +261,9 @@ def _copy_checkpoint(run, tmp_path):
 def test_a_killed_export_leaves_the_old_out_whole(llama, tmp_path):
     """SIGKILL while the export writes: its checkpoint's data files are named pipes, so the
     export blocks reading them once its temporary sibling exists (as on a hung network
-    filesystem). The old OUT is whole; OUT.adadpo-tmp (empty here) is all that is left, and
-    the next export removes it."""
+    filesystem). The old OUT is whole; OUT.adadpo-tmp (empty here) and the lock's file (held
+    by nobody once its process is dead) are all that is left, and the next export removes
+    both."""
     _, _, run = llama
     checkpoint, data_files = _copy_checkpoint(run, tmp_path)
     out = tmp_path / "served"
@@ -287,7 +288,8 @@ def test_a_killed_export_leaves_the_old_out_whole(llama, tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert _snapshot(out) == before
-    assert _names(tmp_path) == {"checkpoint", "served", "served" + TMP_SUFFIX}
+    assert _names(tmp_path) == {"checkpoint", "served", "served" + TMP_SUFFIX,
+                                "served.adadpo-lock"}
     for path, content in saved.items():
         path.unlink()
         path.write_bytes(content)
