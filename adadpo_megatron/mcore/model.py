@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from typing import List, Optional
 
@@ -64,9 +65,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
                     "persist_layer_norm"):
             fields[key] = False
     variable_seq_lengths = variable_seq_lengths and parallel.pipeline_model_parallel_size > 1
-    if variable_seq_lengths:
+    if parallel.pipeline_model_parallel_size > 1:
         # megatron-core refuses variable lengths with its default MoE dispatcher, even in a
-        # dense model; alltoall is the one it accepts
+        # dense model; alltoall is the one it accepts (and an evaluation may exchange shapes
+        # where training does not: variable_shapes)
         fields.setdefault("moe_token_dispatcher_type", "alltoall")
     if parallel.virtual_pipeline_model_parallel_size:
         # Megatron-LM's defaults for interleaving. Batched p2p would also post two messages to
@@ -113,6 +115,23 @@ def uses_transformer_engine(gpu: bool) -> bool:
     except (ImportError, AssertionError):
         return False
     return True
+
+
+@contextlib.contextmanager
+def variable_shapes(chunks: List[torch.nn.Module], needed: bool):
+    """Pipeline stages exchange shapes before tensors inside the block when ``needed`` (the
+    micro-batches of one schedule call differ in shape), as ``variable_seq_lengths`` makes
+    them; off again after it, so that steps of fixed shapes pay no exchange (and no device
+    synchronisation) per micro-batch. The chunks share one TransformerConfig."""
+    config = getattr(chunks[0], "config", None)
+    before = getattr(config, "variable_seq_lengths", False)
+    if needed and config is not None and config.pipeline_model_parallel_size > 1:
+        config.variable_seq_lengths = True
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.variable_seq_lengths = before
 
 
 def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: int, *,

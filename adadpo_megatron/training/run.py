@@ -40,6 +40,7 @@ from adadpo_megatron.mcore.model import (
     model_vocab_size,
     transformer_config,
     uses_transformer_engine,
+    variable_shapes,
 )
 from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.micro_batch import MicroBatch
@@ -170,10 +171,15 @@ class RunContext:
                      forward_only: bool):
         """megatron-core's forward-backward over ``batches``; the last stage's reports.
 
-        Micro-batches may differ in shape: pipeline stages exchange shapes first
-        (variable_seq_lengths). The interleaved schedule needs their count to be a multiple
-        of the pipeline size (the planner's micro_batch_multiple).
+        Micro-batches may differ in shape: pipeline stages then exchange shapes first
+        (``variable_shapes``). The interleaved schedule needs their count to be a multiple of
+        the pipeline size (the planner's micro_batch_multiple).
         """
+        shapes = {step_func.schedule_shape(batch) for batch in batches}
+        with variable_shapes(model, needed=len(shapes) > 1):
+            return self._schedule(step_func, model, batches, forward_only)
+
+    def _schedule(self, step_func, model, batches, forward_only: bool):
         rows, length = step_func.schedule_shape(batches[0])
         chunks = model if len(model) > 1 else model[0]
         iterators = ([iter(batches) for _ in model] if len(model) > 1 else iter(batches))
@@ -203,10 +209,10 @@ class RunContext:
         )
 
         c = self.config
-        # pipeline stages exchange shapes first: micro-batches differ in length (longest,
-        # pack) or in rows (an evaluation's, or a reference pass's, last one), in every mode
+        # pipeline stages exchange shapes first where a step's micro-batches differ in length
+        # (longest, pack); an evaluation's short last micro-batch turns it on for its call
         config = transformer_config(c.model, c.parallel, dtype=self.dtype, gpu=self.gpu,
-                                    variable_seq_lengths=True)
+                                    variable_seq_lengths=c.data.packing != "none")
         lora = None if frozen else c.model.lora
         chunks = build_model_chunks(c.model, config, self.vocab_size, c.data.seq_length,
                                     gpu=self.gpu, lora=lora)
