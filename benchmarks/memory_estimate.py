@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import sys
 
+from adadpo_megatron.mcore.lora import TARGETS
 from adadpo_megatron.mcore.model import padded_vocab_size
 from adadpo_megatron.training.layout import ParallelLayout
 from adadpo_megatron.training.run_config import load_run_config
@@ -45,19 +46,17 @@ from adadpo_megatron.training.run_config import load_run_config
 GIB = 2**30
 
 
-def _lora_params_per_layer(config, h, q, kv_out, ffn, glu, tp) -> float:
+def _lora_params_per_layer(config, tp) -> float:
     """This rank's adapter parameters of one layer (adadpo_megatron.mcore.lora's sharding:
     a column-parallel linear's A replicated and B split, a row-parallel linear's A split
-    and B replicated)."""
-    lora = config.model.lora
+    and B replicated), on the model's own linear shapes."""
+    lora, shapes = config.model.lora, config.model.linear_shapes()
     r = lora.rank
-    shapes = {"linear_qkv": ("column", h, q + 2 * kv_out), "linear_proj": ("row", q, h),
-              "linear_fc1": ("column", h, glu * ffn), "linear_fc2": ("row", ffn, h)}
     total = 0.0
     for name in lora.target_modules:
-        kind, fan_in, fan_out = shapes[name]
-        total += r * fan_in + fan_out * r / tp if kind == "column" else r * fan_in / tp + \
-            fan_out * r
+        fan_out, fan_in = shapes[name]
+        column = TARGETS[name][1] == "column"
+        total += r * fan_in + fan_out * r / tp if column else r * fan_in / tp + fan_out * r
     return total
 
 
@@ -87,7 +86,7 @@ def estimate(config) -> dict:
     dense_rank = (attention + mlp + norms) * layers / pp / tp + \
         embedding / tp * (2 if pp == 1 else 1) + (h if pp == 1 else 0)
     expert_rank = expert_per_layer * layers / pp / tp / ep
-    lora_rank = (_lora_params_per_layer(config, h, heads * kv, groups * kv, ffn, glu, tp)
+    lora_rank = (_lora_params_per_layer(config, tp)
                  * layers / pp if config.model.lora else 0.0)
     linear_params = ((attention + mlp) * layers / pp / tp + expert_rank)
     return {"vocab": vocab,

@@ -211,8 +211,8 @@ def pairs_first_to_chosen_first(batch: MicroBatch) -> MicroBatch:
     """A pair-major batch (tokens [m, 2, S], ref_logps [m, 2], as a loader that stacks
     PairDataset items makes it) in the chosen-first layout ([2m, S], [2m]); a chosen-first
     batch is returned as it is."""
-    if not isinstance(batch, dict) or "tokens" not in batch or batch["tokens"].dim() == 2:
-        return batch  # chosen-first already (or not a micro-batch: check_micro_batch says)
+    if batch["tokens"].dim() == 2:
+        return batch
     out = dict(batch)
     for key in ("tokens", "labels", "loss_mask", "position_ids", "ref_logps"):
         if key in batch:
@@ -225,9 +225,9 @@ def _next_batch(data_iterator) -> Optional[MicroBatch]:
     # Megatron-LM passes None on pipeline stages that read no data.
     if data_iterator is None:
         return None
-    batch = pairs_first_to_chosen_first(next(data_iterator))
-    check_micro_batch(batch)
-    return batch
+    batch = next(data_iterator)
+    check_micro_batch(batch)  # (either layout: the keys and shapes agree in both)
+    return pairs_first_to_chosen_first(batch)
 
 
 def _to_device(batch: Optional[MicroBatch], device: torch.device) -> Optional[MicroBatch]:

@@ -52,7 +52,8 @@ def batch_context(stats: PairStats, config: LossConfig, *, group=None,
 
 
 def coefficient_log_ratio(stats: PairStats, config: LossConfig, *, space: Optional[str] = None,
-                          loss_type: Optional[str] = None) -> Tensor:
+                          loss_type: Optional[str] = None, odds: Optional[bool] = None
+                          ) -> Tensor:
     """log r, the log of the probability ratio the AdaDPO coefficient is built from.
 
     Reduction "mean": ``m_w - m_l``; "sum": ``pi_w - pi_l``; space "ratio" subtracts the same
@@ -64,6 +65,7 @@ def coefficient_log_ratio(stats: PairStats, config: LossConfig, *, space: Option
         config: the loss configuration.
         space: overrides ``config.coefficient_space`` ("policy" or "ratio").
         loss_type: the loss the coefficient is for; default ``config.primary_type``.
+        odds: include the log-odds factor; default: where that loss's score is a log-odds.
     Returns:
         [P], in the dtype of ``stats``.
     """
@@ -73,7 +75,7 @@ def coefficient_log_ratio(stats: PairStats, config: LossConfig, *, space: Option
         log_r = stats.chosen_mean - stats.rejected_mean
     else:
         log_r = stats.chosen_logps - stats.rejected_logps
-    if loss_record(loss_type).odds_scored:
+    if loss_record(loss_type).odds_scored if odds is None else odds:
         m_w = stats.chosen_mean.clamp(max=ORPO_MAX_MEAN_LOGP)
         m_l = stats.rejected_mean.clamp(max=ORPO_MAX_MEAN_LOGP)
         log_r = log_r + log1mexp(m_w) - log1mexp(m_l)
@@ -261,7 +263,7 @@ def preference_loss(
     ctx = batch_context(stats, config, group=batch_group, running_mean=running_mean)
     ws = coefficients(stats, config)
     losses = preference_terms(stats, ws, config, ctx)
-    sft_weight = sum(weight for name, weight in config.terms if loss_record(name).term is None)
+    sft_weight = config.sft_weight
     nll = chosen_nll(plain, config)
     if sft_weight:
         losses = sft_weight * nll if losses is None else losses + sft_weight * nll
@@ -310,7 +312,7 @@ def measured_balance(stats: PairStats, ws: Dict[str, Tensor], config: LossConfig
     if loss_record(config.primary_type).mean_scored:  # dL/dm = n dL/dpi
         g_w, g_l = g_w * stats.chosen_lengths, g_l * stats.rejected_lengths
     # the probabilities' own ratio (for orpo without its odds factor, which w carries)
-    log_r = coefficient_log_ratio(stats, config, space="policy", loss_type="dpo")
+    log_r = coefficient_log_ratio(stats, config, space="policy", odds=False)
     defined = (g_w > 0) & (g_l > 0) & torch.isfinite(g_w) & torch.isfinite(g_l)
     ratio = torch.exp(torch.log(g_w) - torch.log(g_l) - log_r)
     return torch.where(defined, ratio, torch.zeros_like(ratio)), defined
@@ -338,8 +340,7 @@ def _metrics(stats: PairStats, plain: PairStats, ws: Dict[str, Tensor], ctx: Bat
             "pairs": torch.tensor(float(one.shape[0]), dtype=one.dtype, device=one.device),
             "tokens": (plain.chosen_lengths + plain.rejected_lengths).sum(),
         })
-        if config.effective_nll_weight or any(loss_record(t).term is None
-                                              for t, _ in config.terms):
+        if config.has_nll_term:
             metrics["nll_loss"] = nll.detach().mean()
         if any(loss_record(name).odds_scored for name in ws):  # TRL ORPOTrainer's names
             odds = orpo_log_odds(stats.chosen_mean) - orpo_log_odds(stats.rejected_mean)

@@ -235,13 +235,22 @@ class LossConfig:
         return any(not loss_record(t).reference_free for t, _ in self.terms)
 
     @property
+    def sft_weight(self) -> float:
+        """The weight of "sft" (the loss type with no preference term) in the mix, 0 without."""
+        return sum(weight for name, weight in self.terms if loss_record(name).term is None)
+
+    @property
+    def has_nll_term(self) -> bool:
+        """Whether the loss has the chosen responses' NLL in it: an NLL term or sft."""
+        return self.effective_nll_weight > 0 or any(
+            loss_record(name).term is None for name, _ in self.terms)
+
+    @property
     def token_mean_per_micro_batch(self) -> bool:
         """Whether the loss averages over the tokens of each micro-batch (nll_reduction
         "token" with an NLL term or sft, TRL's convention): its value then depends on which
         pairs share a micro-batch (micro-batch size, packing, data-parallel size)."""
-        return self.nll_reduction == "token" and (
-            self.effective_nll_weight > 0
-            or any(loss_record(t).term is None for t, _ in self.terms))
+        return self.nll_reduction == "token" and self.has_nll_term
 
     @property
     def effective_nll_weight(self) -> float:

@@ -18,38 +18,13 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from adadpo_megatron.training.checkpointing.run_dir import RunDirectoryError
+from adadpo_megatron.training.errors import USER_ERRORS, error_line, fail, rank
 from adadpo_megatron.training.preemption import (
     PREEMPTED_EXIT_CODE,
     SIGNALS,
     Preempted,
     StopRequests,
 )
-
-# what a person can fix (a path, a config key, a file, the disk, a directory in use): one
-# line on rank 0, exit 2; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, OSError, RunDirectoryError)
-TRACEBACK = "ADADPO_TRACEBACK"  # set to 1 for the traceback of a user error, on every rank
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def fail(prog: str, err: BaseException, code: int = 2) -> None:
-    """Exits with ``code`` after one line naming the error, printed by global rank 0 (every
-    rank meets the same error: the run checks on rank 0 and broadcasts its verdicts); with
-    ADADPO_TRACEBACK=1 re-raises it instead, on every rank."""
-    if os.environ.get(TRACEBACK) == "1":
-        raise err
-    _error_line(prog, f"{' '.join(str(err).split()) or type(err).__name__} "
-                      f"({TRACEBACK}=1 shows where)", code)
-
-
-def _error_line(prog: str, text: str, code: int = 2) -> None:
-    if _rank() == 0:
-        print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
@@ -65,13 +40,13 @@ def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
     try:
         config = load_run_config(args.config, args.overrides)  # its errors name the file
     except (ValueError, FileNotFoundError) as err:
-        _error_line(prog, str(err))
+        error_line(prog, str(err))
     try:
         # the layout is checked against the world before any process group or model exists
         config.check_world(int(os.environ.get("WORLD_SIZE", "1")),
                            gpu=torch.cuda.is_available())
     except ValueError as err:
-        _error_line(prog, f"{args.config}: {err}")
+        error_line(prog, f"{args.config}: {err}")
     return config
 
 
@@ -85,12 +60,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
         from adadpo_megatron.training.trainer import NonFiniteError, Trainer
     except Preempted as err:
         _preempted_in_setup(prog, err)
-    trainer = Trainer(config)
+    trainer = Trainer(config, stop=early)
     try:
         trainer.setup()
         trainer.train()
     except NonFiniteError as err:
-        if _rank() == 0:
+        if rank() == 0:
             print(f"{prog}: stopped: {err}", file=sys.stderr, flush=True)
         sys.exit(3)
     except Preempted as err:
@@ -111,7 +86,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _preempted_in_setup(prog: str, err: Preempted) -> None:
-    if _rank() == 0:
+    if rank() == 0:
         print(f"{prog}: stopped early ({err}): no step had run, so nothing was saved; the "
               f"same command starts again where the last checkpoint left off; exit code "
               f"{PREEMPTED_EXIT_CODE}", file=sys.stderr, flush=True)

@@ -39,10 +39,14 @@ class StopRequests:
     def __init__(self, exit_after_minutes: Optional[float] = None, immediate: bool = False):
         self.reason: Optional[str] = None
         self.immediate = immediate
+        self._previous = {}
+        self.start_budget(exit_after_minutes)
+
+    def start_budget(self, exit_after_minutes: Optional[float]) -> None:
+        """A wall-time budget of ``exit_after_minutes`` from now (None: none)."""
         self._deadline = (time.monotonic() + 60.0 * exit_after_minutes
                           if exit_after_minutes else None)
         self._budget = exit_after_minutes
-        self._previous = {}
 
     def install(self) -> None:
         """Takes over SIGTERM and SIGINT (in the main thread only: Python's rule); again

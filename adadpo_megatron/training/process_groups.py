@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
-from typing import Callable, List
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,17 +35,24 @@ def init_distributed(gpu: bool, timeout_minutes: float = 30.0) -> None:
                             timeout=timedelta(minutes=timeout_minutes))
 
 
-def computed_on_rank_zero[T](compute: Callable[[], T]) -> T:
-    """``compute()`` run on global rank 0 alone and its result broadcast to every rank; a
-    ValueError or OSError it raises is raised on every rank instead (so that none waits in a
-    collective for a rank that gave up)."""
+def computed_on_rank_zero[T](compute: Callable[[], T],
+                             errors: Tuple[type, ...] = (ValueError, OSError),
+                             share_result: bool = True) -> Optional[T]:
+    """``compute()`` run on global rank 0 alone, its result broadcast to every rank (or, with
+    ``share_result`` false, kept on rank 0: None elsewhere). One of ``errors`` it raises is
+    raised on every rank instead (so that none waits in a collective for a rank that gave up),
+    marked ``on_every_rank`` (so that a command prints it once)."""
     outcome: List[object] = [None, None]
+    result = None
     if dist.get_rank() == 0:
         try:
-            outcome = [compute(), None]
-        except (ValueError, OSError) as err:
-            outcome = [None, err]
+            result = compute()
+            outcome[0] = result if share_result else None
+        except errors as err:
+            outcome[1] = err
     dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
-        raise outcome[1]
-    return outcome[0]
+        error = outcome[1]
+        error.on_every_rank = True
+        raise error
+    return result if dist.get_rank() == 0 else outcome[0]

@@ -319,25 +319,22 @@ def setup_run(config: RunConfig, claim_output_dir: bool = False) -> RunContext:
 
 
 def _claim_output_dir(config: RunConfig) -> Optional[RunDirectoryLock]:
-    """Rank 0 locks output_dir and checks it (its lock returned); every rank raises the same
-    error."""
+    """Rank 0 locks output_dir and checks it (its lock returned there, None elsewhere); every
+    rank raises the same error."""
     t = config.train
-    lock, error = None, None
-    if dist.get_rank() == 0:
+
+    def claim() -> RunDirectoryLock:
+        lock = RunDirectoryLock(t.output_dir)
+        lock.acquire()
         try:
-            lock = RunDirectoryLock(t.output_dir)
-            lock.acquire()
             if t.resume == "never":
                 prepare_fresh_run(t.output_dir, t.overwrite)
-        except RunDirectoryError as err:
-            error = str(err)
-    verdict = [error]
-    dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        if lock is not None:
+        except RunDirectoryError:
             lock.release()
-        raise RunDirectoryError(verdict[0])
-    return lock
+            raise
+        return lock
+
+    return computed_on_rank_zero(claim, errors=(RunDirectoryError,), share_result=False)
 
 
 def _load_data(c: RunConfig) -> RunData:
@@ -352,9 +349,9 @@ def _load_data(c: RunConfig) -> RunData:
         return load_preference_data(c.data_source(), tokenizer, c.data.settings(),
                                     cache=c.data.cache)
 
-    first: List[tuple] = []  # rank 0's result: it stays there, only its errors travel
-    computed_on_rank_zero(lambda: first.append(load()))
-    dataset, report = first[0] if first else load()
+    # rank 0's result stays there (only its errors travel); the others then read the cache
+    first = computed_on_rank_zero(load, share_result=False)
+    dataset, report = first if dist.get_rank() == 0 else load()
     if dist.get_rank() == dist.get_world_size() - 1:
         print(f"data: {c.data_source()}: {report}", flush=True)
     train_set, eval_set = split_held_out(dataset, c.data.eval_fraction, c.eval_seed)

@@ -178,6 +178,10 @@ class OptimizerSection:
     # this project's defaults where megatron-core's differ or it has none (its lr is None)
     DEFAULTS: ClassVar[Dict[str, Any]] = {"optimizer": "adam", "lr": 1e-5, "min_lr": 0.0,
                                           "weight_decay": 0.0, "clip_grad": 1.0}
+    # the config keys ``scheduler`` reads: what the learning-rate and weight-decay schedule is
+    SCHEDULE_KEYS: ClassVar[tuple] = ("train.max_steps", "optimizer.lr", "optimizer.min_lr",
+                                      "optimizer.weight_decay", "optimizer.lr_warmup_fraction",
+                                      "optimizer.lr_decay_style")
 
     megatron: Dict[str, Any] = field(default_factory=dict)
     lr_warmup_fraction: float = 0.0
@@ -342,6 +346,9 @@ class TrainConfig:
 
 
 SECTIONS = ("model", "parallel", "loss", "data", "reference", "optimizer", "train")
+# the containers whose keys the YAML writes one level up (to_dict nests them): the YAML's
+# model.num_layers is model.transformer.num_layers, optimizer.lr is optimizer.megatron.lr
+NESTED = {"model": "transformer", "optimizer": "megatron"}
 
 
 @dataclass
@@ -608,7 +615,9 @@ def _check_allowed_changes(allowed: Sequence[str]) -> None:
             continue
         known = known or config_keys()
         if key not in known and not any(k.startswith(key + ".") for k in known):
-            flat = key.replace(".megatron.", ".").replace(".transformer.", ".")
+            flat = key
+            for section, inner in NESTED.items():
+                flat = flat.replace(f"{section}.{inner}.", f"{section}.")
             close = ([flat] if flat in known else
                      difflib.get_close_matches(key, known, n=1, cutoff=0.6))
             raise ValueError(f"train.resume_allow_changes: {key!r} is neither a section ("

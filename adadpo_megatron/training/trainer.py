@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,10 +40,16 @@ from adadpo_megatron.training.checkpointing.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     pointer_target,
+    read_state,
     resolve_checkpoint,
     save_checkpoint,
 )
+from adadpo_megatron.training.checkpointing.resume_checks import (
+    depends_on_initial_weights,
+    yaml_view,
+)
 from adadpo_megatron.training.preemption import StopRequests
+from adadpo_megatron.training.process_groups import computed_on_rank_zero
 from adadpo_megatron.training.reference_cache import (
     default_cache_path,
     load_cache,
@@ -51,11 +57,7 @@ from adadpo_megatron.training.reference_cache import (
 )
 from adadpo_megatron.training.reporting.run_log import RunLog
 from adadpo_megatron.training.run import RunContext, setup_run
-from adadpo_megatron.training.run_config import RunConfig
-
-# the config keys the learning-rate and weight-decay schedule is made of
-SCHEDULE_KEYS = ("train.max_steps", "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",
-                 "optimizer.lr_warmup_fraction", "optimizer.lr_decay_style")
+from adadpo_megatron.training.run_config import OptimizerSection, RunConfig, to_dict
 
 
 class NonFiniteError(RuntimeError):
@@ -100,10 +102,14 @@ class Trainer:
     Every attribute is declared here; ``setup()`` fills them in.
     """
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, stop: Optional[StopRequests] = None):
+        """``stop``: the stop requests a command already installed (adadpo-train does, before
+        its imports), else new ones: until the first step a signal stops the process at once
+        (Preempted), then after the step it arrives in; train.exit_after_minutes from now."""
         self.config = config
-        # the budget starts now; until the first step, a signal stops the process at once
-        self.stop = StopRequests(config.train.exit_after_minutes, immediate=True)
+        self.stop = stop if stop is not None else StopRequests()
+        self.stop.immediate = True
+        self.stop.start_budget(config.train.exit_after_minutes)
         self.stop.install()
         self.stop_agreed = False  # some rank asked to stop: every rank stops after this step
         self.stopped: Optional[str] = None  # why train() returned early, if it did
@@ -128,18 +134,19 @@ class Trainer:
         c = self.config
         self.run = run = setup_run(c, claim_output_dir=True)
         data = run.data
-        resume = self._resume_path()
-        changes = []
-        if resume is not None:  # before anything is built: a refused change fails fast
-            changes = check_resume_config(c, data.dataset.content_hash, resume,
-                                          report=self.is_logging_rank, files=data.sources)
+        # before anything is built, so that a refused change fails fast; on rank 0, which
+        # reads the checkpoint's state once and tells every rank
+        resume, meta, changes = computed_on_rank_zero(self._check_resume)
         if c.reference.mode == "precompute":  # before building anything: a stale cache fails
             self.reference_logps = load_cache(
                 default_cache_path(c),
                 reference_fingerprint(c, data.tokenizer, data.dataset, data.sources),
                 data.dataset)
         self.model = run.build_model(frozen=False)
-        run.load_initial_weights(self.model)
+        if resume is None or depends_on_initial_weights(yaml_view(to_dict(c))):
+            # (a resumed full-model run takes every weight from its checkpoint: reading
+            # model.load or model.hf, 140 GB at 70B, would be thrown away)
+            run.load_initial_weights(self.model)
         if c.reference.mode == "resident":
             self.reference_model = run.build_reference(policy=self.model)
         self._build_optimizer()
@@ -151,10 +158,11 @@ class Trainer:
                                   fused=fused, packed_format=packed))
         self.reference_step = run.reference_step()
         if resume is not None:
-            self.start_step = load_checkpoint(self.checkpoint_state(), resume)
+            self.start_step = load_checkpoint(self.checkpoint_state(), resume, meta)
             if self.is_logging_rank:
                 print(f"resumed from {resume} at step {self.start_step}", flush=True)
-                schedule = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k in SCHEDULE_KEYS]
+                schedule = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes
+                            if k in OptimizerSection.SCHEDULE_KEYS]
                 if schedule:
                     print(f"learning-rate schedule: this run's ({'; '.join(schedule)}), as a "
                           f"fresh run of this config has it from step {self.start_step} on: "
@@ -169,6 +177,18 @@ class Trainer:
                                scheduler=self.scheduler, data_content=data.dataset.content_hash,
                                loss_state=loss_state, gpu=self.run.gpu, files=data.sources)
 
+    def _check_resume(self) -> Tuple[Optional[Path], Optional[Dict], List[tuple]]:
+        """(the checkpoint to resume, its state file, the config changes accepted) or
+        (None, None, []); raises for a refused change (check_resume_config)."""
+        path = self._resume_path()
+        if path is None:
+            return None, None, []
+        meta = read_state(path)
+        data = self.run.data
+        return path, meta, check_resume_config(
+            self.config, data.dataset.content_hash, meta, report=True, files=data.sources,
+            data_parallel_size=self.run.layout.dp)
+
     def _resume_path(self) -> Optional[Path]:
         """The checkpoint train.resume names: auto, this run's latest (or newest verified);
         a path, the checkpoint it means (a checkpoint, a run directory, its checkpoints/, a
@@ -179,7 +199,7 @@ class Trainer:
         root = checkpoint_root(t.output_dir)
         if t.resume == "auto":
             path = latest_checkpoint(t.output_dir)
-            if path is not None and not pointer_target(root) and self.is_logging_rank:
+            if path is not None and not pointer_target(root):
                 print(f"{root / LATEST} is missing or empty: resuming from the newest "
                       f"complete checkpoint, {path.name} (verified)", flush=True)
             return path
@@ -190,8 +210,7 @@ class Trainer:
                 f"{STATE_FILE} in {path}); a checkpoint may have been pruned since: "
                 "train.resume=auto continues a run from its latest")
         newest = pointer_target(root)
-        if newest and path.parent.resolve() == root.resolve() and newest != path.name \
-                and self.is_logging_rank:
+        if newest and path.parent.resolve() == root.resolve() and newest != path.name:
             print(f"adadpo-train: warning: train.resume names {path.name}, but this run's "
                   f"latest checkpoint is {newest}: continuing from the older one rewrites the "
                   "steps after it (train.resume=auto continues from the latest)",

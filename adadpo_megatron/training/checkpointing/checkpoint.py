@@ -88,7 +88,13 @@ def checkpoint_root(output_dir: str) -> Path:
 
 
 def latest_checkpoint(output_dir: str) -> Optional[Path]:
-    """The checkpoint to resume from under output_dir, or None when there is none.
+    """The checkpoint to resume from under output_dir, or None when there is none
+    (``latest_in`` its checkpoints/)."""
+    return latest_in(checkpoint_root(output_dir))
+
+
+def latest_in(root: Path) -> Optional[Path]:
+    """The checkpoint to resume from in the checkpoints folder ``root``, or None.
 
     The one ``checkpoints/latest`` names; without that pointer (deleted, empty, or a kill
     between a first checkpoint's rename and the pointer's write), the newest step directory
@@ -99,7 +105,6 @@ def latest_checkpoint(output_dir: str) -> Optional[Path]:
         FileNotFoundError: ``latest`` names an incomplete checkpoint.
         ValueError: no ``latest``, and the newest step directory is incomplete.
     """
-    root = checkpoint_root(output_dir)
     pointer = root / LATEST
     named = pointer_target(root)
     if named:
@@ -164,8 +169,10 @@ def resolve_checkpoint(path) -> Path:
     ``release``)."""
     path = Path(path)
     for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file():
-            return root / (root / LATEST).read_text().strip()
+        if (root / LATEST).is_file() or step_directories(root):
+            found = latest_in(root)  # a lost or empty pointer: the newest verified step
+            if found is not None:
+                return found
     if (path / MEGATRON_LATEST).is_file():
         text = (path / MEGATRON_LATEST).read_text().strip()
         name = "release" if text == "release" else f"iter_{int(text):07d}"
@@ -250,7 +257,9 @@ def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Pa
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        raise _write_error(root, tmp, failures)
+        error = _write_error(root, tmp, failures)
+        error.on_every_rank = True  # every rank raises it: a command prints it once
+        raise error
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -302,9 +311,9 @@ def _describe_failure(err: BaseException, root: Path) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     full = "No space left on device" in text or getattr(err, "errno", None) == errno.ENOSPC
     if not full:
-        latest = root / LATEST
-        previous = root / latest.read_text().strip() if latest.is_file() else None
-        needed = sum(p.stat().st_size for p in previous.iterdir()) if previous else 0
+        previous = pointer_target(root)
+        needed = (sum(p.stat().st_size for p in (root / previous).iterdir()) if previous
+                  else 0)
         full = shutil.disk_usage(root).free < max(needed, 1024 * 1024)
     return f"{_DISK_FULL}: {text}" if full else text
 
@@ -314,9 +323,9 @@ def _write_error(root: Path, tmp: Path, failures: List[Optional[str]]) -> Checkp
     first = failures[ranks[0]]
     full = any(f.startswith(_DISK_FULL) for f in failures if f)
     cause = _DISK_FULL if full else "the write failed"
-    latest = root / LATEST
-    kept = (f"the previous checkpoint, {latest.read_text().strip()}, is intact"
-            if latest.is_file() else "no earlier checkpoint exists")
+    previous = pointer_target(root)
+    kept = (f"the previous checkpoint, {previous}, is intact" if previous
+            else "no earlier checkpoint exists")
     return CheckpointWriteError(
         errno.ENOSPC if full else errno.EIO,
         f"checkpoint {tmp.name[:-len('.tmp')]} could not be written to {tmp} ({cause} on rank(s) "
@@ -334,27 +343,36 @@ def _prune(root: Path, keep: int) -> None:
     """Keeps the checkpoint ``latest`` names and the ``keep - 1`` newest before it. Never
     deletes ``latest`` or anything newer (another run's, or a run resumed from an older
     checkpoint, never counts against this one's)."""
-    if keep <= 0 or not (root / LATEST).is_file():
+    named = pointer_target(root)
+    if keep <= 0 or not named:
         return
-    current = root / (root / LATEST).read_text().strip()
+    current = root / named
     older = [p for p in step_directories(root) if _step_of(p) < _step_of(current)]
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_resume_config(config, data_content: str, path: Path, *, report: bool,
-                        files: Optional[Dict[str, str]] = None) -> List[tuple]:
-    """Refuses to resume ``path`` with ``config`` (data of ``data_content``, input files of
-    ``files``, the run's source_fingerprints) if the config or the files changed in a way that
-    alters the optimisation (resume_checks); prints the accepted changes when ``report``, and
-    returns them as (YAML key, checkpoint's, this run's)."""
-
-    meta = read_state(path)
+def check_resume_config(config, data_content: str, meta: Dict[str, Any], *, report: bool,
+                        files: Optional[Dict[str, str]] = None,
+                        data_parallel_size: Optional[int] = None) -> List[tuple]:
+    """Refuses to resume the checkpoint whose state file is ``meta`` (``read_state``) with
+    ``config`` (data of ``data_content``, input files of ``files``, the run's
+    source_fingerprints, on ``data_parallel_size`` data-parallel ranks) if the config or the
+    files changed in a way that alters the optimisation (resume_checks); prints the accepted
+    changes when ``report``, and returns them as (YAML key, checkpoint's, this run's)."""
     saved = {**meta.get("config", {}), "data": {**meta.get("config", {}).get("data", {}),
                                                 "content": meta.get("data_content")}}
     current = to_dict(config)
     current["data"] = {**current["data"], "content": (data_content
                                                       if meta.get("data_content") else None)}
+    if data_parallel_size is not None and meta.get("world_size"):
+        # how many ranks the pairs are grouped over: the checkpoint's world over its TP, PP, CP
+        p = saved.get("parallel", {})
+        model_parallel = (p.get("tensor_model_parallel_size", 1)
+                          * p.get("pipeline_model_parallel_size", 1)
+                          * p.get("context_parallel_size", 1))
+        saved["parallel"] = {**p, "data_parallel_size": meta["world_size"] // model_parallel}
+        current["parallel"] = {**current["parallel"], "data_parallel_size": data_parallel_size}
     changes = check_resume(saved, current, config.train.resume_allow_changes,
                            saved_files=meta.get("files"), current_files=files,
                            micro_batch_dependent=config.loss.token_mean_per_micro_batch)
@@ -425,11 +443,13 @@ def _load_optimizer_state(optimizer, loaded: Dict[str, Any]) -> None:
             group.update(setting)
 
 
-def load_checkpoint(state: CheckpointState, path: Path) -> int:
+def load_checkpoint(state: CheckpointState, path: Path,
+                    meta: Optional[Dict[str, Any]] = None) -> int:
     """Restores a checkpoint into ``state`` (on any layout); returns the step to continue
     from. Weights, optimizer moments, step count, RNG and the loss's state come from the
     checkpoint; optimizer settings and the learning-rate schedule from ``state.config``
-    (equal to the checkpoint's unless train.resume_allow_changes allowed a change)."""
+    (equal to the checkpoint's unless train.resume_allow_changes allowed a change). ``meta``:
+    its state file when already read (``read_state``)."""
     dist_checkpointing = megatron_dist_checkpointing()
     for optimizer in getattr(state.optimizer, "chained_optimizers", [state.optimizer]):
         # megatron-core calls init_state_fn before loading, so that the state has tensors to
@@ -446,12 +466,15 @@ def load_checkpoint(state: CheckpointState, path: Path) -> int:
     except ValueError:
         raise
     except (Exception, CheckpointException) as err:  # a truncated shard, a missing file
-        raise ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or "
-                         "incomplete: resume from another one (train.resume=<path>)") from err
+        error = ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged "
+                           "or incomplete: resume from another one (train.resume=<path>)")
+        # torch's distributed checkpoint gathers every rank's failure to every rank
+        error.on_every_rank = isinstance(err, CheckpointException)
+        raise error from err
     load_model_state(state.model, loaded, part)
     _load_optimizer_state(state.optimizer, loaded["optimizer"])
-    meta = read_state(path)
+    meta = meta if meta is not None else read_state(path)
     # the scheduler keeps this run's settings (it is built to override the checkpoint's) and
     # takes the step count: the rates are those a fresh run of this config has from there on
     state.scheduler.load_state_dict(meta["scheduler"])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from adadpo_megatron.training.run_config import OptimizerSection
+from adadpo_megatron.training.run_config import NESTED, OptimizerSection
 
 # keys (or sections, ending in ".") whose change alters the optimisation
 REFUSED = ("loss.", "model.", "optimizer.", "train.global_batch_size", "train.seed",
@@ -48,12 +48,11 @@ ARCHITECTURE = tuple(f"model.{k}" for k in (
     "qk_layernorm", "share_embeddings_and_output_weights", "position_embedding_type",
     "activation"))
 # what changes the loss when it averages over each micro-batch's tokens (nll_reduction token)
-MICRO_BATCH_KEYS = ("train.micro_batch_size", "data.packing", "data.max_tokens_per_micro_batch")
+MICRO_BATCH_KEYS = ("train.micro_batch_size", "data.packing", "data.max_tokens_per_micro_batch",
+                    "parallel.data_parallel_size", "parallel.pipeline_model_parallel_size",
+                    "parallel.virtual_pipeline_model_parallel_size")
 # not compared: how to resume is not what is computed
 IGNORED = ("train.resume", "train.overwrite", "train.resume_allow_changes")
-# the containers whose keys a user writes one level up: model.transformer.num_layers is
-# model.num_layers in the YAML, optimizer.megatron.lr is optimizer.lr
-_NESTED = {"model": "transformer", "optimizer": "megatron"}
 
 Change = Tuple[str, Any, Any]
 
@@ -74,7 +73,7 @@ def yaml_view(config: Mapping[str, Any]) -> Dict[str, Any]:
     ``data.eval_seed`` resolved (unset means train.seed)."""
     tree = {section: dict(values) for section, values in config.items()
             if isinstance(values, dict)}
-    for section, inner in _NESTED.items():
+    for section, inner in NESTED.items():
         values = tree.get(section, {})
         tree[section] = {**{k: v for k, v in values.items() if k != inner},
                          **(values.get(inner) or {})}
@@ -91,9 +90,14 @@ def _matches(key: str, patterns: Sequence[str]) -> bool:
                for p in patterns)
 
 
-def _depends_on_model_load(view: Mapping[str, Any]) -> bool:
-    """Whether model.load still matters once the checkpoint holds the weights: it is the base
-    LoRA adapters adapt, or the resident reference's weights."""
+# where a run's initial weights come from: model.load, else model.hf
+INITIAL_WEIGHTS = ("model.load", "model.hf")
+
+
+def depends_on_initial_weights(view: Mapping[str, Any]) -> bool:
+    """Whether a resumed run (``yaml_view`` of its config) still reads its initial weights
+    (model.load or model.hf) once the checkpoint holds the policy's: they are the base LoRA
+    adapters adapt, or the resident reference's weights."""
     return bool(view.get("model.lora.rank")) or (
         view.get("reference.mode") == "resident" and not view.get("reference.load"))
 
@@ -118,12 +122,12 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List
     """[(YAML key, saved value, current value)] for every key that differs."""
     old, new = yaml_view(saved), yaml_view(current)
     ignored = list(IGNORED)
-    if not (_depends_on_model_load(old) or _depends_on_model_load(new)):
-        ignored.append("model.load")  # the checkpoint holds the weights
+    if not (depends_on_initial_weights(old) or depends_on_initial_weights(new)):
+        ignored += INITIAL_WEIGHTS  # the checkpoint holds the weights
     # megatron-core's TransformerConfig and OptimizerConfig keys the user set in either run:
     # set in one and not the other is a change (megatron-core's default applies in the other)
     user_set = {f"{section}.{k}" for config in (saved, current)
-                for section, inner in _NESTED.items()
+                for section, inner in NESTED.items()
                 for k in ((config.get(section) or {}).get(inner) or {})}
     changes = []
     for key in sorted(set(old) | set(new)):
@@ -151,8 +155,8 @@ def file_changes(saved: Mapping[str, str], current: Mapping[str, str],
     """The input files that changed in place: keys whose path is the same in both configs
     but whose ``source_fingerprints`` differ."""
     old, new = yaml_view(saved_config), yaml_view(current_config)
-    if not (_depends_on_model_load(old) or _depends_on_model_load(new)):
-        saved = {k: v for k, v in saved.items() if k != "model.load"}
+    if not (depends_on_initial_weights(old) or depends_on_initial_weights(new)):
+        saved = {k: v for k, v in saved.items() if k not in INITIAL_WEIGHTS}
     return [(key, f"files {saved[key]}", f"files {current[key]}")
             for key in sorted(set(saved) & set(current))
             if saved[key] != current[key] and old.get(key) == new.get(key)]

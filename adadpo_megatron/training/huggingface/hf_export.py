@@ -32,18 +32,16 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 from safetensors.torch import save_file
 
+from adadpo_megatron.data.tokenizers import TOKENIZER_FILES
 from adadpo_megatron.mcore.hf_mapping import HFArchitecture, hf_tensors, read_architecture
 from adadpo_megatron.training.checkpointing.checkpoint import STATE_FILE, resolve_checkpoint
+from adadpo_megatron.training.errors import USER_ERRORS, fail
 from adadpo_megatron.training.huggingface import lora_export, output_dirs
 from adadpo_megatron.training.huggingface.dcp_reader import layer_slices, tensor_metadata
 from adadpo_megatron.training.huggingface.hf_import import SOURCE_FILE
 
 SHARD_BYTES = 5 * 1024**3
 EXPORT_FILE = "adadpo_export.json"  # marks a directory this command wrote (output_dirs)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")
-
-
 @dataclass
 class _Origin:
     """What a checkpoint records about where it came from."""
@@ -232,7 +230,7 @@ def _export(checkpoint: Path, origin: _Origin, out: Path, dtype: Optional[str],
     _write_shards(cast_items(), out, shard_bytes)
     _write_config(out, arch, origin.source,
                   dtype or (arch.dtype if merged_into_hf else _dtype_name(weights)))
-    for name in _TOKENIZER_FILES + ("generation_config.json",):
+    for name in TOKENIZER_FILES + ("generation_config.json",):
         for folder in (origin.tokenizer, origin.source):
             if folder is not None and (folder / name).is_file():
                 shutil.copy2(folder / name, out / name)
@@ -305,8 +303,8 @@ def export_main(argv: Optional[Sequence[str]] = None) -> None:
         out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype,
                                 shard_bytes=int(args.shard_gb * 1024**3), peft=args.peft,
                                 overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"adadpo-export-hf: error: {err}\n")
+    except USER_ERRORS as err:
+        fail("adadpo-export-hf", err)
     print(f"wrote {out}", flush=True)
 
 

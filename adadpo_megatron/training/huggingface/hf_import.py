@@ -41,8 +41,9 @@ from adadpo_megatron.training.checkpointing.checkpoint import (
     model_sharded_state_dict,
 )
 from adadpo_megatron.training.checkpointing.fingerprints import weights_digest
+from adadpo_megatron.training.errors import USER_ERRORS, fail
 from adadpo_megatron.training.huggingface import output_dirs
-from adadpo_megatron.training.process_groups import init_distributed
+from adadpo_megatron.training.process_groups import computed_on_rank_zero, init_distributed
 
 IMPORT_DIR = "hf_import"
 SOURCE_FILE = "hf_source.json"
@@ -144,7 +145,9 @@ def _import(directory, out: Path, arch, tp: int, pp: Optional[int], gpu: bool) -
         config = transformer_config(model, ParallelConfig(tp, pp), dtype=dtype, gpu=gpu)
         chunks = build_model_chunks(model, config, arch.vocab_size, 4096, gpu=gpu)
         load_hf_weights(chunks, directory, arch)
-        save_model_weights(chunks, out, marker=_source(directory))
+        # (the source's fingerprint once, on the rank that writes the marker)
+        save_model_weights(chunks, out,
+                           marker=_source(directory) if dist.get_rank() == 0 else None)
     finally:
         parallel_state.destroy_model_parallel()
     if dist.get_rank() == 0:
@@ -157,17 +160,8 @@ def _checked_out(directory, out, overwrite: bool, held: contextlib.ExitStack) ->
     lock rank 0 then holds in ``held``; every rank gets rank 0's verdict, so that all raise
     the same error or none does (a rank that went on alone would wait for the others
     forever)."""
-    verdict = [None, None]  # [error, resolved out]
-    if dist.get_rank() == 0:
-        try:
-            verdict[1] = str(held.enter_context(output_dirs.claimed(
-                out, {"the source model": directory}, SOURCE_FILE, overwrite)))
-        except ValueError as err:
-            verdict[0] = str(err)
-    dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise ValueError(verdict[0])
-    return Path(verdict[1])
+    return Path(computed_on_rank_zero(lambda: str(held.enter_context(output_dirs.claimed(
+        out, {"the source model": directory}, SOURCE_FILE, overwrite)))))
 
 
 def import_main(argv: Optional[Sequence[str]] = None) -> None:
@@ -187,8 +181,8 @@ def import_main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         import_checkpoint(args.directory, args.out, tp=args.tp, pp=args.pp,
                           overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"adadpo-import-hf: error: {err}\n")
+    except USER_ERRORS as err:
+        fail("adadpo-import-hf", err)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -52,7 +52,12 @@ def check_output(out, protected: Mapping[str, Optional[os.PathLike]], marker: st
     Raises:
         ValueError: naming OUT and the protected path and what it is, or naming --overwrite.
     """
-    given, out = out, check_protected(out, protected)
+    return _check_ownership(out, check_protected(out, protected), marker, overwrite)
+
+
+def _check_ownership(given, out: Path, marker: str, overwrite: bool) -> Path:
+    """``out`` (resolved) once it is new, empty, this command's or ``overwrite`` allows it;
+    what a killed write left there cleared first."""
     recover(out)
     if not os.path.lexists(out) or out.is_dir() and (not any(out.iterdir())
                                                      or (out / marker).is_file()):
@@ -93,9 +98,9 @@ def claimed(out, protected: Mapping[str, Optional[os.PathLike]], marker: str,
             overwrite: bool) -> Iterator[Path]:
     """OUT checked (``check_output``) and held for this command alone while the block writes
     it (``writing``); a refused OUT leaves nothing behind, not even the lock's file."""
-    check_protected(out, protected)
-    with writing(out):
-        yield check_output(out, protected, marker, overwrite)
+    resolved = check_protected(out, protected)
+    with writing(resolved):
+        yield _check_ownership(out, resolved, marker, overwrite)
 
 
 def recover(out: Path) -> None:
