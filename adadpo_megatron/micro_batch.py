@@ -43,14 +43,15 @@ import torch
 
 
 class MicroBatch(TypedDict):
-    """The keys and shapes of the module docstring: the row keys are required, the others
-    present where the layout has them."""
+    """The keys and shapes of the module docstring: tokens, labels, loss_mask and
+    position_ids always (example_ids too in a packed batch), the others where the layout has
+    them."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
-    example_ids: torch.Tensor
+    example_ids: NotRequired[torch.Tensor]  # required packed (it counts the segments)
     ref_logps: NotRequired[torch.Tensor]
     segment_ids: NotRequired[torch.Tensor]
     cu_seqlens: NotRequired[torch.Tensor]
@@ -72,11 +73,12 @@ def check_micro_batch(batch) -> None:
     if not isinstance(batch, dict):
         raise ValueError(f"a micro-batch must be a dict of tensors (adadpo_megatron."
                          f"micro_batch.MicroBatch), got {type(batch).__name__}")
-    missing = [key for key in REQUIRED_KEYS if key not in batch]
+    required = REQUIRED_KEYS + (("example_ids",) if "segment_ids" in batch else ())
+    missing = [key for key in required if key not in batch]
     if missing:
         raise ValueError(f"the micro-batch has no {', '.join(map(repr, missing))} (it has "
                          f"{', '.join(map(repr, sorted(batch)))}); every micro-batch holds "
-                         f"{', '.join(REQUIRED_KEYS)} (adadpo_megatron.micro_batch)")
+                         f"{', '.join(required)} (adadpo_megatron.micro_batch)")
     shape = batch["tokens"].shape
     wrong = [key for key in SEQUENCE_KEYS if key in batch and batch[key].shape != shape]
     if wrong:
