@@ -24,21 +24,15 @@ from adadpo_megatron.training.checkpointing.run_dir import (
 )
 from adadpo_megatron.training.preemption import PREEMPTED_EXIT_CODE
 from adadpo_megatron.training.reporting.run_log import _kept_lines
+from tests.support.commands import TINY_CPU, command_env, run_command
 from tests.support.distributed import run_distributed
-from tests.support.training import REPO, free_port, tiny_config
+from tests.support.training import free_port, tiny_config
 
-CLI = [sys.executable, "-m", "adadpo_megatron", "--config", str(REPO / "configs/tiny_cpu.yaml")]
+CLI = TINY_CPU
 # constant learning rate: a resumed run and an uninterrupted one of other lengths agree
 STEADY = ["optimizer.lr_decay_style=constant", "optimizer.lr_warmup_fraction=0.0",
           "train.progress=false", "train.tensorboard=false", "train.global_batch_size=8",
           "train.micro_batch_size=4"]
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
 
 
 def _metrics(out: Path):
@@ -49,14 +43,13 @@ def _metrics(out: Path):
 
 
 def _run(args, **kw):
-    return subprocess.run(CLI + STEADY + args, env=_env(), capture_output=True, text=True,
-                          timeout=600, **kw)
+    return run_command(CLI + STEADY + args, **kw)
 
 
 def _signal_after(command, out: Path, steps: int, sig=signal.SIGTERM):
     """Starts ``command``, sends ``sig`` once metrics.jsonl has ``steps`` lines; returns the
     finished process."""
-    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command, env=command_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while len(_metrics(out)) < steps:
@@ -128,8 +121,8 @@ def test_a_second_signal_exits_at_once(tmp_path):
         while True:
             time.sleep(0.05)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=command_env(),
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)  # the first only records the request
     time.sleep(0.5)
@@ -340,11 +333,11 @@ def test_two_single_process_runs_on_one_host_do_not_share_a_port(tmp_path):
         print("up", flush=True)
         time.sleep(float(sys.argv[1]))
     """)
-    first = subprocess.Popen([sys.executable, "-c", script, "20"], env=_env(),
+    first = subprocess.Popen([sys.executable, "-c", script, "20"], env=command_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "up", first.stderr.read()
-        second = subprocess.run([sys.executable, "-c", script, "0"], env=_env(),
+        second = subprocess.run([sys.executable, "-c", script, "0"], env=command_env(),
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 0 and second.stdout.strip() == "up", second.stderr
     finally:

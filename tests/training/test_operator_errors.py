@@ -11,7 +11,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,37 +18,21 @@ import pytest
 
 from adadpo_megatron.training.checkpointing.run_dir import RunDirectoryLock
 from adadpo_megatron.training.preemption import PREEMPTED_EXIT_CODE
-from tests.support.training import DATA, REPO
+from tests.support.commands import TINY_CPU, command_env, one_error_line, run_command
+from tests.support.training import DATA
 
 pytestmark = pytest.mark.slow
 
-CLI = [sys.executable, "-m", "adadpo_megatron", "--config", str(REPO / "configs/tiny_cpu.yaml"),
-       "train.progress=false", "train.tensorboard=false", "train.max_steps=1"]
+CLI = [*TINY_CPU, "train.progress=false", "train.tensorboard=false", "train.max_steps=1"]
 
 
-def _env():
-    import os
-
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                        "ADADPO_TRACEBACK")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def _run(*args, prefix=()):
-    return subprocess.run([*prefix, *CLI, *args], env=_env(), capture_output=True, text=True,
-                          timeout=600)
+def _run(*args):
+    return run_command([*CLI, *args])
 
 
 def _one_error_line(result, *fragments):
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    # (megatron-core's checkpoint writer logs its own lines too; ours is the one)
-    lines = [line for line in result.stderr.splitlines() if "adadpo-train: error:" in line]
-    assert len(lines) == 1 and lines[0].startswith("adadpo-train: error: "), result.stderr
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+    return one_error_line(result.stderr, "adadpo-train", *fragments)
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
@@ -100,7 +83,7 @@ def test_a_truncated_safetensors_file_is_named(tmp_path):
 def test_a_signal_during_setup_exits_75_with_a_message(tmp_path):
     """Issue 23, item 10: SIGTERM during set-up (minutes at 70B) exited 143 in silence, so
     a requeue script keyed on 75 gave the job up."""
-    proc = subprocess.Popen(CLI + [f"train.output_dir={tmp_path / 'run'}"], env=_env(),
+    proc = subprocess.Popen(CLI + [f"train.output_dir={tmp_path / 'run'}"], env=command_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     for line in proc.stdout:  # "data: ..." is printed while the run sets up
@@ -131,7 +114,7 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path):
     script = (f"mount -t tmpfs -o size=4m tmpfs {disk} && {' '.join(command)}; "
               f"echo rc=$?; ls {out}/checkpoints; cat {out}/checkpoints/latest; "
               f"wc -l < {out}/metrics.jsonl")
-    result = subprocess.run(["unshare", "-m", "sh", "-c", script], env=_env(),
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], env=command_env(),
                             capture_output=True, text=True, timeout=600)
     listing = result.stdout.split("rc=", 1)[1].split()
     assert listing[0] == "2", result.stderr[-3000:]

@@ -22,9 +22,10 @@ import time
 import pytest
 
 from adadpo_megatron.training.huggingface.output_dirs import OLD_SUFFIX, TMP_SUFFIX
+from tests.support.commands import one_error_line, run_command
 from tests.support.distributed import run_distributed
 from tests.support.hf_models import hf_config, make_hf_model, make_pairs
-from tests.support.training import REPO, free_port
+from tests.support.training import REPO
 
 IMPORT = "adadpo_megatron.training.huggingface.hf_import"
 EXPORT = "adadpo_megatron.training.huggingface.hf_export"
@@ -35,19 +36,10 @@ EXPORTED = {"adadpo_export.json", "config.json", "generation_config.json",
 
 def _cli(module, *args):
     """Runs ``python -m module args``: (exit code, stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", module, *map(str, args)],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_command([sys.executable, "-m", module, *args], timeout=300)
     return result.returncode, result.stderr
 
 
-def _error_line(stderr, prog):
-    """The command's one error line (the rest of stderr is library warnings); no traceback."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if line.startswith(f"{prog}: error:")]
-    assert len(lines) == 1, stderr[-3000:]
-    return lines[0]
 
 
 def _snapshot(directory):
@@ -115,7 +107,7 @@ def test_import_refuses_an_out_that_is_holds_or_lies_inside_the_source(llama, tm
     before = _snapshot(tmp)
     code, stderr = _cli(IMPORT, source, out, "--overwrite")
     assert code == 2
-    line = _error_line(stderr, "adadpo-import-hf")
+    line = one_error_line(stderr, "adadpo-import-hf")
     assert f"{out} {relation} the source model ({source})" in line, line
     assert "refused even with --overwrite" in line
     assert _snapshot(tmp) == before
@@ -133,7 +125,7 @@ def test_import_replaces_a_foreign_directory_only_with_overwrite(llama, tmp_path
     before = _snapshot(out)
     code, stderr = _cli(IMPORT, source, out)
     assert code == 2
-    line = _error_line(stderr, "adadpo-import-hf")
+    line = one_error_line(stderr, "adadpo-import-hf")
     assert str(out) in line and "--overwrite" in line and "hf_source.json" in line, line
     assert _snapshot(out) == before
     code, stderr = _cli(IMPORT, source, out, "--overwrite")
@@ -191,7 +183,7 @@ def test_export_refuses_what_it_reads(llama, where):
     before = _snapshot(tmp)
     code, stderr = _cli(EXPORT, run, out, "--overwrite")
     assert code == 2
-    line = _error_line(stderr, "adadpo-export-hf")
+    line = one_error_line(stderr, "adadpo-export-hf")
     assert f"{out} {relation} {what}" in line, line
     assert _snapshot(tmp) == before
 
@@ -211,7 +203,7 @@ def test_export_leaves_nothing_stale_beside_its_files(llama, tmp_path):
     before = _snapshot(out)
     code, stderr = _cli(EXPORT, run, out)
     assert code == 2
-    line = _error_line(stderr, "adadpo-export-hf")
+    line = one_error_line(stderr, "adadpo-export-hf")
     assert str(out) in line and "--overwrite" in line, line
     assert _snapshot(out) == before
     code, stderr = _cli(EXPORT, run, out, "--overwrite")
@@ -238,7 +230,7 @@ def test_a_peft_export_is_replaced_whole(lora_run, tmp_path):
     (out / "adapter_model.safetensors").write_bytes(b"an older adapter")
     before = _snapshot(out)
     code, stderr = _cli(EXPORT, lora_run, out, "--peft")
-    assert code == 2 and "--overwrite" in _error_line(stderr, "adadpo-export-hf")
+    assert code == 2 and "--overwrite" in one_error_line(stderr, "adadpo-export-hf")
     assert _snapshot(out) == before
     code, stderr = _cli(EXPORT, lora_run, out, "--peft", "--overwrite")
     assert code == 0, stderr[-3000:]
@@ -338,7 +330,7 @@ def test_a_damaged_safetensors_is_one_error_line(llama, tmp_path, how):
     _damage(damaged / "model.safetensors", how)
     code, stderr = _cli(IMPORT, damaged, tmp_path / "out")
     assert code == 2
-    line = _error_line(stderr, "adadpo-import-hf")
+    line = one_error_line(stderr, "adadpo-import-hf")
     assert f"{damaged / 'model.safetensors'} is truncated or damaged" in line, line
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path)
 
@@ -441,7 +433,7 @@ def test_one_command_writes_an_out_at_a_time(llama, tmp_path):
         code, stderr = _cli(EXPORT, run, out)
         assert code == 2
         assert f"is being written by another command (pid {holder.pid} on host " in \
-            _error_line(stderr, "adadpo-export-hf")
+            one_error_line(stderr, "adadpo-export-hf")
         assert not out.exists()
     finally:
         holder.kill()
