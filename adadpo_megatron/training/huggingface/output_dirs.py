@@ -75,7 +75,7 @@ def check_protected(out, protected: Mapping[str, Optional[os.PathLike]]) -> Path
     the working directory (ValueError otherwise); looks at nothing else, changes nothing."""
     _require_named(out)
     given, out = out, Path(out).resolve()
-    protected = {**protected, "the working directory": Path.cwd()}
+    cwd = Path.cwd().resolve()
     clashes = []  # (0 is / 1 holds / 2 lies inside, what, path): "is" is the clearest
     for what, path in protected.items():
         if path is not None:
@@ -84,6 +84,11 @@ def check_protected(out, protected: Mapping[str, Optional[os.PathLike]]) -> Path
                                            path in out.parents)):
                 if clash:
                     clashes.append((order, what, path))
+    # the working directory is neither read nor written: only replacing it (or what holds
+    # it) would delete it; ./hf_out, inside it, is the usual OUT
+    for order, clash in enumerate((out == cwd, out in cwd.parents)):
+        if clash:
+            clashes.append((order, "the working directory", cwd))
     if clashes:
         order, what, path = min(clashes, key=lambda c: c[0])
         relation = ("is", "holds", "lies inside")[order]

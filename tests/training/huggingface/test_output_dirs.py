@@ -460,3 +460,15 @@ def test_an_empty_out_or_the_working_directory_is_refused_whatever_the_flags(tmp
     with pytest.raises(ValueError, match=r"holds the working directory"):
         check_output("..", {}, "marker.json", overwrite=True)
     assert (tmp_path / "work.txt").read_text() == "the user's"
+
+
+def test_an_out_inside_the_working_directory_is_the_usual_case(tmp_path, monkeypatch):
+    """``adadpo-export-hf RUN ./hf`` writes inside the working directory, which it neither
+    reads nor replaces: only an OUT that is or holds the working directory is refused (the
+    review of issue 23's guard had refused every OUT below it)."""
+    from adadpo_megatron.training.huggingface.output_dirs import check_output
+
+    monkeypatch.chdir(tmp_path)
+    assert check_output("hf", {}, "marker.json", overwrite=False) == tmp_path / "hf"
+    nested = tmp_path / "exports" / "hf"
+    assert check_output(str(nested), {}, "marker.json", overwrite=False) == nested
