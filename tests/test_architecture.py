@@ -16,9 +16,11 @@ from tests.support.training import REPO
 
 PACKAGE = REPO / "adadpo_megatron"
 FORBIDDEN = {
-    "ops": ("mcore", "data", "training"),
-    "data": ("ops", "mcore", "training"),
-    "mcore": ("data", "training"),
+    "ops": ("mcore", "data", "training", "integrations"),
+    "data": ("ops", "mcore", "training", "integrations"),
+    "mcore": ("data", "training", "integrations"),
+    # Megatron-LM's plug-in sits on top: adadpo-train never depends on it
+    "training": ("integrations",),
 }
 
 
@@ -128,15 +130,17 @@ def test_what_the_public_functions_take_is_exported_beside_them():
 
 
 def test_examples_use_the_public_api_only():
-    """The examples are what users copy: they import from ``adadpo_megatron`` and the
-    application from ``adadpo_megatron.training``, never a module path that may move.
+    """The examples are what users copy: they import from ``adadpo_megatron``, the
+    application from ``adadpo_megatron.training`` and Megatron-LM's plug-in from
+    ``adadpo_megatron.integrations.megatron_lm``, never a module path that may move.
     examples/gpu_check.py, which checks internals on a GPU, is the one exception."""
     examples = sorted(p for p in (REPO / "examples").rglob("*.py") if p.name != "gpu_check.py")
     assert len(examples) > 3
     wrong = [f"{path.relative_to(REPO)} imports {module}"
              for path in examples for module in _imported_modules(path)
              if module.startswith("adadpo_megatron")
-             and module not in ("adadpo_megatron", "adadpo_megatron.training")]
+             and module not in ("adadpo_megatron", "adadpo_megatron.training",
+                                "adadpo_megatron.integrations.megatron_lm")]
     assert not wrong, "\n".join(wrong)
 
 

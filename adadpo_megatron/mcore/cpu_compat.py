@@ -131,13 +131,66 @@ class _CpuCuda(types.ModuleType):
     def empty_cache():
         pass
 
+    # the CUDA RNG tracker's states (Megatron-LM's seeding adds them; fork() is a no-op here)
+    @staticmethod
+    def get_rng_state(*args, **kwargs):
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state, *args, **kwargs):
+        torch.set_rng_state(state)
+
+
+class _CpuTrainingCuda(_CpuCuda):
+    """``torch.cuda`` as Megatron-LM's training loop (``megatron.training``) sees it on a
+    CPU-only run: one device that is always there, holding no memory. The loop asserts that
+    CUDA is available, sets up model parallelism only where it counts a device, pins the
+    device of its rank and reports memory after each logged step."""
+
+    @staticmethod
+    def is_available():
+        return True
+
+    @staticmethod
+    def device_count():
+        return 1
+
+    @staticmethod
+    def set_device(*args, **kwargs):
+        pass
+
+    @staticmethod
+    def memory_allocated(*args, **kwargs):
+        return 0
+
+    memory_reserved = max_memory_allocated = max_memory_reserved = memory_allocated
+
+    @staticmethod
+    def memory_stats(*args, **kwargs):
+        return {}
+
+    @staticmethod
+    def get_device_properties(*args, **kwargs):
+        # architecture 0: no GPU generation's exemptions apply
+        return types.SimpleNamespace(name="cpu", major=0, minor=0, total_memory=0,
+                                     multi_processor_count=0)
+
+    @staticmethod
+    def get_device_capability(*args, **kwargs):
+        return (0, 0)
+
+    @staticmethod
+    def get_device_name(*args, **kwargs):
+        return "cpu"
+
+
 
 class _CpuTorch(types.ModuleType):
     """``torch`` as megatron-core sees it on a CPU-only run: everything else is forwarded."""
 
-    def __init__(self):
+    def __init__(self, cuda: types.ModuleType = None):
         super().__init__("torch")
-        self.cuda = _CpuCuda()
+        self.cuda = cuda if cuda is not None else _CpuCuda()
         for name in _TENSOR_FACTORIES:
             setattr(self, name, self._on_cpu(getattr(torch, name)))
 
@@ -156,6 +209,16 @@ class _CpuTorch(types.ModuleType):
 
 
 _CPU_TORCH = _CpuTorch()
+_CPU_TORCH_TRAINING = _CpuTorch(_CpuTrainingCuda())
+# the packages whose modules get a proxy, and which
+_PROXIES = (("megatron.core", _CPU_TORCH), ("megatron.training", _CPU_TORCH_TRAINING))
+
+
+def _proxy_for(name: str):
+    for prefix, proxy in _PROXIES:
+        if name == prefix or name.startswith(prefix + "."):
+            return proxy
+    return None
 
 
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -200,11 +263,24 @@ def _on_cpu(method):
 
 
 def _redirect(module) -> bool:
-    """Gives a megatron.core module the CPU torch proxy; whether it had the real torch."""
-    if getattr(module, "torch", None) is torch:
-        module.torch = _CPU_TORCH
+    """Gives a megatron.core or megatron.training module its CPU torch proxy; whether it had
+    the real torch."""
+    proxy = _proxy_for(module.__name__)
+    if proxy is not None and getattr(module, "torch", None) is torch:
+        module.torch = proxy
+        for patch in _MODULE_PATCHES.get(module.__name__, ()):
+            patch(module)
         return True
     return False
+
+
+def _training_loop_on_cpu(module) -> None:
+    """Megatron-LM's loop moves each model chunk with ``module.cuda()`` after building it."""
+    module.get_model = _on_cpu(module.get_model)
+
+
+# {module: what else it needs on CPU}, applied once, with its proxy
+_MODULE_PATCHES = {"megatron.training.training": (_training_loop_on_cpu,)}
 
 
 class _RedirectingLoader:
@@ -226,11 +302,11 @@ class _RedirectingLoader:
 
 
 class _RedirectOnImport:
-    """A sys.meta_path finder: finds megatron.core modules with the other finders and wraps
-    their loaders in _RedirectingLoader."""
+    """A sys.meta_path finder: finds megatron.core and megatron.training modules with the
+    other finders and wraps their loaders in _RedirectingLoader."""
 
     def find_spec(self, name, path=None, target=None):
-        if not name.startswith("megatron.core"):
+        if _proxy_for(name) is None:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -269,7 +345,7 @@ def enable() -> int:
     if not any(isinstance(finder, _RedirectOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RedirectOnImport())
     patched = sum(_redirect(module) for name, module in list(sys.modules.items())
-                  if name.startswith("megatron.core"))
+                  if _proxy_for(name) is not None)
     megatron_random.CudaRNGStatesTracker.fork = _no_fork
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     token_dispatcher.maybe_move_tensor_to_cpu = _host_copy

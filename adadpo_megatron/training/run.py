@@ -299,7 +299,7 @@ def setup_run(config: RunConfig, claim_output_dir: bool = False) -> RunContext:
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
             model_parallel_cuda_manual_seed(c.train.seed)
-        data = _load_data(c)
+        data = load_run_data(c)
         if c.model.fused_logprobs:
             require_output_processor_hook()
         run = RunContext(
@@ -337,7 +337,7 @@ def _claim_output_dir(config: RunConfig) -> Optional[RunDirectoryLock]:
     return computed_on_rank_zero(claim, errors=(RunDirectoryError,), share_result=False)
 
 
-def _load_data(c: RunConfig) -> RunData:
+def load_run_data(c: RunConfig) -> RunData:
     """The tokenizer and the tokenised data. What identifies the tokenizer and weight files
     is read on rank 0 for all (a restart of a 70B job must not read the model directory on
     every rank); rank 0 then reads and tokenises (writing the cache) first, the others read

@@ -395,7 +395,7 @@ def read_state(path: Path) -> Dict[str, Any]:
                          "the checkpoint is damaged: resume from another one") from err
 
 
-def _init_sgd_state(optimizer, config=None) -> None:
+def init_sgd_state(optimizer, config=None) -> None:
     """torch SGD's momentum buffers, as zeros (its first step sets a missing buffer to the
     gradient, which is the same as momentum times a zero buffer plus the gradient)."""
     for group in optimizer.param_groups:
@@ -455,7 +455,7 @@ def load_checkpoint(state: CheckpointState, path: Path,
         # megatron-core calls init_state_fn before loading, so that the state has tensors to
         # load into; it has none for SGD
         if getattr(optimizer, "init_state_fn", True) is None:
-            optimizer.init_state_fn = _init_sgd_state
+            optimizer.init_state_fn = init_sgd_state
     part = model_part(state.config)
     model_state = model_sharded_state_dict(state.model, part)
     sharded = dict(model_state)

@@ -39,6 +39,7 @@ from adadpo_megatron.training.errors import USER_ERRORS, fail
 from adadpo_megatron.training.huggingface import lora_export, output_dirs
 from adadpo_megatron.training.huggingface.dcp_reader import layer_slices, tensor_metadata
 from adadpo_megatron.training.huggingface.hf_import import SOURCE_FILE
+from adadpo_megatron.training.run_config import load_run_config, to_dict
 
 SHARD_BYTES = 5 * 1024**3
 EXPORT_FILE = "adadpo_export.json"  # marks a directory this command wrote (output_dirs)
@@ -52,15 +53,25 @@ class _Origin:
     base: Optional[Path] = None  # a LoRA run's model.load (the base its adapters adapt)
 
 
-def _source_of(checkpoint: Path) -> _Origin:
-    """Where a checkpoint came from, as far as it records it."""
+def _source_of(checkpoint: Path, config: Optional[str] = None) -> _Origin:
+    """Where a checkpoint came from, as far as it records it; for one that records nothing
+    (Megatron-LM's, e.g. saved by pretrain() with adadpo_megatron.integrations.megatron_lm),
+    the run config ``config`` describes it (its model section and data.tokenizer)."""
 
+    records = (checkpoint / SOURCE_FILE).is_file() or (checkpoint / STATE_FILE).is_file()
+    if config is not None:
+        if records:
+            raise ValueError(f"{checkpoint} records its own run or source; --config is for a "
+                             "checkpoint that records neither (Megatron-LM's): leave it out")
+        return _origin_from_config(config)
     if (checkpoint / SOURCE_FILE).is_file():
         source = Path(json.loads((checkpoint / SOURCE_FILE).read_text())["directory"])
         return _Origin(source, None, source)
     if not (checkpoint / STATE_FILE).is_file():
         raise FileNotFoundError(f"{checkpoint}: neither a run checkpoint ({STATE_FILE}) nor "
-                                f"a Hugging Face import ({SOURCE_FILE})")
+                                f"a Hugging Face import ({SOURCE_FILE}); for a Megatron-LM "
+                                "checkpoint, name the run config that describes its model "
+                                "with --config")
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
     sources = state.get("sources") or {}
     hf, tokenizer, load = sources.get("hf"), sources.get("tokenizer"), sources.get("load")
@@ -71,6 +82,17 @@ def _source_of(checkpoint: Path) -> _Origin:
     return _Origin(source, state["config"],
                    Path(tokenizer) if tokenizer and tokenizer != "byte" else None,
                    Path(load) if load else None)
+
+
+def _origin_from_config(path: str) -> _Origin:
+    """The origin a run config describes: its model section, model.hf, data.tokenizer."""
+    config = load_run_config(path)
+    if config.model.lora is not None:
+        raise ValueError(f"--config {path}: a LoRA config describes adapters, which a "
+                         "Megatron-LM checkpoint does not hold")
+    hf = config.resolve(config.model.hf)
+    tokenizer = None if config.data.tokenizer == "byte" else Path(config.tokenizer_spec())
+    return _Origin(hf.resolve() if hf else None, to_dict(config), tokenizer)
 
 
 def _architecture(source: Optional[Path], run: Optional[dict]):
@@ -152,20 +174,21 @@ def _write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out: Path,
 
 def export_checkpoint(path, out, *, dtype: Optional[str] = None,
                       shard_bytes: int = SHARD_BYTES, peft: bool = False,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, config: Optional[str] = None) -> Path:
     """Writes the Hugging Face directory ``out`` for the checkpoint (or run) ``path``; a LoRA
     run's adapters merged into its base, or with ``peft`` as a PEFT adapter directory.
 
     ``out`` is written whole into a temporary sibling and renamed into place (output_dirs),
     so that it holds this export's files and nothing else. It may not be, hold or lie inside
     what the export reads (``_protected``); a non-empty ``out`` that is not an earlier
-    export (no adadpo_export.json) is replaced only with ``overwrite``.
+    export (no adadpo_export.json) is replaced only with ``overwrite``. ``config``: the run
+    config describing a checkpoint that records no run (Megatron-LM's).
     """
 
     checkpoint = resolve_checkpoint(path)
     if not (checkpoint / "metadata.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a megatron-core distributed checkpoint")
-    origin = _source_of(checkpoint)
+    origin = _source_of(checkpoint, config)
     with output_dirs.claimed(out, _protected(checkpoint, origin), EXPORT_FILE,
                              overwrite) as out:
         with output_dirs.atomic_directory(out) as tmp:
@@ -298,11 +321,14 @@ def export_main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing non-empty OUT that is not an earlier "
                              "export, deleting its files")
+    parser.add_argument("--config", metavar="RUN.yaml",
+                        help="for a Megatron-LM checkpoint (which records no run): the run "
+                             "config whose model section and data.tokenizer describe it")
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype,
                                 shard_bytes=int(args.shard_gb * 1024**3), peft=args.peft,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, config=args.config)
     except USER_ERRORS as err:
         fail("adadpo-export-hf", err)
     print(f"wrote {out}", flush=True)

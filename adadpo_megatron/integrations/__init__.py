@@ -1,0 +1,2 @@
+"""Plug-ins for training loops other than adadpo-train's: ``megatron_lm`` for Megatron-LM's
+``pretrain()``."""
