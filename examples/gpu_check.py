@@ -29,6 +29,13 @@ other examples it checks internals, so it imports the package's modules directly
    the adapters_off reference (step-0 loss ln 2), its checkpoint holds the adapters only, and
    adadpo-export-hf's merged model in transformers gives the trained policy's log-probs.
    (Sequence parallelism needs TP > 1; the CPU tests check the adapters' SP communication.)
+7. Megatron-LM's pretrain() with the plug-in (issue 25; adadpo_megatron.integrations.megatron_lm)
+   where the CPU suite cannot take it: Transformer Engine layers, bf16, NCCL, packed micro-batches
+   as THD through Megatron-LM's external loader. A first pretrain() trains one iteration
+   (SimPO, no reference) and saves; adadpo-precompute-reference computes the reference of that
+   checkpoint (model.load) with adadpo's own GPU forward; a second pretrain() resumes it with
+   AdaDPO on that cache, so its first iteration's policy is the reference: loss ln 2 (to 1e-3
+   in bf16) if Megatron-LM's TE forward, its resume and adadpo's agree, then a finite step.
 Not run by the test suite (it needs a GPU).
 """
 
@@ -391,6 +398,83 @@ def check_lora(rows):
         trainer.close()
 
 
+MEGATRON_LM_JOB = REPO / "tests" / "integrations" / "megatron_lm_job.py"
+
+
+def megatron_lm_runs(tmp: Path):
+    """check_megatron_lm's run config file, the flags of its two pretrain() runs and their
+    checkpoint directory."""
+    import yaml
+
+    config = tmp / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny"},
+        "loss": {"loss_type": "dpo", "beta": 0.1, "adaptive": True, "clip": 2.0},
+        "data": {"path": str(REPO / "examples" / "data" / "reverse_pairs.jsonl"),
+                 "tokenizer": "byte", "seq_length": 64, "packing": "pack"},
+        "reference": {"mode": "precompute", "cache_path": str(tmp / "reference.pt")},
+        "train": {"global_batch_size": 16, "micro_batch_size": 4, "max_steps": 3, "seed": 3,
+                  "dtype": "bfloat16", "output_dir": str(tmp / "unused")},
+    }))
+    save = tmp / "megatron-lm"
+    flags = [  # the tiny preset as Megatron-LM flags, on Transformer Engine's layers
+        "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "128",
+        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
+        "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+        "--hidden-dropout", "0", "--attention-dropout", "0", "--bf16",
+        "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "4",
+        "--global-batch-size", "16", "--train-iters", "3", "--seed", "3", "--lr", "1e-4",
+        "--lr-decay-style", "constant", "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", "259", "--transformer-impl", "transformer_engine",
+        "--calculate-per-token-loss", "--eval-iters", "0", "--eval-interval", "10",
+        "--log-interval", "1", "--save", str(save), "--save-interval", "1",
+        "--adadpo-config", str(config)]
+    first = [*flags, "--exit-interval", "1", "--adadpo-override", "loss.loss_type=simpo",
+             "loss.beta=2.0", "loss.adaptive=false", "reference.mode=none"]
+    second = [*flags, "--load", str(save), "--adadpo-override",
+              f"model.load={save / 'iter_0000001'}"]
+    return config, first, second, save
+
+
+def check_megatron_lm(rows):
+    import subprocess
+    import sys
+
+    tmp = Path(tempfile.mkdtemp())
+    config, first, second, save = megatron_lm_runs(tmp)
+    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the launcher's own, not this process's group
+
+    def pretrain(flags, record):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node=1", str(MEGATRON_LM_JOB), *flags]
+        result = subprocess.run(command, env={**env, "ADADPO_RECORD": str(record)},
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode:
+            raise RuntimeError(f"pretrain() failed: {result.stderr[-400:]}")
+        return [json.loads(line) for line in record.read_text().splitlines()]
+
+    start = time.perf_counter()
+    pretrain(first, tmp / "first.jsonl")
+    precompute = [sys.executable, "-c", "import sys; from adadpo_megatron.training.cli import "
+                  "precompute_main; precompute_main(sys.argv[1:])", "--config", str(config),
+                  f"model.load={save / 'iter_0000001'}"]
+    result = subprocess.run(precompute, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode:
+        raise RuntimeError(f"adadpo-precompute-reference failed: {result.stderr[-400:]}")
+    records = pretrain(second, tmp / "second.jsonl")
+    elapsed = 1e3 * (time.perf_counter() - start)
+    loss = records[0]["loss"]
+    ok = (records[0]["iteration"] == 2 and abs(loss - math.log(2)) < 1e-3
+          and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records))
+    rows.append({"check": "Megatron-LM pretrain() + plug-in (TE, THD)", "ms": elapsed,
+                 "peak_mib": float("nan"),
+                 "result": f"resumed iteration 2 loss {loss:.6f} (ln 2 = {math.log(2):.6f}), "
+                           f"{len(records)} iterations: {'ok' if ok else 'FAILED'}"})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-fp8", action="store_true")
@@ -418,6 +502,11 @@ def main():
         check_lora(rows)
     except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
         rows.append({"check": "LoRA (TE layers)", "ms": float("nan"),
+                     "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
+    try:
+        check_megatron_lm(rows)
+    except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
+        rows.append({"check": "Megatron-LM pretrain() + plug-in (TE, THD)", "ms": float("nan"),
                      "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
     check_step(rows, fp8=False)
     if not args.skip_fp8:

@@ -56,3 +56,32 @@ def test_every_gpu_check_run_config_is_valid(tmp_path):
     assert moe.model.transformer["num_moe_experts"] == 8
     assert lora.model.lora.rank == 8 and lora.reference.mode == "adapters_off"
     assert all(c.train.dtype == "bfloat16" for c in configs)
+
+
+def test_the_gpu_checks_megatron_lm_runs_are_accepted(tmp_path, monkeypatch):
+    """gpu_check.py's two pretrain() runs: Megatron-LM's parser and validation take their
+    flags, and the plug-in's checks their flags with the run config (all but the machine, which
+    is the GPU's to check)."""
+    import importlib.util
+
+    from megatron.training.arguments import parse_args, validate_args
+
+    from adadpo_megatron.integrations import megatron_lm
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "examples" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    megatron_lm.prepare()
+    _, first, second, save = gpu_check.megatron_lm_runs(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    configs = []
+    for flags in (first, second):
+        monkeypatch.setattr(sys, "argv", ["gpu_check", *flags])
+        args = parse_args(megatron_lm.add_arguments)
+        validate_args(args, {"dataloader_type": "external"})
+        args.padded_vocab_size = 384  # Megatron-LM's tokenizer set-up: 259 padded to 128
+        configs.append(megatron_lm.run_config(args))
+    assert configs[0].loss.loss_type == "simpo" and configs[0].reference.mode == "none"
+    assert configs[1].reference.mode == "precompute"
+    assert configs[1].model.load == str(save / "iter_0000001")
+    assert all(c.train.dtype == "bfloat16" and c.data.packing == "pack" for c in configs)
