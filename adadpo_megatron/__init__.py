@@ -10,12 +10,15 @@ and mcore, importing neither):
     data/      reading, tokenising and batching preference pairs (no megatron, no trainer)
     training/  the application: trainer, checkpoints, reference cache, run config, commands
 
+and, on top, ``integrations/megatron_lm``: the plug-in for Megatron-LM's own ``pretrain()``.
+
 What users call is re-exported here (the loss and its log-probs, the forward steps for
 megatron-core's schedules, reading and batching preference data, the CPU layer):
 
     from adadpo_megatron import LossConfig, preference_loss, PreferenceForwardStep
 
-and the application (Trainer, load_run_config, ...) from ``adadpo_megatron.training``.
+and the application (Trainer, load_run_config, ...) from ``adadpo_megatron.training``;
+Megatron-LM's providers from ``adadpo_megatron.integrations.megatron_lm``.
 
 Importing this package imports nothing else: what it exports is imported on first use (torch
 then; megatron-core and datasets where they are used).

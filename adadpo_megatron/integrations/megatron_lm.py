@@ -90,8 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_overrides(args) -> List[str]:
-    """The run config's keys that Megatron-LM's flags decide, as overrides."""
+def flag_overrides(args) -> List[str]:
+    """The run config's keys that Megatron-LM's flags decide, as overrides. (What the
+    reference cache depends on, the precision and the sequence length, is compared instead:
+    check_config.)"""
     sizes = {
         "parallel.tensor_model_parallel_size": args.tensor_model_parallel_size,
         "parallel.pipeline_model_parallel_size": args.pipeline_model_parallel_size,
@@ -103,11 +105,7 @@ def _flag_overrides(args) -> List[str]:
         "train.micro_batch_size": args.micro_batch_size,
         "train.seed": args.seed,
         "train.max_steps": args.train_iters,
-        "train.dtype": ("bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"),
     }
-    if args.fp8:
-        sizes["model.fp8"] = args.fp8
-        sizes["model.fp8_recipe"] = args.fp8_recipe
     return [f"{key}={'null' if value is None else value}" for key, value in sizes.items()]
 
 
@@ -143,16 +141,17 @@ def check_flags(args) -> None:
 
 def run_config(args) -> RunConfig:
     """--adadpo-config with --adadpo-override, then the keys Megatron-LM's flags decide
-    (parallel sizes, batch sizes, seed, steps, precision), checked as adadpo-train checks
-    them, then against the flags (``check_config``); ``check_flags`` first."""
+    (parallel sizes, batch sizes, seed, steps), checked as adadpo-train checks them, then
+    against the flags (``check_config``: the sequence length, precision, vocabulary, ...);
+    ``check_flags`` first."""
     check_flags(args)
-    overrides = list(args.adadpo_override) + _flag_overrides(args)
+    overrides = list(args.adadpo_override) + flag_overrides(args)
     try:
         config = load_run_config(args.adadpo_config, overrides)
     except ValueError as err:
         raise ArgumentError(f"--adadpo-config {err} (parallel.*, train.global_batch_size, "
-                            "micro_batch_size, seed, max_steps and dtype come from "
-                            "Megatron-LM's flags)") from err
+                            "micro_batch_size, seed and max_steps come from Megatron-LM's "
+                            "flags)") from err
     check_config(args, config)
     return config
 
@@ -170,6 +169,19 @@ def check_config(args, config: RunConfig) -> None:
             f"--seq-length {args.seq_length} differs from data.seq_length "
             f"{config.data.seq_length} of {source}: the data is tokenised and the reference "
             "cache computed for the latter")
+    # the reference cache is computed in the run config's precision: the flags must agree
+    dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    if config.train.dtype != dtype:
+        raise ArgumentError(
+            f"{'--bf16' if args.bf16 else '--fp16' if args.fp16 else 'no --bf16/--fp16'} makes "
+            f"the model {dtype}, but train.dtype is {config.train.dtype!r} in {source}: set "
+            f"train.dtype={dtype} (adadpo-precompute-reference computes the reference in it)")
+    fp8 = config.model.transformer.get("fp8")
+    if (args.fp8 or None) != fp8:
+        raise ArgumentError(
+            f"--fp8-format {args.fp8} but model.fp8 {fp8!r} in {source}: set model.fp8 (and "
+            "model.fp8_recipe) as the flags do; the reference and the micro-batch lengths "
+            "depend on it")
     vocab = config_vocab_size(config)
     if args.padded_vocab_size < vocab:
         raise ArgumentError(

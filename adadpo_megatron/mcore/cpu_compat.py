@@ -24,6 +24,11 @@ and, outside the proxy,
   and ``all_to_all_single`` refuses tensors as split sizes), so expert parallelism runs over
   gloo.
 
+Megatron-LM's training loop (``megatron.training``, as the megatron-core wheel ships it) gets
+a proxy of its own, whose ``torch.cuda`` is one device that is always there and holds no
+memory (the loop asserts CUDA, counts devices before building its groups, pins its rank's
+device and reports memory), and its ``get_model`` keeps ``module.cuda()`` on the CPU.
+
 Everything else (collectives, autograd, the model code) is untouched. The layer switches
 on only when no GPU is in use (``enable()`` raises otherwise) and is idempotent. Its effect
 does not depend on import order: modules loaded before the call are redirected by it, and

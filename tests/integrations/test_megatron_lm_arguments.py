@@ -118,3 +118,12 @@ def test_a_reference_free_loss_needs_no_cache(monkeypatch, config):
     args = _args(monkeypatch, _with(config, "loss", loss_type="simpo", beta=2.0,
                                     adaptive=False))
     assert megatron_lm.run_config(args).loss.needs_reference is False
+
+
+def test_a_precision_other_than_the_run_configs_is_refused_naming_both(monkeypatch, config):
+    """The reference cache is computed in train.dtype: --bf16 over a float32 run config would
+    compare a bf16 policy with a float32 reference (or fail later as a stale cache)."""
+    args = _args(monkeypatch, config, "--bf16")
+    with pytest.raises(megatron_lm.ArgumentError,
+                       match=r"--bf16 makes the model bfloat16, but train.dtype is 'float32'"):
+        megatron_lm.run_config(args)
