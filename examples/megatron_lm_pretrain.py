@@ -9,7 +9,7 @@ docs/MEGATRON_LM.md says what each flag does here. On CPU it runs as the suite r
 (tests/integrations/test_megatron_lm.py).
 
     torchrun --nproc_per_node 8 examples/megatron_lm_pretrain.py <Megatron-LM flags> \\
-        --calculate-per-token-loss --adadpo-config configs/megatron_lm_adadpo.yaml
+        --calculate-per-token-loss --adadpo-config configs/megatron_lm_llama31_8b_adadpo.yaml
 """
 
 from megatron.core.enums import ModelType
@@ -19,7 +19,8 @@ import adadpo_megatron.integrations.megatron_lm as adadpo
 
 if __name__ == "__main__":
     adadpo.prepare()  # the wheel's dataset helpers, SGD resume; CPU: the gloo layer
-    args = adadpo.parse_args()  # Megatron-LM's flags + --adadpo-config, checked
-    pretrain(adadpo.config_container(args), adadpo.datasets_provider,
-             ModelType.encoder_or_decoder, adadpo.forward_step,
-             model_provider=adadpo.model_provider)
+    with adadpo.one_line_errors():  # a bad flag, key, data file or cache: one line, exit 2
+        args = adadpo.parse_args()  # Megatron-LM's flags + --adadpo-config, checked
+        pretrain(adadpo.config_container(args), adadpo.datasets_provider,
+                 ModelType.encoder_or_decoder, adadpo.forward_step,
+                 model_provider=adadpo.model_provider)

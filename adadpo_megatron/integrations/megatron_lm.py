@@ -8,10 +8,11 @@ adadpo-precompute-reference read: its ``data``, ``loss`` and ``reference`` secti
     import adadpo_megatron.integrations.megatron_lm as adadpo
 
     adadpo.prepare()
-    args = adadpo.parse_args()  # Megatron-LM's flags + --adadpo-config, checked
-    pretrain(adadpo.config_container(args), adadpo.datasets_provider,
-             ModelType.encoder_or_decoder, adadpo.forward_step,
-             model_provider=adadpo.model_provider)
+    with adadpo.one_line_errors():
+        args = adadpo.parse_args()  # Megatron-LM's flags + --adadpo-config, checked
+        pretrain(adadpo.config_container(args), adadpo.datasets_provider,
+                 ModelType.encoder_or_decoder, adadpo.forward_step,
+                 model_provider=adadpo.model_provider)
 
 (examples/megatron_lm_pretrain.py), or ``python -m adadpo_megatron.integrations.megatron_lm
 <Megatron-LM flags> --adadpo-config run.yaml`` (``main``). What it provides:
@@ -20,9 +21,11 @@ adadpo-precompute-reference read: its ``data``, ``loss`` and ``reference`` secti
   megatron-core wheel ships it (its dataset-helper compile step, SGD resume).
 
 - ``add_arguments``: ``--adadpo-config`` and ``--adadpo-override section.key=value ...``.
-- ``check_flags`` / ``check_config``: the Megatron-LM flags the pair layout needs, refused
-  before the first step naming the flag (``--calculate-per-token-loss``, ``--dataloader-type
-  external``, ``--seq-length`` equal to data.seq_length, a fixed global batch, ...).
+- ``check_flags`` / ``check_config`` / ``check_architecture``: the Megatron-LM flags the pair
+  layout needs, refused before anything is built naming the flag (``--calculate-per-token-loss``,
+  ``--dataloader-type external``, ``--seq-length`` equal to data.seq_length, a fixed global
+  batch, the model of the run config's model section, ...); ``check_starting_weights``: a
+  fresh job starts from model.load.
 - ``model_provider``: megatron-core's GPTModel from Megatron-LM's flags (its own
   ``core_transformer_config_from_args``); on CPU initialised as adadpo-train initialises it.
 - ``datasets_provider``: Megatron-LM's *external* data loader: iterators over this rank's
@@ -43,6 +46,7 @@ adadpo-train.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -55,10 +59,10 @@ from adadpo_megatron.data.packing import MicroBatchPlan, materialize
 from adadpo_megatron.data.tokenizers import build_tokenizer
 from adadpo_megatron.mcore import cpu_compat
 from adadpo_megatron.mcore.forward_step import PreferenceForwardStep, SFTForwardStep
-from adadpo_megatron.mcore.model import canonical_init_
+from adadpo_megatron.mcore.model import canonical_init_, transformer_config
 from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.micro_batch import MicroBatch
-from adadpo_megatron.training.checkpointing.checkpoint import init_sgd_state
+from adadpo_megatron.training.checkpointing.checkpoint import init_sgd_state, resolve_checkpoint
 from adadpo_megatron.training.errors import USER_ERRORS, fail
 from adadpo_megatron.training.layout import ParallelLayout
 from adadpo_megatron.training.reference_cache import (
@@ -125,18 +129,66 @@ def check_flags(args) -> None:
         raise ArgumentError(
             f"--dataloader-type {args.dataloader_type}: use external (the default here); this "
             "plugin's planner builds each step's micro-batches, whole pairs in each")
-    if args.rampup_batch_size is not None:
-        raise ArgumentError("--rampup-batch-size: the global batch must stay fixed (the "
-                            "planner counts pairs per step)")
     if args.train_samples is not None or args.train_iters is None:
         raise ArgumentError("--train-samples: give --train-iters (steps of "
                             "--global-batch-size pairs) instead")
     if args.eval_interval is None:
         raise ArgumentError("--eval-interval is required: Megatron-LM's loop counts its "
                             "evaluations from it even with --eval-iters 0")
-    if getattr(args, "decrease_batch_size_if_needed", False):
-        raise ArgumentError("--decrease-batch-size-if-needed: the global batch must stay "
-                            "fixed")
+    for flag, reason in _REFUSED_FLAGS:
+        if _set(args, flag):
+            raise ArgumentError(f"{flag}: {reason}")
+    eval_micro = getattr(args, "eval_micro_batch_size", None) or args.micro_batch_size
+    eval_global = getattr(args, "eval_global_batch_size", None) or args.global_batch_size
+    if (eval_micro, eval_global) != (args.micro_batch_size, args.global_batch_size):
+        raise ArgumentError(
+            f"--eval-micro-batch-size {eval_micro} / --eval-global-batch-size {eval_global}: "
+            "evaluations run the training batch sizes here (--micro-batch-size "
+            f"{args.micro_batch_size}, --global-batch-size {args.global_batch_size})")
+    if args.moe_aux_loss_coeff or args.moe_z_loss_coeff:
+        raise ArgumentError(
+            "--moe-aux-loss-coeff / --moe-z-loss-coeff: megatron-core scales the router's "
+            "auxiliary losses by the tokens it assumes --calculate-per-token-loss divides by, "
+            "but the loss here is divided by pairs (2 x seq-length times fewer): leave them 0 "
+            "(adadpo-train keeps the pretrained routing, the router frozen)")
+
+
+# (flag, why it is refused): flags Megatron-LM accepts whose effect the pair layout or this
+# plug-in's data path does not have
+_REFUSED_FLAGS = (
+    ("--rampup-batch-size", "the global batch must stay fixed (the planner counts pairs a "
+                            "step)"),
+    ("--decrease-batch-size-if-needed", "the global batch must stay fixed"),
+    ("--phase-transition-iterations", "the global batch must stay fixed"),
+    ("--iterations-to-skip", "its dummy steps broadcast batches of Megatron-LM's own shapes, "
+                             "not 2m rows of whole pairs"),
+    ("--full-validation", "evaluations run --eval-iters global batches of the held-out pairs"),
+    ("--multiple-validation-sets", "the held-out pairs are one set (data.eval_fraction)"),
+    ("--sft", "it makes evaluate() average each micro-batch alone; the preference loss (or "
+              "train.stage: sft in --adadpo-config) is this plug-in's"),
+    ("--data-path", "the preference data is data.path in --adadpo-config"),
+    ("--train-data-path", "the preference data is data.path in --adadpo-config"),
+    ("--data-args-path", "the preference data is data.path in --adadpo-config"),
+    ("--per-split-data-args-path", "the preference data is data.path in --adadpo-config"),
+    ("--mock-data", "the preference data is data.path in --adadpo-config"),
+    ("--reset-position-ids", "positions restart per sequence already (packed segments "
+                             "included)"),
+    ("--reset-attention-mask", "packed segments never attend to each other already"),
+    ("--eod-mask-loss", "the loss reads response tokens only already"),
+    ("--moe-layer-freq", "the model provider builds every layer alike; use adadpo-train for "
+                         "mixed dense and expert layers"),
+    ("--mtp-num-layers", "multi-token prediction has no preference loss"),
+    ("--spec", "the model provider picks megatron-core's layer spec; pass your own "
+               "model_provider to pretrain() for another"),
+)
+
+
+def _set(args, flag: str) -> bool:
+    """Whether ``flag`` is given (not at Megatron-LM's default) in ``args``."""
+    value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+    if flag == "--moe-layer-freq":
+        return value not in (None, 1)
+    return value not in (None, False, [], ())
 
 
 def run_config(args) -> RunConfig:
@@ -145,14 +197,18 @@ def run_config(args) -> RunConfig:
     against the flags (``check_config``: the sequence length, precision, vocabulary, ...);
     ``check_flags`` first."""
     check_flags(args)
-    overrides = list(args.adadpo_override) + flag_overrides(args)
+    decided = flag_overrides(args)
     try:
-        config = load_run_config(args.adadpo_config, overrides)
-    except ValueError as err:
-        raise ArgumentError(f"--adadpo-config {err} (parallel.*, train.global_batch_size, "
-                            "micro_batch_size, seed and max_steps come from Megatron-LM's "
-                            "flags)") from err
-    check_config(args, config)
+        config = load_run_config(args.adadpo_config, list(args.adadpo_override) + decided)
+    except (ValueError, OSError) as err:
+        keys = [item.split("=")[0] for item in decided]
+        where = (" (parallel.*, train.global_batch_size, micro_batch_size, seed and max_steps "
+                 "come from Megatron-LM's flags)" if any(k in str(err) for k in keys) else "")
+        raise ArgumentError(f"--adadpo-config {err}{where}") from err
+    try:
+        check_config(args, config)
+    except OSError as err:  # the tokenizer's files
+        raise ArgumentError(f"--adadpo-config {args.adadpo_config}: {err}") from err
     return config
 
 
@@ -164,6 +220,9 @@ def check_config(args, config: RunConfig) -> None:
         ArgumentError: the first key that cannot work.
     """
     source = args.adadpo_config
+    if args.use_distributed_optimizer and not torch.cuda.is_available():
+        raise ArgumentError("--use-distributed-optimizer needs a GPU (its buffers assert CUDA "
+                            "tensors); on CPU megatron-core's plain optimizer runs")
     if args.seq_length != config.data.seq_length:
         raise ArgumentError(
             f"--seq-length {args.seq_length} differs from data.seq_length "
@@ -182,6 +241,7 @@ def check_config(args, config: RunConfig) -> None:
             f"--fp8-format {args.fp8} but model.fp8 {fp8!r} in {source}: set model.fp8 (and "
             "model.fp8_recipe) as the flags do; the reference and the micro-batch lengths "
             "depend on it")
+    check_architecture(args, config)
     vocab = config_vocab_size(config)
     if args.padded_vocab_size < vocab:
         raise ArgumentError(
@@ -208,6 +268,100 @@ def check_config(args, config: RunConfig) -> None:
                             "does not run)")
 
 
+# (TransformerConfig field, the Megatron-LM flag that sets it, the argument it lands in):
+# what the model the flags build and the run config's model section (the reference cache's)
+# must agree on
+ARCHITECTURE_FLAGS = (
+    ("num_layers", "--num-layers", "num_layers"),
+    ("hidden_size", "--hidden-size", "hidden_size"),
+    ("ffn_hidden_size", "--ffn-hidden-size", "ffn_hidden_size"),
+    ("num_attention_heads", "--num-attention-heads", "num_attention_heads"),
+    ("kv_channels", "--kv-channels", "kv_channels"),
+    ("normalization", "--normalization", "normalization"),
+    ("layernorm_epsilon", "--norm-epsilon", "layernorm_epsilon"),
+    ("gated_linear_unit", "--swiglu", "swiglu"),
+    ("add_bias_linear", "--disable-bias-linear", "add_bias_linear"),
+    ("add_qkv_bias", "--add-qkv-bias", "add_qkv_bias"),
+    ("qk_layernorm", "--qk-layernorm", "qk_layernorm"),
+    ("num_moe_experts", "--num-experts", "num_experts"),
+)
+MOE_FLAGS = (("moe_ffn_hidden_size", "--moe-ffn-hidden-size", "moe_ffn_hidden_size"),
+             ("moe_router_topk", "--moe-router-topk", "moe_router_topk"))
+
+
+def check_architecture(args, config: RunConfig) -> None:
+    """The model Megatron-LM's flags build is the run config's model (whose reference the
+    cache holds): each architecture field of the run config's megatron-core TransformerConfig
+    against the (validated) flag that sets it, and the embedding's (RoPE base and scaling, a
+    tied output layer).
+
+    Raises:
+        ArgumentError: naming the first flag that differs, with both values.
+    """
+    ours = transformer_config(config.model, config.parallel, dtype=torch.float32, gpu=False)
+    m = config.model
+    fields = ARCHITECTURE_FLAGS + (MOE_FLAGS if ours.num_moe_experts else ())
+    pairs = [(flag, getattr(args, name), getattr(ours, field)) for field, flag, name in fields]
+    pairs += [("--num-query-groups",
+               args.num_query_groups if args.group_query_attention else args.num_attention_heads,
+               ours.num_query_groups),
+              ("--position-embedding-type", args.position_embedding_type,
+               m.position_embedding_type),
+              ("--rotary-base", args.rotary_base, m.rotary_base),
+              ("--use-rope-scaling", bool(args.use_rope_scaling), m.rope_scaling),
+              ("--untie-embeddings-and-output-weights",
+               not args.untie_embeddings_and_output_weights,
+               m.share_embeddings_and_output_weights)]
+    if m.rope_scaling:
+        pairs.append(("--rope-scaling-factor", args.rope_scaling_factor, m.rope_scaling_factor))
+    for flag, flags_value, config_value in pairs:
+        if flags_value != config_value:
+            raise ArgumentError(
+                f"{flag}: the flags build a model with {flags_value!r} where the model section "
+                f"of {args.adadpo_config} (the reference's model) has {config_value!r}")
+
+
+def check_starting_weights(args, config: RunConfig) -> None:
+    """A fresh job (iteration 0) starts from the weights the run config says the policy
+    starts from (model.load; the reference cache was computed from them or from
+    reference.load): the checkpoint Megatron-LM loaded (``--load`` where it holds one, else
+    ``--pretrained-checkpoint``) is model.load, and none is loaded without one. A resumed job
+    continues its own checkpoint.
+
+    Raises:
+        ArgumentError: naming the flag and the key.
+    """
+    if args.iteration > 0:
+        return
+    from megatron.training.checkpointing import checkpoint_exists
+
+    flag, loaded = None, None
+    if args.load and checkpoint_exists(args.load):
+        flag, loaded = "--load", args.load
+    elif args.pretrained_checkpoint:
+        flag, loaded = "--pretrained-checkpoint", args.pretrained_checkpoint
+    m, source = config.model, args.adadpo_config
+    if m.load is None:
+        if loaded is not None and not m.hf:
+            raise ArgumentError(
+                f"{flag} {loaded}: the job starts from it, but the model section of {source} "
+                "has no model.load (the reference is the initialisation's): set "
+                f"model.load={loaded} and rerun adadpo-precompute-reference")
+        if loaded is None and m.hf:
+            raise ArgumentError(
+                f"the job starts from random weights (no --pretrained-checkpoint), but the "
+                f"model section of {source} starts from model.hf {m.hf}: pass that model, "
+                "converted to a Megatron checkpoint, as --pretrained-checkpoint")
+        return
+    expected = resolve_checkpoint(config.resolve(m.load)).resolve()
+    if loaded is None or resolve_checkpoint(loaded).resolve() != expected:
+        raise ArgumentError(
+            f"{flag or '--pretrained-checkpoint'} {loaded}: the job starts from "
+            f"{'it' if loaded else 'random weights'}, but model.load in {source} (what the "
+            f"reference and the policy start from) is {expected}: pass "
+            f"--pretrained-checkpoint {m.load}")
+
+
 def config_vocab_size(config: RunConfig) -> int:
     """data.tokenizer's vocabulary (unpadded)."""
     return build_tokenizer(config.tokenizer_spec()).vocab_size
@@ -223,7 +377,11 @@ def parse_args(argv: Optional[List[str]] = None):
         sys.argv = [sys.argv[0], *argv]
     args = parse_and_validate_args(extra_args_provider=add_arguments,
                                    args_defaults={"dataloader_type": "external"})
-    _STATE.config = run_config(args)
+    try:
+        _STATE.config = run_config(args)
+    except ArgumentError as err:
+        err.on_every_rank = True  # every rank read the same flags and config
+        raise
     return args
 
 
@@ -261,7 +419,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     megatron-core's local ones with ``local`` (CPU). Pipeline stages exchange shapes, since a
     micro-batch of m pairs is 2m rows (or one packed row) rather than ``--micro-batch-size``.
     On CPU every weight is drawn as adadpo-train draws it (``canonical_init_`` with
-    ``--seed``), so the two loops start from the same model on any layout.
+    ``--seed``), so the two loops start from the same model on any layout. The router of an
+    expert model stays frozen unless model.moe_train_router, as in adadpo-train.
     """
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs
     from megatron.training import get_args
@@ -288,6 +447,10 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         rotary_percent=args.rotary_percent, rotary_base=args.rotary_base,
         rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
         vp_stage=vp_stage, **kwargs)
+    if not _STATE.run_config().model.moe_train_router:
+        for name, param in model.named_parameters():
+            if ".mlp.router." in name:  # adadpo-train's default: the pretrained routing kept
+                param.requires_grad_(False)
     if not torch.cuda.is_available():
         model.to(config.params_dtype)
         canonical_init_([model], config, args.seed)
@@ -379,19 +542,35 @@ def _planner() -> _Planner:
     if _STATE.planner is None:
         from megatron.core import parallel_state as ps
         from megatron.core.num_microbatches_calculator import get_num_microbatches
+        from megatron.training import get_args
 
         config = _STATE.run_config()
-        data = load_run_data(config)
-        reference = None
-        if config.reference.mode == "precompute" and config.loss.needs_reference:
-            fingerprint = reference_fingerprint(config, data.tokenizer, data.dataset,
-                                                data.sources)
-            reference = load_cache(default_cache_path(config), fingerprint, data.dataset)
+        try:
+            check_starting_weights(get_args(), config)
+        except ArgumentError as err:
+            err.on_every_rank = True  # the same flags and checkpoints on every rank
+            raise
+        try:
+            data = load_run_data(config)
+            reference = None
+            if config.reference.mode == "precompute" and config.loss.needs_reference:
+                fingerprint = reference_fingerprint(config, data.tokenizer, data.dataset,
+                                                    data.sources)
+                reference = load_cache(default_cache_path(config), fingerprint, data.dataset)
+        except USER_ERRORS as err:  # the data, the tokenizer, the reference cache
+            raise _plug_in_error(err) from err
         layout = ParallelLayout.of(config, torch.distributed.get_world_size())
         _STATE.planner = _Planner(config, data, reference, layout,
                                   ps.get_data_parallel_rank(with_context_parallel=False),
                                   get_num_microbatches())
     return _STATE.planner
+
+
+def _plug_in_error(err: BaseException) -> ArgumentError:
+    """``err`` as this plug-in's error (printed as one line), marked as it was."""
+    wrapped = ArgumentError(str(err))
+    wrapped.on_every_rank = getattr(err, "on_every_rank", False)
+    return wrapped
 
 
 def datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None):
@@ -403,9 +582,18 @@ def datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None
 
     del train_val_test_num_samples, vp_stage  # steps are planned, not sampled
     args = get_args()
+    if args.consumed_train_samples != args.iteration * args.global_batch_size:
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size}: the checkpoint at iteration "
+            f"{args.iteration} consumed {args.consumed_train_samples} pairs, another global "
+            "batch; the pairs of each step follow from the global batch, so a change would "
+            "skip or repeat pairs: resume with the checkpoint's --global-batch-size")
     planner = _planner()
     train = StepMicroBatches(planner.training, args.iteration)
-    valid = StepMicroBatches(planner.evaluation, 0) if args.eval_iters > 0 else None
+    valid = None
+    if args.eval_iters > 0:  # where the evaluations before a restart stopped
+        first = getattr(args, "consumed_valid_samples", 0) // args.global_batch_size
+        valid = StepMicroBatches(planner.evaluation, first)
     return train, valid, None
 
 
@@ -499,6 +687,17 @@ def make_sgd_resumable() -> None:
     training.get_megatron_optimizer = get_megatron_optimizer
 
 
+@contextlib.contextmanager
+def one_line_errors(prog: str = PROG) -> Iterator[None]:
+    """This plug-in's errors (a flag, a key, the data, the reference cache) as one line and
+    exit code 2 (``ADADPO_TRACEBACK=1`` keeps the traceback); Megatron-LM's own errors keep
+    theirs."""
+    try:
+        yield
+    except ArgumentError as err:
+        fail(prog, err)
+
+
 def prepare() -> None:
     """What a script calls before Megatron-LM's: on a machine without a GPU, the CPU layer
     (megatron-core and megatron.training over gloo, ``cpu_compat``); the wheel's dataset
@@ -516,16 +715,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     from megatron.training import pretrain
 
     prepare()
-    try:
+    with one_line_errors():
         args = parse_args(argv)
-    except ArgumentError as err:
-        err.on_every_rank = True  # every rank read the same flags and config
-        fail(PROG, err)
-    try:
         pretrain(config_container(args), datasets_provider, ModelType.encoder_or_decoder,
                  forward_step, model_provider=model_provider)
-    except USER_ERRORS as err:  # the data, the reference cache (Megatron-LM's own keep theirs)
-        fail(PROG, err)
 
 
 if __name__ == "__main__":

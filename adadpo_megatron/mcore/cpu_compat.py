@@ -32,7 +32,8 @@ device and reports memory), and its ``get_model`` keeps ``module.cuda()`` on the
 Everything else (collectives, autograd, the model code) is untouched. The layer switches
 on only when no GPU is in use (``enable()`` raises otherwise) and is idempotent. Its effect
 does not depend on import order: modules loaded before the call are redirected by it, and
-those loaded after it as they are imported (an import hook on ``megatron.core``). Checked
+those loaded after it as they are imported (an import hook on ``megatron.core`` and
+``megatron.training``). Checked
 against megatron-core 0.19.2 with torch 2.14.1 (see ``CHECKED_MEGATRON_CORE_VERSIONS``).
 """
 

@@ -51,6 +51,7 @@ def test_the_llama31_8b_job_passes_megatron_lm_and_the_plug_in(tmp_path, monkeyp
     assert (args.data_parallel_size, args.tensor_model_parallel_size) == (8, 2)
     config = megatron_lm.load_run_config(args.adadpo_config,
                                          megatron_lm.flag_overrides(args))
+    megatron_lm.check_architecture(args, config)  # the flags build the preset's Llama-3.1-8B
     assert config.data.seq_length == args.seq_length == 2048
     assert config.train.dtype == "bfloat16" and args.bf16
     assert config.reference.mode == "precompute" and config.loss.adaptive

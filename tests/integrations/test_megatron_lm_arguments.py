@@ -127,3 +127,75 @@ def test_a_precision_other_than_the_run_configs_is_refused_naming_both(monkeypat
     with pytest.raises(megatron_lm.ArgumentError,
                        match=r"--bf16 makes the model bfloat16, but train.dtype is 'float32'"):
         megatron_lm.run_config(args)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (("--full-validation",), "--full-validation: evaluations run --eval-iters"),
+    (("--iterations-to-skip", "2"), "--iterations-to-skip: its dummy steps"),
+    (("--data-path", "/data/corpus"), "--data-path: the preference data is data.path"),
+    (("--sft",), "--sft: it makes evaluate"),
+    (("--eval-micro-batch-size", "1"), "--eval-micro-batch-size 1 / --eval-global-batch-size"),
+    (("--moe-aux-loss-coeff", "0.01"), "--moe-aux-loss-coeff / --moe-z-loss-coeff"),
+], ids=["full-validation", "iterations-to-skip", "data-path", "sft", "eval-batch", "aux-loss"])
+def test_a_flag_whose_effect_the_plug_in_does_not_have_is_refused(monkeypatch, config, extra,
+                                                                  fragment):
+    """Flags Megatron-LM accepts but the pair layout or the plug-in's data path would ignore
+    or break (a wrongly scaled router loss, batches of Megatron-LM's own shapes, another
+    data set)."""
+    with pytest.raises(megatron_lm.ArgumentError, match=fragment):
+        megatron_lm.run_config(_args(monkeypatch, config, *extra))
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (("--rotary-base", "500000"), "--rotary-base: the flags build a model with 500000 where "
+                                  "the model section of .* has 10000"),
+    (("--ffn-hidden-size", "128"), "--ffn-hidden-size: .* 128 .* has 64"),
+    (("--norm-epsilon", "1e-3"), "--norm-epsilon: .* 0.001 .* has 1e-05"),
+], ids=["rotary-base", "ffn", "norm-epsilon"])
+def test_a_model_other_than_the_reference_caches_is_refused(monkeypatch, config, extra,
+                                                           fragment):
+    """The reference cache was computed for the run config's model section: the model the
+    flags build must be that architecture (issue 25 review: a changed RoPE base or epsilon
+    was accepted and trained against a reference of another model)."""
+    with pytest.raises(megatron_lm.ArgumentError, match=fragment):
+        megatron_lm.run_config(_args(monkeypatch, config, *extra))
+
+
+def test_a_fresh_job_starts_from_model_load_or_is_refused(monkeypatch, config, tmp_path):
+    """A fresh job (iteration 0) must start from the checkpoint the reference and the policy
+    are declared to start from (model.load); no checkpoint where model.load is set, or one where
+    the run config starts from the initialisation, is refused naming the flag and the key."""
+    base = tmp_path / "base"
+    (base / "iter_0000001").mkdir(parents=True)
+    (base / "iter_0000001" / "metadata.json").write_text("{}")
+    (base / "latest_checkpointed_iteration.txt").write_text("1")
+    args = _args(monkeypatch, config)
+    args.iteration = 0
+    run = megatron_lm.run_config(args)
+    args.pretrained_checkpoint = str(base)
+    with pytest.raises(megatron_lm.ArgumentError,
+                       match=r"--pretrained-checkpoint .*base: the job starts from it, but "
+                             r"the model section .* has no model.load"):
+        megatron_lm.check_starting_weights(args, run)
+    with_load = megatron_lm.load_run_config(config, [f"model.load={base}"])
+    megatron_lm.check_starting_weights(args, with_load)  # the same checkpoint: accepted
+    args.pretrained_checkpoint = None
+    with pytest.raises(megatron_lm.ArgumentError, match=r"starts from random weights, but "
+                                                        r"model.load"):
+        megatron_lm.check_starting_weights(args, with_load)
+    args.iteration = 5  # a resumed job continues its own checkpoint
+    megatron_lm.check_starting_weights(args, with_load)
+
+
+def test_resuming_with_another_global_batch_is_refused(monkeypatch, config):
+    """Step s takes pairs s x global batch on: a checkpoint that consumed another global
+    batch a step would skip or repeat pairs (Megatron-LM itself allows the change)."""
+    from megatron.training import global_vars
+
+    args = _args(monkeypatch, config)
+    args.iteration, args.consumed_train_samples = 2, 32  # saved with --global-batch-size 16
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", args)
+    with pytest.raises(megatron_lm.ArgumentError,
+                       match=r"--global-batch-size 8: the checkpoint at iteration 2 consumed "
+                             r"32 pairs"):
+        megatron_lm.datasets_provider(None)

@@ -13,7 +13,7 @@ at most ``OUT.adadpo-tmp`` (or, killed between the two renames, the old OUT as
 an OUT at a time: a second command into the same OUT is refused while the first holds
 ``OUT.adadpo-lock`` (``writing``; the file goes when the write ends), naming its pid and
 host. An empty OUT, and one that is or
-holds the working directory, are refused too.
+holds the working directory, are refused too (one inside it, ./hf_out, is the usual case).
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def _check_ownership(given, out: Path, marker: str, overwrite: bool) -> Path:
 
 
 def check_protected(out, protected: Mapping[str, Optional[os.PathLike]]) -> Path:
-    """The resolved OUT once it is known not to be, hold or lie inside a protected path or
-    the working directory (ValueError otherwise); looks at nothing else, changes nothing."""
+    """The resolved OUT once it is known not to be, hold or lie inside a protected path, nor
+    to be or hold the working directory (ValueError otherwise); looks at nothing else, changes
+    nothing."""
     _require_named(out)
     given, out = out, Path(out).resolve()
     cwd = Path.cwd().resolve()
