@@ -26,6 +26,8 @@ def test_the_llama31_8b_job_passes_megatron_lm_and_the_plug_in(tmp_path, monkeyp
     from megatron.training.arguments import parse_args, validate_args
 
     from adadpo_megatron.integrations import megatron_lm
+    from adadpo_megatron.integrations.megatron_lm_checks import flag_overrides
+    from adadpo_megatron.training.run_config import load_run_config
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -49,8 +51,7 @@ def test_the_llama31_8b_job_passes_megatron_lm_and_the_plug_in(tmp_path, monkeyp
     validate_args(args, {"dataloader_type": "external"})
     megatron_lm.check_flags(args)
     assert (args.data_parallel_size, args.tensor_model_parallel_size) == (8, 2)
-    config = megatron_lm.load_run_config(args.adadpo_config,
-                                         megatron_lm.flag_overrides(args))
+    config = load_run_config(args.adadpo_config, flag_overrides(args))
     megatron_lm.check_architecture(args, config)  # the flags build the preset's Llama-3.1-8B
     assert config.data.seq_length == args.seq_length == 2048
     assert config.train.dtype == "bfloat16" and args.bf16

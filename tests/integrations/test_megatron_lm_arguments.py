@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from adadpo_megatron.integrations import megatron_lm
+from adadpo_megatron.training.run_config import load_run_config
 from tests.integrations.test_megatron_lm import _run_config, megatron_lm_flags
 
 # what Megatron-LM's tokenizer set-up makes of --vocab-size 259 (padded to 128): adadpo-train's
@@ -177,7 +178,7 @@ def test_a_fresh_job_starts_from_model_load_or_is_refused(monkeypatch, config, t
                        match=r"--pretrained-checkpoint .*base: the job starts from it, but "
                              r"the model section .* has no model.load"):
         megatron_lm.check_starting_weights(args, run)
-    with_load = megatron_lm.load_run_config(config, [f"model.load={base}"])
+    with_load = load_run_config(config, [f"model.load={base}"])
     megatron_lm.check_starting_weights(args, with_load)  # the same checkpoint: accepted
     args.pretrained_checkpoint = None
     with pytest.raises(megatron_lm.ArgumentError, match=r"starts from random weights, but "
