@@ -46,6 +46,7 @@ adadpo-train.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from typing import Callable, Iterator, List, Optional
 
@@ -67,7 +68,12 @@ from adadpo_megatron.integrations.megatron_lm_mends import (
     use_shipped_dataset_helpers,
 )
 from adadpo_megatron.mcore import cpu_compat
-from adadpo_megatron.mcore.forward_step import PreferenceForwardStep, SFTForwardStep
+from adadpo_megatron.mcore.forward_step import (
+    COUNTS,
+    MAX_REDUCED,
+    PreferenceForwardStep,
+    SFTForwardStep,
+)
 from adadpo_megatron.mcore.model import canonical_init_
 from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.micro_batch import MicroBatch
@@ -331,10 +337,19 @@ datasets_provider.is_distributed = True  # every rank builds its own (its pairs 
 
 class ForwardStep:
     """Megatron-LM's ``forward_step_func``: the policy's forward step on megatron-core's
-    process groups, built at its first call (after Megatron-LM initialised them)."""
+    process groups, built at its first call (after Megatron-LM initialised them).
+
+    Its reports are made to read right in Megatron-LM's log, which divides each report's
+    summed ``[value, count]`` over micro-batches and data- and context-parallel ranks: the
+    totals (``pairs``, ``tokens``, ``adadpo/grad_ratio_pairs``) count each micro-batch's value
+    once over CP and carry 1 / (micro-batches x DP x CP) as their count, so that they read as
+    the global batch's totals; ``adadpo/coef_max``, a maximum, which no sum and division
+    gives, is left out (adadpo-train logs it).
+    """
 
     def __init__(self):
         self._step = None
+        self._share = None  # each micro-batch's share of a total's count
 
     def _build(self):
         from megatron.core import parallel_state as ps
@@ -351,12 +366,30 @@ class ForwardStep:
             **groups)
 
     def __call__(self, data_iterator, model):
+        from megatron.core import parallel_state as ps
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+
         if self._step is None:
             self._step = self._build()
         # adadpo-train reads a step's finiteness checks after it; Megatron-LM checks the
         # reduced loss itself, so each micro-batch starts afresh
         self._step.start_step()
-        return self._step(data_iterator, model)
+        cp = ps.get_context_parallel_world_size()
+        self._share = (cp, 1.0 / (get_num_microbatches()
+                                  * ps.get_data_parallel_world_size(with_context_parallel=False)
+                                  * cp))
+        output, loss_func = self._step(data_iterator, model)
+        return output, functools.partial(self._megatron_lm_report, loss_func)
+
+    def _megatron_lm_report(self, loss_func, output_tensor):
+        loss, count, report = loss_func(output_tensor)
+        cp, share = self._share
+        report = {name: value for name, value in report.items() if name not in MAX_REDUCED}
+        for name in COUNTS:
+            if name in report:
+                value = report[name][0]
+                report[name] = torch.stack([value / cp, torch.full_like(value, share)])
+        return loss, count, report
 
 
 forward_step = ForwardStep()

@@ -153,6 +153,14 @@ def test_pretrain_steps_equal_adadpo_train(oracle, uninterrupted_pp2, tmp_path, 
     records = (uninterrupted_pp2 if layout == "pp2" else
                _layout_run(tmp_path, config, layout))
     _assert_matches(records, history)
+    # Megatron-LM's log reads the totals as the global batch's (sums of at most 4 x 8 shares
+    # that are powers of two: exact in float32) and has no coef_max (a maximum, which its
+    # sum-and-divide cannot give)
+    for record in records:
+        want = history[record["iteration"] - 1]
+        assert record["pairs"] == want["pairs"] == TINY["train"]["global_batch_size"]
+        assert record["tokens"] == want["tokens"]
+        assert "adadpo/coef_max" not in record
 
 
 @pytest.mark.slow
