@@ -190,7 +190,6 @@ class _CpuTrainingCuda(_CpuCuda):
         return "cpu"
 
 
-
 class _CpuTorch(types.ModuleType):
     """``torch`` as megatron-core sees it on a CPU-only run: everything else is forwarded."""
 
