@@ -30,7 +30,9 @@ and, flattened for Transformer Engine's THD attention (``thd_flatten``), every s
     cu_seqlens    [runs + 1] int32  cumulative lengths of the segments and row paddings
     max_seqlen    int               the longest run
 
-LD-DPO adds ``ld_tail_mask`` (like loss_mask) inside the forward step. An evaluation may
+LD-DPO adds ``ld_tail_mask`` (like loss_mask) inside the forward step, and a packed batch
+for megatron-core's local layers its block-diagonal ``attention_mask`` [R, 1, L, L] (bool,
+True where masked; a context-parallel split cuts its query rows only). An evaluation may
 pad each rank's micro-batches to the schedule's count with copies marked
 
     filler        bool                  True: the forward step counts it for nothing
@@ -57,6 +59,7 @@ class MicroBatch(TypedDict):
     cu_seqlens: NotRequired[torch.Tensor]
     max_seqlen: NotRequired[int]
     ld_tail_mask: NotRequired[torch.Tensor]
+    attention_mask: NotRequired[torch.Tensor]
     filler: NotRequired[bool]
 
 

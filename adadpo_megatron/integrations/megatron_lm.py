@@ -74,7 +74,7 @@ from adadpo_megatron.mcore.forward_step import (
     PreferenceForwardStep,
     SFTForwardStep,
 )
-from adadpo_megatron.mcore.model import canonical_init_
+from adadpo_megatron.mcore.model import canonical_init_, layer_spec
 from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.micro_batch import MicroBatch
 from adadpo_megatron.training.errors import USER_ERRORS, fail
@@ -155,7 +155,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     ``--seed``), so the two loops start from the same model on any layout. The router of an
     expert model stays frozen unless model.moe_train_router, as in adadpo-train.
     """
-    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+    from megatron.core.models.gpt import GPTModel
     from megatron.training import get_args
     from megatron.training.argument_utils import core_transformer_config_from_args
 
@@ -164,12 +164,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         config = core_transformer_config_from_args(args)
     if config.pipeline_model_parallel_size > 1:
         config.variable_seq_lengths = True
-    options = dict(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
-                   qk_layernorm=args.qk_layernorm)
-    if args.transformer_impl == "transformer_engine":
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**options)
-    else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(**options)
+    spec = layer_spec(args.transformer_impl == "transformer_engine", config)
     kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,

@@ -14,7 +14,9 @@ and, outside the proxy,
 - makes the CUDA RNG tracker's ``fork()`` a no-op (dropout then draws from the default CPU
   generator; the CPU recipes use no dropout),
 - keeps ``tensor.cuda()`` on the CPU inside ``LanguageModule.setup_embeddings_and_output_layer``
-  (tied embeddings with pipeline parallelism copy the output layer's weight there),
+  (tied embeddings with pipeline parallelism copy the output layer's weight there) and inside
+  ``get_pos_emb_on_this_cp_rank`` (the rotary table's context-parallel chunks), and drops
+  ``pin_memory`` from tensor factories,
 - replaces ``clip_grad_by_total_norm_fp32`` as the optimizer sees it with the same maths
   minus its ``'torch.cuda.FloatTensor'`` assertion (we clip here rather than patching the
   check inside megatron's function; the distributed optimizer, which asserts the same
@@ -204,6 +206,7 @@ class _CpuTorch(types.ModuleType):
         def wrapped(*args, **kwargs):
             if "device" in kwargs:
                 kwargs["device"] = _to_cpu_device(kwargs["device"])
+            kwargs.pop("pin_memory", None)  # pinning asks for a CUDA driver
             return factory(*args, **kwargs)
 
         wrapped.__name__ = factory.__name__
@@ -284,8 +287,20 @@ def _training_loop_on_cpu(module) -> None:
     module.get_model = _on_cpu(module.get_model)
 
 
+def _rotary_chunks_on_cpu(module) -> None:
+    """Under context parallelism the rotary table is cut to the rank's chunks by
+    ``get_pos_emb_on_this_cp_rank``, which copies the chunk indices with ``.cuda()`` (the
+    rotary module holds its own name for the function)."""
+    module.get_pos_emb_on_this_cp_rank = _on_cpu(module.get_pos_emb_on_this_cp_rank)
+
+
 # {module: what else it needs on CPU}, applied once, with its proxy
-_MODULE_PATCHES = {"megatron.training.training": (_training_loop_on_cpu,)}
+_MODULE_PATCHES = {
+    "megatron.training.training": (_training_loop_on_cpu,),
+    "megatron.core.models.common.embeddings.rope_utils": (_rotary_chunks_on_cpu,),
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": (_rotary_chunks_on_cpu,),
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": (_rotary_chunks_on_cpu,),
+}
 
 
 class _RedirectingLoader:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from adadpo_megatron.mcore.packed_attention import (
     PACKED_FORMATS,
+    block_diagonal_causal_mask,
     packed_model_inputs,
     thd_flatten,
     thd_this_cp_rank,
@@ -73,14 +74,16 @@ def _data_parallel_group(dp_group):
 
 def _this_cp_rank(batch: MicroBatch, cp_group) -> MicroBatch:
     """The batch with its sequence dimension cut to this CP rank's load-balanced chunks:
-    megatron-core's per-sequence split for rows, per segment for a THD-packed batch."""
+    megatron-core's per-sequence split for rows (an ``attention_mask`` [R, 1, S, S] by its
+    query rows, as megatron-core splits it), per segment for a THD-packed batch."""
     if cp_group is None or dist.get_world_size(cp_group) == 1:
         return batch
     if "cu_seqlens" in batch:
         return thd_this_cp_rank(batch, cp_group)
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    sharded = get_batch_on_this_cp_rank({k: batch[k] for k in SEQUENCE_KEYS if k in batch},
+    keys = SEQUENCE_KEYS + ("attention_mask",)
+    sharded = get_batch_on_this_cp_rank({k: batch[k] for k in keys if k in batch},
                                         is_hybrid_cp=False, cp_group=cp_group)
     return {**batch, **sharded}
 
@@ -303,6 +306,9 @@ class _ForwardStep:
         if batch is not None and "segment_ids" in batch and self.packed_format == "thd":
             batch = thd_flatten(batch)  # on the CPU, before the copy: no device sync
         batch = _to_device(batch, _device_of(model))
+        if batch is not None and "segment_ids" in batch and self.packed_format == "mask":
+            # of the whole rows, before the CP split cuts their queries (keys stay whole)
+            batch = {**batch, "attention_mask": block_diagonal_causal_mask(batch["segment_ids"])}
         if batch is not None:
             batch = _this_cp_rank(batch, cp_group)
         output = self.model_forward(model, batch)

@@ -9,6 +9,10 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from adadpo_megatron.mcore.context_parallel_attention import (
+    check_context_parallel_spec,
+    with_context_parallel_attention,
+)
 from adadpo_megatron.mcore.lora import LoRAConfig, add_adapters, is_adapter_name
 from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
 from adadpo_megatron.mcore.parameter_names import global_parameter_names
@@ -91,16 +95,23 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
     )
 
 
-def _layer_spec(gpu: bool, config):
-    """megatron-core's layer spec for the config: Transformer Engine's on a GPU that has it,
-    else the local one; q/k norms and experts (one module each, see hf_mapping) as set."""
+def layer_spec(transformer_engine: bool, config):
+    """megatron-core's GPT layer spec for the config: Transformer Engine's layers where
+    ``transformer_engine``, else the local ones (with the local context-parallel attention
+    under CP, adadpo_megatron.mcore.context_parallel_attention); q/k norms and experts (one
+    module each, see hf_mapping) as set."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     options = dict(qk_layernorm=config.qk_layernorm, num_experts=config.num_moe_experts,
                    moe_grouped_gemm=config.moe_grouped_gemm)
-    if uses_transformer_engine(gpu):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**options)
-    return gpt_layer_specs.get_gpt_layer_local_spec(**options)
+    if transformer_engine:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**options)
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(**options)
+        if config.context_parallel_size > 1:
+            spec = with_context_parallel_attention(spec)
+    check_context_parallel_spec(spec, config.context_parallel_size)
+    return spec
 
 
 def uses_transformer_engine(gpu: bool) -> bool:
@@ -147,7 +158,7 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
         vp_stage = stage if vpp > 1 else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=_layer_spec(gpu, config),
+            transformer_layer_spec=layer_spec(uses_transformer_engine(gpu), config),
             vocab_size=vocab_size,
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,

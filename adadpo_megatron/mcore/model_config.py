@@ -227,7 +227,8 @@ class ParallelConfig:
         tensor_model_parallel_size: TP, >= 1; divides the attention heads.
         pipeline_model_parallel_size: PP, >= 1; with VPP, divides the layers into PP * VPP.
         virtual_pipeline_model_parallel_size: VPP (interleaved 1F1B), None or >= 2 with PP > 1.
-        context_parallel_size: CP, >= 1; CP > 1 needs Transformer Engine attention (GPU).
+        context_parallel_size: CP, >= 1: Transformer Engine's attention on a GPU, the local
+            context-parallel attention without it (mcore/context_parallel_attention.py).
         sequence_parallel: Megatron sequence parallelism, needs TP > 1.
         expert_model_parallel_size: EP, >= 1: the experts of a mixture-of-experts model are
             split over this many ranks of the data-parallel (times context-parallel) ranks,

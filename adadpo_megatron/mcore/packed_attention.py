@@ -128,9 +128,13 @@ def thd_this_cp_rank(batch: MicroBatch, cp_group) -> MicroBatch:
 
 def packed_model_inputs(batch: Optional[MicroBatch]) -> Dict[str, object]:
     """GPTModel's attention arguments: ``attention_mask`` None (the layer spec's causal mask)
-    for rows; for a packed batch the block-diagonal mask, or ``packed_seq_params`` (THD)."""
+    for rows; for a packed batch its block-diagonal mask (the batch's ``attention_mask``,
+    made before a context-parallel split, else of its ``segment_ids``), or
+    ``packed_seq_params`` (THD)."""
     if batch is None or "segment_ids" not in batch:
         return {"attention_mask": None}
     if "cu_seqlens" in batch:
         return {"attention_mask": None, "packed_seq_params": packed_seq_params(batch)}
+    if "attention_mask" in batch:
+        return {"attention_mask": batch["attention_mask"]}
     return {"attention_mask": block_diagonal_causal_mask(batch["segment_ids"])}

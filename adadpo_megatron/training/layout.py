@@ -154,12 +154,11 @@ class ParallelLayout:
         return math.lcm(multiple, self.tp) if self.parallel.sequence_parallel else multiple
 
     def check_machine(self, *, gpu: bool) -> None:
-        """What the layout needs of the machine: CP and SP need a GPU (Transformer Engine)."""
+        """What the layout needs of the machine: SP needs a GPU (Transformer Engine or Apex
+        norms). CP runs anywhere: Transformer Engine's attention on a GPU, the local
+        context-parallel attention without it."""
         if gpu:
             return
-        if self.cp > 1:
-            raise ValueError(f"parallel.context_parallel_size={self.cp} needs Transformer "
-                             "Engine's context-parallel attention, which needs a GPU")
         if self.parallel.sequence_parallel:
             raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or "
                              "Apex norms (megatron-core's torch norm refuses it), so a GPU")
