@@ -465,6 +465,10 @@ class RunConfig:
             raise ValueError(f"data.max_tokens_per_micro_batch({budget}) is below "
                              f"{sides} x data.seq_length({self.data.seq_length}): a pair of "
                              "that length would fit no micro-batch")
+        if budget is not None and cp > 1 and budget % (2 * cp):
+            raise ValueError(f"data.max_tokens_per_micro_batch({budget}) is not divisible by "
+                             f"2 * parallel.context_parallel_size({cp}): every packed "
+                             "micro-batch is cut in 2 x CP equal chunks")
 
     @property
     def fp8_multiple(self) -> int:

@@ -128,6 +128,8 @@ LAYOUTS = {
     "pp2": (["--pipeline-model-parallel-size", "2", "--eval-iters", "0"], "longest"),
     "pp2-vpp2": (["--pipeline-model-parallel-size", "2",
                   "--num-layers-per-virtual-pipeline-stage", "1", "--eval-iters", "0"], "pack"),
+    # the local context-parallel attention inside Megatron-LM's loop, evaluation included
+    "cp2": (["--context-parallel-size", "2", "--eval-iters", "1"], "pack"),
 }
 
 
@@ -146,8 +148,8 @@ def uninterrupted_pp2(oracle, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pretrain_steps_equal_adadpo_train(oracle, uninterrupted_pp2, tmp_path, layout):
-    """Megatron-LM's initialize and pretrain() on 2 processes (TP 2, PP 2, PP 2 x VPP 2; padded,
-    longest and packed micro-batches): each iteration's loss and gradient norm are
+    """Megatron-LM's initialize and pretrain() on 2 processes (TP 2, PP 2, PP 2 x VPP 2, CP 2;
+    padded, longest and packed micro-batches): each iteration's loss and gradient norm are
     adadpo-train's."""
     config, history = oracle
     records = (uninterrupted_pp2 if layout == "pp2" else

@@ -149,8 +149,9 @@ def one_process(llama, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", [{"parallel.tensor_model_parallel_size": 2},
-                                    {"parallel.pipeline_model_parallel_size": 2}],
-                         ids=["tp2", "pp2"])
+                                    {"parallel.pipeline_model_parallel_size": 2},
+                                    {"parallel.context_parallel_size": 2}],
+                         ids=["tp2", "pp2", "cp2"])
 def test_two_ranks_equal_one(llama, one_process, tmp_path, layout):
     tmp, data = llama
     two = _run(2, tmp, data, f"two_{len(layout)}_{list(layout)[0]}", layout, 2,

@@ -93,12 +93,33 @@ def saved_on_tp2(tmp_path_factory):
     (2, {"parallel.pipeline_model_parallel_size": 2}),
     (2, {"parallel.pipeline_model_parallel_size": 2,
          "parallel.virtual_pipeline_model_parallel_size": 2}),
-], ids=["single", "pp2", "pp2_vpp2"])
+    (2, {"parallel.context_parallel_size": 2}),
+], ids=["single", "pp2", "pp2_vpp2", "cp2"])
 def test_checkpoint_from_tp2_continues_on_another_layout(saved_on_tp2, uninterrupted,
                                                           tmp_path, world, layout):
     out = tmp_path / "r.pt"
     run_distributed(_continue_worker, world, saved_on_tp2, str(tmp_path / "run"), layout,
                     str(out))
+    result = torch.load(out, weights_only=False)
+    assert result["start"] == 2
+    for got, want in zip(result["history"], uninterrupted[2:], strict=True):
+        assert got["step"] == want["step"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def saved_on_cp2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cp2")
+    run_distributed(_save_worker, 2, str(tmp / "run"), {"parallel.context_parallel_size": 2})
+    return str(tmp / "run" / "checkpoints" / "step_0000002")
+
+
+def test_checkpoint_from_cp2_continues_on_one_process(saved_on_cp2, uninterrupted, tmp_path):
+    """Context parallelism changed between runs (CP 2 -> 1; TP 2 -> CP 2 above): the model
+    and Adam's state are the same tensors on every CP size."""
+    out = tmp_path / "r.pt"
+    run_distributed(_continue_worker, 1, saved_on_cp2, str(tmp_path / "run"), {}, str(out))
     result = torch.load(out, weights_only=False)
     assert result["start"] == 2
     for got, want in zip(result["history"], uninterrupted[2:], strict=True):
