@@ -10,8 +10,9 @@ Counts, for the most loaded pipeline rank (first or last stage):
                   projection, gated MLP, norms, untied output layer), split by TP and PP
     weights       bf16, 2 bytes/param (4 in float32)
     gradients     float32 grad buffer (grad_reduce_in_fp32), 4 bytes/param
-    optimizer     float32 main params + Adam's two moments, 12 bytes/param, divided by DP
-                  with the distributed optimizer
+    optimizer     float32 main params + Adam's two moments, 12 bytes/param, divided by
+                  DP x CP with the distributed optimizer (megatron-core shards it over the
+                  data-parallel group with context parallelism)
     fp8 copies    Transformer Engine's FP8 weight and transpose caches, 2 bytes per linear
                   parameter, when model.fp8 is set
     reference     resident reference weights, 2 bytes/param (none when precomputed, or
@@ -24,13 +25,18 @@ Counts, for the most loaded pipeline rank (first or last stage):
                   (DP x CP / EP) only; activations are counted as for a dense layer (a
                   rough figure for a mixture of experts)
     activations   Korthikanti et al. 2022 (arXiv 2205.05198), sequence parallel + selective
-                  recompute: 34 s b h / t bytes per layer and micro-batch (s b its tokens:
+                  recompute: 34 s b h / t bytes per layer and micro-batch (with
+                  model.recompute_granularity full: each layer's 2 s b h / t input, plus one
+                  layer's 34 s b h / t while it recomputes) (s b its tokens:
                   2 sequences per pair of seq_length, or data.max_tokens_per_micro_batch
-                  packed), times the layers of all in-flight micro-batches of the first
-                  stage (PP of them in 1F1B), times Megatron-LM's interleaving penalty
-                  1 + (PP - 1) / (PP * VPP)
+                  packed; divided by CP, each CP rank holding 1 / CP of every sequence),
+                  times the layers of all in-flight micro-batches of the first stage (PP of
+                  them in 1F1B), times Megatron-LM's interleaving penalty
+                  1 + (PP - 1) / (PP * VPP). Transformer Engine's fused attention keeps no
+                  score matrix; under CP its ring holds two K/V chunks in flight (left out)
     log-probs     this project's op on the last stage: bf16 logits and their gradient for one
-                  micro-batch, plus one float32 chunk
+                  micro-batch's tokens on this CP rank, plus one float32 chunk
+The last line is the activations' share of the total: what context parallelism divides.
 It leaves out the CUDA context, NCCL buffers and allocator fragmentation (a few GiB).
 """
 
@@ -102,7 +108,8 @@ def estimate(config) -> dict:
 def report(config, world_size: int) -> str:
     e = estimate(config)
     dp = ParallelLayout.of(config, world_size).dp
-    expert_dp = dp * config.parallel.context_parallel_size // e["ep"]
+    cp = config.parallel.context_parallel_size
+    expert_dp = dp * cp // e["ep"]
     bf16 = config.train.dtype == "bfloat16"
     distributed = config.optimizer.distributed(gpu=True)
     # tokens of one micro-batch: data.max_tokens_per_micro_batch when packed
@@ -110,11 +117,11 @@ def report(config, world_size: int) -> str:
               else config.data.seq_length * 2 * config.train.micro_batch_size)
     weights = e["dense_rank"] + e["expert_rank"]
     if config.model.lora:  # the base is frozen: gradients and Adam for the adapters only
-        trained, shards = e["lora_rank"], dp if distributed else 1
+        trained, shards = e["lora_rank"], dp * cp if distributed else 1
         optimizer = trained * 12 / shards
     else:
         trained = weights
-        optimizer = 12 * (e["dense_rank"] / (dp if distributed else 1)
+        optimizer = 12 * (e["dense_rank"] / (dp * cp if distributed else 1)
                           + e["expert_rank"] / (expert_dp if distributed else 1))
     rows = {
         "weights": weights * (2 if bf16 else 4),
@@ -125,9 +132,15 @@ def report(config, world_size: int) -> str:
         else 0.0,
         "resident reference": weights * 2 if config.reference.mode == "resident" else 0.0,
     }
+    tokens /= cp  # this CP rank's share of every sequence
     per_layer_act = 34 * tokens * e["h"] / e["tp"]
     penalty = 1 + (e["pp"] - 1) / (e["pp"] * e["vpp"])
-    rows["activations (first stage)"] = per_layer_act * e["layers"] * penalty
+    if config.model.transformer.get("recompute_granularity") == "full":
+        # each layer keeps its bf16 input; one layer's activations live while it recomputes
+        rows["activations (first stage)"] = (2 * tokens * e["h"] / e["tp"] * e["layers"]
+                                             * penalty + per_layer_act)
+    else:
+        rows["activations (first stage)"] = per_layer_act * e["layers"] * penalty
     shard = e["vocab"] // e["tp"]
     rows["log-probs (last stage)"] = 2 * (tokens * shard * 2) + 64 * 2**20
     total = sum(rows.values())
@@ -143,6 +156,9 @@ def report(config, world_size: int) -> str:
     lines += [f"{name:<32}{value / GIB:>8.1f}" for name, value in rows.items()
               if value or name != "LoRA adapters"]
     lines.append(f"{'total (estimate)':<32}{total / GIB:>8.1f}")
+    share = rows["activations (first stage)"] / total
+    lines.append(f"activations: {share:.0%} of the total ({tokens:.0f} tokens a micro-batch on "
+                 f"each CP rank)")
     return "\n".join(lines)
 
 

@@ -16,6 +16,8 @@ LLAMA3_70B = dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_
 LLAMA31_70B = dict(LLAMA3_70B, max_position_embeddings=131072, rope_scaling={
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192})
+LLAMA31_8B = dict(LLAMA31_70B, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32)
 QWEN3_30B_A3B = {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
                  "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
                  "num_key_value_heads": 4, "head_dim": 128, "moe_intermediate_size": 768,
@@ -30,6 +32,7 @@ RECIPE_MODELS = {
     "llama3_70b_h100_fp8.yaml": LLAMA3_70B,
     "llama31_70b_lora_adadpo.yaml": LLAMA31_70B,
     "qwen3_30b_a3b_adadpo.yaml": QWEN3_30B_A3B,
+    "llama31_8b_long_context_cp4.yaml": LLAMA31_8B,
 }
 
 
@@ -50,7 +53,8 @@ def recipe_model_overrides(name, tmp_path):
                                         ("demo_adadpo.yaml", 2), ("llama3_8b_paper.yaml", 8),
                                         ("llama3_70b_h100_fp8.yaml", 64),
                                         ("llama31_70b_lora_adadpo.yaml", 8),
-                                        ("qwen3_30b_a3b_adadpo.yaml", 16)])
+                                        ("qwen3_30b_a3b_adadpo.yaml", 16),
+                                        ("llama31_8b_long_context_cp4.yaml", 8)])
 def test_shipped_recipes_are_consistent(name, world, tmp_path):
     """Every recipe parses and its layout fits the world it is written for (the Llama-3
     recipes' model.hf directories replaced by config.json files of the same shapes)."""
@@ -67,6 +71,11 @@ def test_shipped_recipes_are_consistent(name, world, tmp_path):
     if name.startswith("llama31_70b_lora"):  # one node; the reference is the base itself
         assert (dp, config.reference.mode, config.model.lora.rank) == (1, "adapters_off", 16)
         assert config.model.rope_scaling and config.model.rope_scaling_factor == 8.0
+    if name.startswith("llama31_8b_long_context"):  # one node: CP 4 x TP 2, packed
+        p = config.parallel
+        assert (dp, p.context_parallel_size, p.tensor_model_parallel_size) == (1, 4, 2)
+        assert config.data.packing == "pack" and config.data.seq_length == 32768
+        assert config.model.transformer["cp_comm_type"] == "p2p"
     if name.startswith("qwen3"):
         assert config.model.transformer["num_moe_experts"] == 128
         assert (dp, config.parallel.expert_model_parallel_size) == (16, 8)
