@@ -36,6 +36,13 @@ other examples it checks internals, so it imports the package's modules directly
    checkpoint (model.load) with adadpo's own GPU forward; a second pretrain() resumes it with
    AdaDPO on that cache, so its first iteration's policy is the reference: loss ln 2 (to 1e-3
    in bf16) if Megatron-LM's TE forward, its resume and adadpo's agree, then a finite step.
+8. Context parallelism (issue 26): Transformer Engine's context-parallel attention (megatron-
+   core's TEDotProductAttention, THD, cp_comm_type p2p and all_gather; every segment split by
+   TE's thd_get_partitioned_indices) against the local context-parallel attention that CPU
+   runs use (rows split by position, the block-diagonal mask), on one packed micro-batch,
+   forward and backward (output and the gradients of q, k and v, gathered back to sequence
+   order), bf16 against float32 to 2e-2 of the largest entry; CP 2 on 2 GPUs (NCCL takes one
+   rank a GPU), on one GPU the same comparison without CP.
 Not run by the test suite (it needs a GPU).
 """
 
@@ -475,13 +482,156 @@ def check_megatron_lm(rows):
                            f"{len(records)} iterations: {'ok' if ok else 'FAILED'}"})
 
 
+CP_HEADS, CP_GROUPS, CP_HEAD_DIM = 8, 2, 64
+# bf16 against float32 on the same bf16 inputs: Transformer Engine's kernels accumulate in
+# float32 and round the probabilities and the output to bf16 (unit roundoff 2^-8 = 3.9e-3),
+# so a few roundings of the largest entry; a wrong chunk or mask moves entries by their size
+CP_TOLERANCE = 2e-2
+
+
+def context_parallel_inputs(cp: int):
+    """check_context_parallel's packed micro-batch: segment lengths (multiples of 2 x CP, the
+    THD split's need), each token's segment, and bf16 q [T, heads, d], k and v
+    [T, groups, d], the output's gradient [T, heads * d]; the same on every rank."""
+    g = torch.Generator().manual_seed(0)
+    lengths = (2 * cp) * torch.randint(8, 64, (6,), generator=g)
+    segments = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    total = int(lengths.sum())
+    tensors = [torch.randn(total, CP_HEADS, CP_HEAD_DIM, generator=g),
+               torch.randn(total, CP_GROUPS, CP_HEAD_DIM, generator=g),
+               torch.randn(total, CP_GROUPS, CP_HEAD_DIM, generator=g),
+               torch.randn(total, CP_HEADS * CP_HEAD_DIM, generator=g)]
+    return lengths, segments, [t.to(torch.bfloat16) for t in tensors]
+
+
+def cp_attention_config(cp: int, comm: str, dtype):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=CP_HEADS * CP_HEAD_DIM,
+                             num_attention_heads=CP_HEADS, num_query_groups=CP_GROUPS,
+                             context_parallel_size=cp, cp_comm_type=comm,
+                             attention_dropout=0.0, hidden_dropout=0.0,
+                             bf16=dtype == torch.bfloat16, params_dtype=dtype)
+
+
+def _run_and_gather(module_call, index, inputs, grad, total, group):
+    """Forward and backward of one rank's tokens ``index`` of ``inputs`` (q, k, v, in the
+    dtype to compute in); (output, dq, dk, dv) of all T tokens in sequence order, float32,
+    gathered from every rank of ``group``."""
+    index = index.cuda()
+    local = [t.cuda()[index].requires_grad_() for t in inputs]
+    out = module_call(*local)
+    out.backward(grad.cuda()[index].to(out.dtype).reshape(out.shape))
+    pieces = [out.detach()] + [t.grad for t in local]
+    world = dist.get_world_size(group)
+    indices = [torch.empty_like(index) for _ in range(world)]
+    dist.all_gather(indices, index, group=group)
+    gathered = []
+    for piece in pieces:
+        piece = piece.float().reshape(len(index), -1).contiguous()
+        parts = [torch.empty_like(piece) for _ in range(world)]
+        dist.all_gather(parts, piece, group=group)
+        full = piece.new_empty(total, piece.shape[1])
+        for where, part in zip(indices, parts, strict=True):
+            full[where.long()] = part
+        gathered.append(full)
+    return gathered
+
+
+def context_parallel_worker(out_path: str):
+    """One rank of check_context_parallel (torchrun, one GPU a rank; CP = the world)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from adadpo_megatron.mcore.context_parallel_attention import (
+        ContextParallelDotProductAttention,
+        chunk_positions,
+    )
+    from adadpo_megatron.mcore.packed_attention import (
+        block_diagonal_causal_mask,
+        packed_seq_params,
+        thd_cu_seqlens,
+        thd_partition_index,
+    )
+
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    ps.initialize_model_parallel(context_parallel_size=cp)
+    group = ps.get_context_parallel_group()
+    lengths, segments, (q, k, v, grad) = context_parallel_inputs(cp)
+    total = len(segments)
+    # the CPU path: rows [T, 1, ...] split by position, the block-diagonal mask by query rows
+    mine = chunk_positions(total, cp, rank).cuda()
+    mask = block_diagonal_causal_mask(segments[None].cuda())[:, :, mine]
+    ours_attention = ContextParallelDotProductAttention(
+        cp_attention_config(cp, "p2p", torch.float32), 1, AttnMaskType.causal, "self")
+    ours = _run_and_gather(lambda *t: ours_attention(*(x.unsqueeze(1) for x in t), mask),
+                           mine, [q.float(), k.float(), v.float()], grad, total, group)
+    # Transformer Engine: THD, every segment split in 2 x CP chunks, cu_seqlens global
+    cu = thd_cu_seqlens(segments[None]).cuda()
+    thd = packed_seq_params({"cu_seqlens": cu, "max_seqlen": int(lengths.max())})
+    index = thd_partition_index(cu, total, cp, rank)
+    results = {}
+    for comm in ("p2p", "all_gather"):
+        te = TEDotProductAttention(cp_attention_config(cp, comm, torch.bfloat16), 1,
+                                   AttnMaskType.causal, "self", cp_comm_type=comm)
+        theirs = _run_and_gather(
+            lambda *t, te=te: te(*t, None, AttnMaskType.causal, packed_seq_params=thd),
+            index, [q, k, v], grad, total, group)
+        results[comm] = {name: ((a - b).abs().max() / b.abs().max()).item()
+                         for name, a, b in zip(("output", "dq", "dk", "dv"), theirs, ours,
+                                               strict=True)}
+    if rank == 0:
+        Path(out_path).write_text(json.dumps({"cp": cp, "errors": results}))
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def check_context_parallel(rows):
+    """Transformer Engine's context-parallel attention (p2p and all_gather, THD) against the
+    local context-parallel attention (the CPU path) on one packed micro-batch, forward and
+    backward, over CP = min(2, GPUs) ranks (NCCL takes one rank a GPU: one GPU checks the
+    THD attention against the mask path without CP)."""
+    import subprocess
+    import sys
+
+    cp = min(2, torch.cuda.device_count())
+    out = Path(tempfile.mkdtemp()) / "cp.json"
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={cp}", __file__, "--context-parallel-worker", str(out)],
+        env={**env, "CUDA_DEVICE_MAX_CONNECTIONS": "1"}, capture_output=True, text=True,
+        timeout=600)
+    if result.returncode:
+        raise RuntimeError(f"the CP worker failed: {result.stderr[-400:]}")
+    errors = json.loads(out.read_text())["errors"]
+    worst = max(e for comm in errors.values() for e in comm.values())
+    text = "; ".join(f"{comm} " + ", ".join(f"{name} {e:.1e}" for name, e in errs.items())
+                     for comm, errs in errors.items())
+    rows.append({"check": f"CP {cp} attention: TE (p2p, all_gather) vs local",
+                 "ms": 1e3 * (time.perf_counter() - start), "peak_mib": float("nan"),
+                 "result": f"max error / max |x| {text}: "
+                           f"{'ok' if worst < CP_TOLERANCE else 'FAILED'}"
+                           + ("" if cp > 1 else " (one GPU: no CP exchange checked)")})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--out", default="gpu_check.json")
+    parser.add_argument("--context-parallel-worker", metavar="OUT",
+                        help=argparse.SUPPRESS)  # check_context_parallel's ranks
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a GPU")
+    if args.context_parallel_worker:
+        context_parallel_worker(args.context_parallel_worker)
+        return
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -502,6 +652,11 @@ def main():
         check_lora(rows)
     except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
         rows.append({"check": "LoRA (TE layers)", "ms": float("nan"),
+                     "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
+    try:
+        check_context_parallel(rows)
+    except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
+        rows.append({"check": "CP attention: TE (p2p, all_gather) vs local", "ms": float("nan"),
                      "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
     try:
         check_megatron_lm(rows)

@@ -85,3 +85,34 @@ def test_the_gpu_checks_megatron_lm_runs_are_accepted(tmp_path, monkeypatch):
     assert configs[1].reference.mode == "precompute"
     assert configs[1].model.load == str(save / "iter_0000001")
     assert all(c.train.dtype == "bfloat16" and c.data.packing == "pack" for c in configs)
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_the_gpu_checks_context_parallel_inputs_split_both_ways(cp):
+    """gpu_check.py's CP item: its packed micro-batch splits under Transformer Engine's THD
+    rule (every segment a multiple of 2 x CP; the torch version of TE's split is the oracle of
+    tests/mcore/test_packed_attention.py) and as rows; each split gives every token to exactly
+    one rank; its attention configs are megatron-core's (cp_comm_type a field it takes)."""
+    import importlib.util
+
+    import torch
+
+    from adadpo_megatron.mcore.context_parallel_attention import chunk_positions
+    from adadpo_megatron.mcore.packed_attention import thd_cu_seqlens, thd_partition_index
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "examples" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    lengths, segments, (q, k, v, grad) = gpu_check.context_parallel_inputs(cp)
+    total = len(segments)
+    assert (lengths % (2 * cp) == 0).all() and q.dtype == torch.bfloat16
+    assert q.shape[0] == k.shape[0] == grad.shape[0] == total
+    cu = thd_cu_seqlens(segments[None])
+    assert cu[1:].diff().tolist() == lengths[1:].tolist()
+    for split in (lambda r: thd_partition_index(cu, total, cp, r),
+                  lambda r: chunk_positions(total, cp, r)):
+        covered = torch.cat([split(r) for r in range(cp)]).sort().values
+        assert covered.tolist() == list(range(total))
+    for comm in ("p2p", "all_gather"):
+        config = gpu_check.cp_attention_config(cp, comm, torch.bfloat16)
+        assert (config.context_parallel_size, config.cp_comm_type) == (cp, comm)
