@@ -106,7 +106,10 @@ def test_metrics_jsonl_has_the_documented_fields(single_run):
      r"model.num_layers\(4\) is not divisible by parallel.pipeline_model_parallel_size\(3\)"),
     ("1", ["loss.loss_type=simpo"], r"'simpo' is reference-free; set reference.mode=none"),
     ("1", ["loss.beta=-1"], r"loss.beta=-1 is out of range"),
-    ("2", ["parallel.context_parallel_size=2"], r"needs Transformer Engine"),
+    ("2", ["parallel.context_parallel_size=2", "data.seq_length=30"],
+     r"data.seq_length\(30\) is not divisible by 2 \* parallel.context_parallel_size\(2\)"),
+    ("2", ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"],
+     r"parallel.sequence_parallel=true needs Transformer Engine or Apex norms"),
 ])
 def test_config_errors_name_the_key_and_numbers(monkeypatch, capsys, world, overrides, message):
     from adadpo_megatron.training.cli import train_main
