@@ -7,6 +7,9 @@ Sources (``data.path``), all read through the datasets library:
 
 Row layouts (``data.format``, "auto" detects them from the first row):
     explicit        prompt, chosen, rejected: strings
+    implicit        chosen, rejected: whole texts (strings) with no ``prompt``, as TRL takes
+                    them: the prompt is their longest shared prefix, less a space it ends in
+                    (which starts both responses; ``implicit_prompt``)
     conversational  chosen, rejected: message lists ({"role", "content"}) ending in the
                     assistant's reply, as in UltraFeedback-binarized; the prompt is the
                     messages before that reply (or the ``prompt`` string as a user turn when
@@ -41,7 +44,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 IGNORE_INDEX = -100
-FORMATS = ("auto", "explicit", "conversational", "pretokenized")
+FORMATS = ("auto", "explicit", "implicit", "conversational", "pretokenized")
 CACHE_VERSION = 1
 
 
@@ -261,7 +264,29 @@ def _detect_format(row: dict) -> str:
         return "pretokenized"
     if isinstance(row.get("chosen"), list):
         return "conversational"
+    if row.get("prompt") is None and isinstance(row.get("chosen"), str):
+        return "implicit"
     return "explicit"
+
+
+def implicit_prompt(chosen: str, rejected: str) -> Tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of an implicit-prompt pair: the prompt is
+    the texts' longest shared prefix, less a space it ends in, which then starts both
+    responses (TRL's ``extract_prompt`` rule). A text the other one starts with, whole, would
+    leave a response empty: BadRow."""
+    if chosen == rejected:
+        raise BadRow("chosen", "and 'rejected' are identical; such a pair carries no "
+                     "preference", "identical responses")
+    limit = min(len(chosen), len(rejected))
+    end = next((i for i in range(limit) if chosen[i] != rejected[i]), limit)
+    if end == limit:
+        name = "chosen" if end == len(chosen) else "rejected"
+        raise BadRow(name, "is the start of the other response, whole: with no 'prompt' "
+                     "field the prompt is their shared beginning, and this response would be "
+                     "empty", "empty response")
+    if end and chosen[end - 1] == " ":
+        end -= 1
+    return chosen[:end], chosen[end:], rejected[end:]
 
 
 def _ids(row: dict, name: str, vocab_size: int) -> List[int]:
@@ -313,9 +338,13 @@ def _pair_ids(row: dict, fmt: str, tokenizer) -> Tuple[List[int], List[int], Lis
         _, rejected_text = tokenizer.render_chat(prompt_msgs, replies[1])
         return (tokenizer.encode_rendered_prompt(prompt_text),
                 tokenizer.encode_response(chosen_text), tokenizer.encode_response(rejected_text))
-    prompt = _string(row, "prompt", allow_empty=True)
-    chosen = _string(row, "chosen", allow_empty=False)
-    rejected = _string(row, "rejected", allow_empty=False)
+    if fmt == "implicit":
+        prompt, chosen, rejected = implicit_prompt(_string(row, "chosen", allow_empty=False),
+                                                   _string(row, "rejected", allow_empty=False))
+    else:
+        prompt = _string(row, "prompt", allow_empty=True)
+        chosen = _string(row, "chosen", allow_empty=False)
+        rejected = _string(row, "rejected", allow_empty=False)
     return (tokenizer.encode_prompt(prompt), tokenizer.encode_response(chosen),
             tokenizer.encode_response(rejected))
 

@@ -48,7 +48,8 @@ class DataConfig:
             data files), or the name of a dataset in the local Hugging Face cache. Relative
             paths are relative to the config file.
         split: the split of a directory or named dataset.
-        format: "auto", "explicit" (prompt/chosen/rejected strings), "conversational"
+        format: "auto", "explicit" (prompt/chosen/rejected strings), "implicit" (chosen and
+            rejected whole texts, the prompt their shared beginning, as TRL), "conversational"
             (message lists, rendered with the tokenizer's chat template) or "pretokenized"
             (prompt_input_ids/chosen_input_ids/rejected_input_ids).
         tokenizer: "byte" (built in) or the path of a local Hugging Face tokenizer directory.

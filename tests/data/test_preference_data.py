@@ -357,3 +357,45 @@ def test_a_dataset_name_missing_from_the_cache_fails_fast_offline(tmp_path):
                          timeout=120)
     assert "refused: data.path='no-such-org/no-such-dataset' is neither" in out.stdout, out
     assert time.monotonic() - start < 15
+
+
+# (chosen, rejected) whole texts: the prompt ends inside a word, at a space, at the start
+IMPLICIT = [("Q: what is 2+2? A: 4", "Q: what is 2+2? A: five"),
+            ("The sky is blue today.", "The sky is green today."),
+            ("yes", "no"),
+            ("Translate 'chat': cat", "Translate 'chat': dog")]
+
+
+def test_implicit_prompts_are_trls_and_read_as_explicit_rows(tmp_path):
+    """TRL's implicit-prompt format: the split is trl.data_utils.extract_prompt's (the peer,
+    on pairs that differ before either text ends), and the rows then read exactly as the
+    explicit rows of that split."""
+    from trl.data_utils import extract_prompt
+
+    from adadpo_megatron.data.preference_data import implicit_prompt
+
+    explicit = []
+    for chosen, rejected in IMPLICIT:
+        theirs = extract_prompt({"chosen": chosen, "rejected": rejected})
+        assert implicit_prompt(chosen, rejected) == (theirs["prompt"], theirs["chosen"],
+                                                     theirs["rejected"])
+        explicit.append(theirs)
+    rows = [{"chosen": c, "rejected": r} for c, r in IMPLICIT]
+    data, report = load_preference_data(write_jsonl(tmp_path / "i.jsonl", rows),
+                                        ByteTokenizer(), SETTINGS, cache=False)
+    want, _ = load_preference_data(write_jsonl(tmp_path / "e.jsonl", explicit),
+                                   ByteTokenizer(), SETTINGS, cache=False)
+    assert report.pairs == len(IMPLICIT)
+    assert torch.equal(data.tokens, want.tokens) and torch.equal(data.labels, want.labels)
+
+
+@pytest.mark.parametrize("chosen,rejected,message", [
+    ("Q: hi A: yes", "Q: hi A: yes, indeed", "'chosen' is the start of the other response"),
+    ("same", "same", "'chosen' and 'rejected' are identical"),
+])
+def test_implicit_pairs_that_leave_a_response_empty_are_named(tmp_path, chosen, rejected,
+                                                              message):
+    path = write_jsonl(tmp_path / "i.jsonl", [{"chosen": chosen, "rejected": rejected}])
+    with pytest.raises(ValueError, match=message) as err:
+        load_preference_data(path, ByteTokenizer(), SETTINGS, cache=False)
+    assert "i.jsonl" in str(err.value) and "row 0" in str(err.value)
