@@ -28,8 +28,19 @@ from adadpo_megatron.training.preemption import (
 
 
 def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
-    parser = argparse.ArgumentParser(prog=prog, description=what)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    epilog = None
+    if "-h" in argv or "--help" in argv:  # the keys' list reads the config classes: on ask
+        from adadpo_megatron.training.config_help import key_help
+
+        epilog = key_help()
+    parser = argparse.ArgumentParser(prog=prog, description=what, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the run's YAML file")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (defaults filled in, overrides "
+                             "applied) as YAML and exit; every run writes the same to "
+                             "output_dir/config.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override a config value, e.g. train.max_steps=5")
     args = parser.parse_args(argv)
@@ -41,6 +52,11 @@ def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
         config = load_run_config(args.config, args.overrides)  # its errors name the file
     except (ValueError, FileNotFoundError) as err:
         error_line(prog, str(err))
+    if args.print_config:
+        from adadpo_megatron.training.config_help import effective_yaml
+
+        print(effective_yaml(config), end="")
+        sys.exit(0)
     try:
         # the layout is checked against the world before any process group or model exists
         config.check_world(int(os.environ.get("WORLD_SIZE", "1")),

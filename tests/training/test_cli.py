@@ -145,3 +145,57 @@ def test_precompute_command_then_train(tmp_path):
     bound = dpo_loss_gap(0.1, sums["chosen"], sums["rejected"], reference=False, clip=2.0,
                          loss=math.log(2.0), log_ratio=0.0)
     assert line["loss"] == pytest.approx(0.6931471805599453, abs=bound)
+
+
+@pytest.mark.slow
+def test_a_run_writes_its_effective_config(single_run_dir):
+    """output_dir/config.yaml: the run's config (tiny_cpu.yaml with the run's overrides) as
+    --print-config prints it, and it reads back to the same config."""
+    from adadpo_megatron.training.config_help import effective_yaml
+    from adadpo_megatron.training.run_config import load_run_config, to_dict
+
+    written = single_run_dir / "config.yaml"
+    want = load_run_config(CONFIG, [f"train.output_dir={single_run_dir}",
+                                    f"train.max_steps={STEPS}", "data.eval_fraction=0.1",
+                                    "train.eval_interval=3"])
+    assert written.read_text() == effective_yaml(want)
+    assert to_dict(load_run_config(str(written))) == to_dict(want)
+
+
+def test_print_config_prints_the_effective_config_and_help_lists_every_key(capsys, tmp_path):
+    """--print-config: the YAML of the config with its overrides, defaults filled in, which
+    load_run_config reads back to the same config; --help: every key of every section with
+    its default and the first sentence of its docstring entry."""
+    import dataclasses
+
+    import yaml
+
+    from adadpo_megatron.training.cli import train_main
+    from adadpo_megatron.training.config_help import SECTION_CLASSES, field_descriptions
+    from adadpo_megatron.training.run_config import NESTED, load_run_config, to_dict
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--config", CONFIG, "--print-config", "loss.beta=0.25",
+                    "optimizer.adam_eps=1e-6"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# the effective config of ")
+    values = yaml.safe_load(printed)
+    assert values["loss"]["beta"] == 0.25 and values["optimizer"]["adam_eps"] == 1e-6
+    assert values["train"]["keep_checkpoints"] == 2  # a default the file does not set
+    want = load_run_config(CONFIG, ["loss.beta=0.25", "optimizer.adam_eps=1e-6"])
+    # read back from elsewhere: its one relative path (data.path) made absolute, as the
+    # header says it is relative to the source's directory
+    values["data"]["path"] = str(want.resolve(values["data"]["path"]))
+    want.data.path = values["data"]["path"]
+    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    assert to_dict(load_run_config(str(tmp_path / "printed.yaml"))) == to_dict(want)
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = capsys.readouterr().out
+    for section, cls in SECTION_CLASSES.items():
+        docs = field_descriptions(cls)
+        for f in dataclasses.fields(cls):
+            if f.name != NESTED.get(section):
+                assert docs.get(f.name), f"{section}.{f.name} has no docstring entry"
+                assert f"    {f.name} = " in text and docs[f.name] in text, f.name

@@ -10,6 +10,8 @@ from typing import Dict, List
 
 from tqdm import tqdm
 
+from adadpo_megatron.training.config_help import effective_yaml
+
 
 def _kept_lines(path: Path, start_step: int) -> List[str]:
     """The lines of steps before ``start_step``; a last line that is not JSON (a write cut
@@ -46,7 +48,8 @@ def _set_aside(path: Path) -> Path:
 
 
 class RunLog:
-    """Writes each step's metrics to output_dir/metrics.jsonl (one JSON object a line), to
+    """Writes the run's effective config to output_dir/config.yaml (as --print-config shows
+    it) and each step's metrics to output_dir/metrics.jsonl (one JSON object a line), to
     TensorBoard (output_dir/tensorboard) and to a progress bar with step, loss, reward
     accuracy, tokens/s, the real-token share of the computed tokens and ETA. On resume, the
     lines of steps from the resumed one on are dropped (atomically), so that every step
@@ -60,6 +63,9 @@ class RunLog:
         path = out / "metrics.jsonl"
         if not start_step and path.is_file() and path.read_text().strip():
             _set_aside(path)  # a start from step 0 over metrics with no checkpoint to resume
+        config_file = out / "config.yaml"  # this start's effective config, for people
+        config_file.with_name("config.yaml.tmp").write_text(effective_yaml(config))
+        os.replace(config_file.with_name("config.yaml.tmp"), config_file)
         kept = _kept_lines(path, start_step) if start_step and path.is_file() else []
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
