@@ -45,7 +45,7 @@ import torch
 
 IGNORE_INDEX = -100
 FORMATS = ("auto", "explicit", "implicit", "conversational", "pretokenized")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the report counts truncation
 
 
 @dataclass
@@ -78,22 +78,50 @@ class PreferenceDataset:
 
 @dataclass
 class DataReport:
-    """What reading did: rows read, pairs kept, and why the others were left out."""
+    """What reading did: rows read, pairs kept, why the others were left out, and what
+    truncation cut from the pairs kept (prompts to max_prompt_length, keeping their end;
+    responses, EOS included, to what seq_length leaves them)."""
 
     rows: int = 0
     pairs: int = 0
     dropped_long_prompt: int = 0
     skipped: Counter = field(default_factory=Counter)
     from_cache: bool = False
+    truncated_prompts: int = 0
+    prompt_tokens_cut: int = 0
+    truncated_responses: int = 0
+    response_tokens_cut: int = 0
 
     def __str__(self) -> str:
         text = f"{self.pairs} pairs from {self.rows} rows"
         if self.dropped_long_prompt:
             text += f"; {self.dropped_long_prompt} dropped (prompt longer than max_prompt_length)"
+        if self.truncated_prompts:
+            text += (f"; {self.truncated_prompts} prompts cut to max_prompt_length "
+                     f"({self.prompt_tokens_cut} tokens)")
+        if self.truncated_responses:
+            text += (f"; {self.truncated_responses} responses cut to fit seq_length "
+                     f"({self.response_tokens_cut} tokens)")
         if self.skipped:
             reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
             text += f"; {sum(self.skipped.values())} skipped ({reasons})"
         return text + (" [tokenised cache]" if self.from_cache else "")
+
+    def warnings(self, settings: DataSettings) -> List[str]:
+        """One line for each kind of cut that most pairs suffered, naming the key to raise."""
+        lines = []
+        if self.pairs and self.truncated_prompts > self.pairs / 2:
+            lines.append(f"{self.truncated_prompts} of {self.pairs} prompts were longer than "
+                         f"data.max_prompt_length={settings.max_prompt_length} tokens and lost "
+                         f"their beginning ({self.prompt_tokens_cut} tokens in all; a system "
+                         "prompt or first turns among them): raise data.max_prompt_length "
+                         "(and data.seq_length)")
+        if self.pairs and self.truncated_responses > self.pairs:  # of 2 x pairs responses
+            lines.append(f"{self.truncated_responses} of {2 * self.pairs} responses did not "
+                         f"fit data.seq_length={settings.seq_length} after their prompt and "
+                         f"lost their end ({self.response_tokens_cut} tokens in all): raise "
+                         "data.seq_length")
+        return lines
 
 
 class BadRow(ValueError):
@@ -358,20 +386,22 @@ def _truncate_prompt(prompt: List[int], max_prompt_length: int, bos_id: Optional
 
 
 def _sequence(prompt: List[int], response: List[int], eos_id: int, pad_id: int,
-              seq_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [S], labels [S]): label t is the token read at t + 1, on response tokens.
+              seq_length: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(tokens [S], labels [S], response tokens cut): label t is the token read at t + 1, on
+    response tokens.
 
     The response ends in EOS (a chat template may have written it already).
     """
     if response[-1:] != [eos_id]:
         response = response + [eos_id]
+    cut = max(0, len(response) - (seq_length + 1 - len(prompt)))
     response = response[: seq_length + 1 - len(prompt)]
     full = prompt + response
     tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
     labels = torch.full((seq_length,), IGNORE_INDEX, dtype=torch.long)
     tokens[: len(full) - 1] = torch.tensor(full[:-1])
     labels[len(prompt) - 1: len(full) - 1] = torch.tensor(response)
-    return tokens, labels
+    return tokens, labels, cut
 
 
 # --------------------------------------------------------------------------- entry point
@@ -384,8 +414,8 @@ class DataSettings:
     cache's fingerprint are keyed by. Checked here, once, for both."""
 
     format: str = "auto"
-    seq_length: int = 128
-    max_prompt_length: int = 64
+    seq_length: int = 1024
+    max_prompt_length: int = 512
     prompt_truncation: str = "left"
     skip_invalid: bool = False
     split: str = "train"
@@ -447,12 +477,17 @@ def load_preference_data(source: str, tokenizer, settings: DataSettings, *,
                     settings.prompt_truncation == "drop":
                 report.dropped_long_prompt += 1
                 continue
+            prompt_cut = max(0, len(prompt) - settings.max_prompt_length)
             prompt = _truncate_prompt(prompt, settings.max_prompt_length, tokenizer.bos_id)
             pair = [_sequence(prompt, r, tokenizer.eos_id, tokenizer.pad_id,
                               settings.seq_length) for r in (chosen, rejected)]
             if torch.equal(pair[0][1], pair[1][1]):
                 raise BadRow("chosen", "and 'rejected' are identical (after truncation); "
                              "such a pair carries no preference", "identical responses")
+            report.truncated_prompts += prompt_cut > 0
+            report.prompt_tokens_cut += prompt_cut
+            report.truncated_responses += sum(cut > 0 for _, _, cut in pair)
+            report.response_tokens_cut += sum(cut for _, _, cut in pair)
         except BadRow as err:
             if settings.skip_invalid:
                 report.skipped[err.kind] += 1

@@ -354,6 +354,8 @@ def load_run_data(c: RunConfig) -> RunData:
     dataset, report = first if dist.get_rank() == 0 else load()
     if dist.get_rank() == dist.get_world_size() - 1:
         print(f"data: {c.data_source()}: {report}", flush=True)
+        for line in report.warnings(c.data.settings()):
+            print(f"adadpo-train: warning: {line}", file=sys.stderr, flush=True)
     train_set, eval_set = split_held_out(dataset, c.data.eval_fraction, c.eval_seed)
     if len(train_set) < c.train.global_batch_size and dist.get_rank() == 0:
         print(f"adadpo-train: warning: {len(train_set)} training pairs, fewer than "

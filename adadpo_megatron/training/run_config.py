@@ -53,11 +53,14 @@ class DataConfig:
             (message lists, rendered with the tokenizer's chat template) or "pretokenized"
             (prompt_input_ids/chosen_input_ids/rejected_input_ids).
         tokenizer: "byte" (built in) or the path of a local Hugging Face tokenizer directory.
-        seq_length: every sequence (prompt + response) is padded or truncated to this.
-        max_prompt_length: the longest prompt in tokens (BOS included); None means
-            seq_length // 2.
-        prompt_truncation: "left" keeps BOS and the last tokens of a longer prompt; "drop"
-            drops (and counts) its pair.
+        seq_length: every sequence (prompt + response) is padded or truncated to this
+            (TRL's max_length, whose default 1024 it shares).
+        max_prompt_length: the longest prompt in tokens (BOS included); None means 512 (TRL's
+            former default), at most seq_length // 2 so that a response always has room.
+        prompt_truncation: "left" keeps BOS and the last tokens of a longer prompt (TRL's
+            keep_end: the turns nearest the response stay); "drop" drops (and counts) its
+            pair. Responses are cut at their end to fit; the start-up report counts both
+            cuts and warns when most pairs were cut.
         skip_invalid: skip (and count) bad rows instead of stopping with an error.
         cache: keep the tokenised data next to the source, so a restart does not re-tokenise.
         eval_fraction: share of the pairs held out for evaluation, in [0, 0.5]; the split
@@ -82,7 +85,7 @@ class DataConfig:
     split: str = "train"
     format: str = "auto"
     tokenizer: str = "byte"
-    seq_length: int = 128
+    seq_length: int = 1024
     max_prompt_length: Optional[int] = None
     prompt_truncation: str = "left"
     skip_invalid: bool = False
@@ -108,7 +111,7 @@ class DataConfig:
                              "cached dataset name")
         require_int("data.seq_length", self.seq_length, low=4)
         if self.max_prompt_length is None:
-            self.max_prompt_length = self.seq_length // 2
+            self.max_prompt_length = min(512, self.seq_length // 2)
         require_number("data.eval_fraction", self.eval_fraction, low=0.0, high=0.5)
         if self.eval_seed is not None:
             require_int("data.eval_seed", self.eval_seed, low=0)

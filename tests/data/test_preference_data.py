@@ -399,3 +399,39 @@ def test_implicit_pairs_that_leave_a_response_empty_are_named(tmp_path, chosen, 
     with pytest.raises(ValueError, match=message) as err:
         load_preference_data(path, ByteTokenizer(), SETTINGS, cache=False)
     assert "i.jsonl" in str(err.value) and "row 0" in str(err.value)
+
+
+def test_truncation_is_counted_and_a_mostly_cut_set_warned_about(tmp_path):
+    """Every cut is counted: prompts over max_prompt_length (byte tokens: BOS + one a byte)
+    and responses (+ EOS) over what seq_length leaves them, counted here from the row texts;
+    when most pairs lose their prompt's beginning, a warning names the key to raise."""
+    rows = [{"prompt": "p" * n, "chosen": "c" * m, "rejected": "r" * (m + 3)}
+            for n, m in ((4, 2), (20, 3), (30, 20), (9, 1))]
+    settings = DataSettings(seq_length=24, max_prompt_length=8)
+    _, report = load_preference_data(write_jsonl(tmp_path / "t.jsonl", rows), ByteTokenizer(),
+                                     settings, cache=False)
+    prompts = [min(1 + len(r["prompt"]), 8) for r in rows]
+    prompt_cuts = [max(0, 1 + len(r["prompt"]) - 8) for r in rows]
+    response_cuts = [max(0, len(r[side]) + 1 - (24 + 1 - p))
+                     for r, p in zip(rows, prompts, strict=True) for side in ("chosen", "rejected")]
+    assert report.truncated_prompts == sum(c > 0 for c in prompt_cuts) == 3
+    assert report.prompt_tokens_cut == sum(prompt_cuts)
+    assert report.truncated_responses == sum(c > 0 for c in response_cuts) > 0
+    assert report.response_tokens_cut == sum(response_cuts)
+    assert "3 prompts cut to max_prompt_length" in str(report)
+    [warning] = report.warnings(settings)
+    assert warning.startswith("3 of 4 prompts were longer than data.max_prompt_length=8")
+    assert "raise data.max_prompt_length" in warning
+
+
+def test_the_length_defaults_are_trls():
+    """data.seq_length's default is TRL's DPOConfig.max_length (the peer's own default, read
+    from it); max_prompt_length's is TRL's former 512, capped at half the sequence."""
+    from trl import DPOConfig
+
+    from adadpo_megatron.training.run_config import DataConfig
+
+    data = DataConfig(path="x.jsonl")
+    assert data.seq_length == DPOConfig.__dataclass_fields__["max_length"].default == 1024
+    assert data.max_prompt_length == 512
+    assert DataConfig(path="x.jsonl", seq_length=64).max_prompt_length == 32
