@@ -300,6 +300,12 @@ def setup_run(config: RunConfig, claim_output_dir: bool = False) -> RunContext:
 
             model_parallel_cuda_manual_seed(c.train.seed)
         data = load_run_data(c)
+        if c.train.max_steps is None:  # train.num_epochs: the steps follow from the data
+            c.train.max_steps = c.train.steps_for_epochs(len(data.train_set))
+            if dist.get_rank() == dist.get_world_size() - 1:
+                print(f"train.num_epochs={c.train.num_epochs}: {len(data.train_set)} training "
+                      f"pairs, {c.train.global_batch_size} a step -> train.max_steps="
+                      f"{c.train.max_steps}", flush=True)
         if c.model.fused_logprobs:
             require_output_processor_hook()
         run = RunContext(

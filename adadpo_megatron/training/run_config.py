@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,7 +266,11 @@ class TrainConfig:
     Fields:
         global_batch_size: preference pairs per optimizer step, over all data-parallel ranks.
         micro_batch_size: pairs per micro-batch (each holds 2x this many sequences).
-        max_steps: optimizer steps.
+        max_steps: optimizer steps; None (with num_epochs unset too) means 10.
+        num_epochs: instead of max_steps, passes over the training pairs (those kept after
+            filtering, less the held-out ones), > 0, fractions allowed, as TRL's
+            num_train_epochs: max_steps becomes ceil(num_epochs x pairs / global_batch_size),
+            said at start.
         seed: seeds model initialisation and data order.
         output_dir: where metrics.jsonl and checkpoints/ go, relative to the working
             directory (input paths elsewhere in the config are relative to the config file).
@@ -302,7 +307,8 @@ class TrainConfig:
 
     global_batch_size: int = 8
     micro_batch_size: int = 1
-    max_steps: int = 10
+    max_steps: Optional[int] = None
+    num_epochs: Optional[float] = None
     seed: int = 1234
     output_dir: str = "runs/adadpo"
     dtype: str = "float32"
@@ -319,14 +325,28 @@ class TrainConfig:
     distributed_timeout_minutes: float = 30.0
     grad_norm_warning_steps: int = 3
 
+    def steps_for_epochs(self, train_pairs: int) -> int:
+        """The optimizer steps of num_epochs passes over ``train_pairs`` pairs."""
+        return max(1, math.ceil(self.num_epochs * train_pairs / self.global_batch_size))
+
     @property
     def sides(self) -> int:
         """Sequences per pair in a micro-batch: 2 (chosen and rejected), 1 for SFT."""
         return 1 if self.stage == "sft" else 2
 
     def __post_init__(self):
-        for key in ("global_batch_size", "micro_batch_size", "max_steps", "keep_checkpoints"):
+        if self.num_epochs is not None:
+            if self.max_steps is not None:
+                raise ValueError(f"train.max_steps={self.max_steps} and train.num_epochs="
+                                 f"{self.num_epochs} are both set; set one (the other is "
+                                 "derived from it)")
+            require_number("train.num_epochs", self.num_epochs, low=0.0, low_open=True)
+        elif self.max_steps is None:
+            self.max_steps = 10
+        for key in ("global_batch_size", "micro_batch_size", "keep_checkpoints"):
             require_int(f"train.{key}", getattr(self, key))
+        if self.max_steps is not None:
+            require_int("train.max_steps", self.max_steps)
         require_int("train.save_interval", self.save_interval, low=0)
         require_int("train.eval_interval", self.eval_interval, low=0)
         require_choice("train.dtype", self.dtype, ("float32", "bfloat16"))

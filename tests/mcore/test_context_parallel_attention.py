@@ -147,6 +147,7 @@ def _worker(rank, world, packed, out_path):
         ps.destroy_model_parallel()
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("world,packed", [(2, False), (2, True), (4, True)],
                          ids=["cp2_rows", "cp2_packed", "cp4_packed"])
 def test_equals_megatron_core_attention_on_the_whole_sequence(tmp_path, world, packed):

@@ -1,6 +1,7 @@
 """The run config: shipped recipes, FP8 alignment, the held-out seed, the GPU benchmark shape."""
 
 import pytest
+import torch
 
 from adadpo_megatron.training.layout import ParallelLayout
 from tests.support.training import REPO
@@ -260,3 +261,48 @@ def test_reference_mode_defaults_to_adapters_off_with_lora():
     lora = load_run_config(tiny, ["model.load=base", "model.lora.rank=4", "reference.mode=null"])
     assert lora.reference.mode == "adapters_off"
     assert load_run_config(tiny, ["reference.mode=null"]).reference.mode == "resident"
+
+
+def test_num_epochs_or_max_steps_not_both():
+    from tests.support.training import tiny_config
+
+    with pytest.raises(ValueError, match=r"train.max_steps=3 and train.num_epochs=1 are both "
+                                         "set; set one"):
+        tiny_config({"train.max_steps": 3, "train.num_epochs": 1})
+    with pytest.raises(ValueError, match="train.num_epochs"):
+        tiny_config({"train.max_steps": None, "train.num_epochs": 0})
+    assert tiny_config({"train.max_steps": None}).train.max_steps == 10  # neither: the default
+
+
+def _epochs_worker(rank, world, out_path):
+    from adadpo_megatron.training.trainer import Trainer
+    from tests.support.training import tiny_config
+
+    # 1000 shipped pairs, 5 held out: 995 training pairs, 8 a step
+    config = tiny_config({"train.max_steps": None, "train.num_epochs": 0.02,
+                          "data.eval_fraction": 0.005})
+    trainer = Trainer(config).setup()
+    try:
+        history = trainer.train()
+        torch.save({"steps": [m["step"] for m in history],
+                    "train_pairs": len(trainer.run.data.train_set),
+                    "max_steps": config.train.max_steps}, out_path)
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
+def test_num_epochs_trains_its_steps_over_the_pairs_kept(tmp_path, capfd):
+    """train.num_epochs: ceil(epochs x training pairs / global batch) steps, the training
+    pairs counted after the held-out split, and said at start."""
+    import math
+
+    from tests.support.distributed import run_distributed
+
+    run_distributed(_epochs_worker, 1, str(tmp_path / "r.pt"))
+    result = torch.load(tmp_path / "r.pt")
+    assert result["train_pairs"] == 995
+    steps = math.ceil(0.02 * 995 / 8)
+    assert result["max_steps"] == steps == 3 and result["steps"] == list(range(steps))
+    assert "train.num_epochs=0.02: 995 training pairs, 8 a step -> train.max_steps=3" in \
+        capfd.readouterr().out
