@@ -189,6 +189,10 @@ def check_config(args, config: RunConfig) -> None:
         raise ArgumentError(
             f"the model's vocabulary ({args.padded_vocab_size}, from --vocab-size or the "
             f"tokenizer flags) is smaller than data.tokenizer's ({vocab}) in {source}")
+    if config.data.eval_path is not None:
+        raise ArgumentError(f"data.eval_path in {source}: inside Megatron-LM's loop the "
+                            "evaluation pairs are held out of data.path (data.eval_fraction); "
+                            "an evaluation set of its own is adadpo-train's")
     if args.eval_iters > 0 and not config.data.eval_fraction:
         raise ArgumentError(f"--eval-iters {args.eval_iters} needs held-out pairs: set "
                             f"data.eval_fraction in {source} (or pass --eval-iters 0)")

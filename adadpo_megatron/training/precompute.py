@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from adadpo_megatron.training.reference_cache import (
     default_cache_path,
+    eval_cache_path,
     reference_fingerprint,
     save_cache,
 )
@@ -32,8 +33,16 @@ def precompute_reference(config: RunConfig) -> str:
 
 
 def _precompute(run: RunContext) -> str:
-    config, dataset, step = run.config, run.data.dataset, run.reference_step()
+    """The training pairs' cache, and data.eval_path's beside it; the first's path."""
     reference = run.build_reference()
+    path = _write(run, reference, run.data.dataset, default_cache_path(run.config))
+    if run.config.data.eval_path is not None:
+        _write(run, reference, run.data.eval_set, eval_cache_path(run.config))
+    return path
+
+
+def _write(run: RunContext, reference, dataset, path) -> str:
+    config, step = run.config, run.reference_step()
     num = len(dataset)
     logps = torch.zeros(num, 2)
     counts = torch.zeros(num, 2)
@@ -57,7 +66,6 @@ def _precompute(run: RunContext) -> str:
         both = torch.stack([logps, counts]).to(device)
         dist.all_reduce(both, group=run.groups.dp)
         logps, counts = both.cpu()
-    path = default_cache_path(config)
     if run.groups.is_logging_rank:
         fingerprint = reference_fingerprint(config, run.data.tokenizer, dataset,
                                             run.data.sources)

@@ -83,6 +83,13 @@ def default_cache_path(config) -> Path:
     return data.with_name(data.name + ".reference.pt")
 
 
+def eval_cache_path(config) -> Path:
+    """The precomputed reference of data.eval_path's pairs: beside the training pairs' cache,
+    ``<cache>.eval.pt`` (the two sets' source rows overlap)."""
+    path = default_cache_path(config)
+    return path.with_name(path.name.removesuffix(".pt") + ".eval.pt")
+
+
 def _checksum(example_ids: torch.Tensor, logps: torch.Tensor, counts: torch.Tensor) -> str:
     digest = hashlib.sha256()
     for tensor in (example_ids.long(), logps.float(), counts.float()):

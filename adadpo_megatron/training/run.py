@@ -14,6 +14,7 @@ each hold (composition: neither inherits it):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -362,13 +363,30 @@ def load_run_data(c: RunConfig) -> RunData:
         print(f"data: {c.data_source()}: {report}", flush=True)
         for line in report.warnings(c.data.settings()):
             print(f"adadpo-train: warning: {line}", file=sys.stderr, flush=True)
-    train_set, eval_set = split_held_out(dataset, c.data.eval_fraction, c.eval_seed)
+    if c.data.eval_path is None:
+        train_set, eval_set = split_held_out(dataset, c.data.eval_fraction, c.eval_seed)
+    else:
+        train_set, eval_set = dataset, _load_eval_set(c, tokenizer)
     if len(train_set) < c.train.global_batch_size and dist.get_rank() == 0:
         print(f"adadpo-train: warning: {len(train_set)} training pairs, fewer than "
               f"train.global_batch_size={c.train.global_batch_size}: pairs repeat within "
               "every step", file=sys.stderr, flush=True)
     return RunData(tokenizer=tokenizer, dataset=dataset, train_set=train_set,
                    eval_set=eval_set, report=report, sources=sources)
+
+
+def _load_eval_set(c: RunConfig, tokenizer) -> PreferenceDataset:
+    """data.eval_path's pairs, read as data.path's are (rank 0 first, then the cache)."""
+    settings = dataclasses.replace(c.data.settings(), split=c.data.eval_split or c.data.split)
+
+    def load():
+        return load_preference_data(c.eval_source(), tokenizer, settings, cache=c.data.cache)
+
+    first = computed_on_rank_zero(load, share_result=False)
+    eval_set, report = first if dist.get_rank() == 0 else load()
+    if dist.get_rank() == dist.get_world_size() - 1:
+        print(f"eval data: {c.eval_source()}: {report}", flush=True)
+    return eval_set
 
 
 def _packing_report(run: RunContext) -> str:

@@ -66,6 +66,10 @@ class DataConfig:
         cache: keep the tokenised data next to the source, so a restart does not re-tokenise.
         eval_fraction: share of the pairs held out for evaluation, in [0, 0.5]; the split
             is a seeded random one.
+        eval_path: instead of eval_fraction, an evaluation set of its own (a file,
+            directory or cached dataset name, as path takes; every pair of it is evaluated,
+            and path's pairs all train).
+        eval_split: the split of eval_path; None means data.split.
         eval_seed: seeds the held-out split; None means train.seed. Fix it to vary
             train.seed (the data order) while holding out the same pairs, e.g. over the
             seeds of a sweep, or so that a warm-up stage never trains on them.
@@ -92,6 +96,8 @@ class DataConfig:
     skip_invalid: bool = False
     cache: bool = True
     eval_fraction: float = 0.0
+    eval_path: Optional[str] = None
+    eval_split: Optional[str] = None
     eval_seed: Optional[int] = None
     packing: str = "pack"
     max_tokens_per_micro_batch: Optional[int] = None
@@ -114,6 +120,13 @@ class DataConfig:
         if self.max_prompt_length is None:
             self.max_prompt_length = min(512, self.seq_length // 2)
         require_number("data.eval_fraction", self.eval_fraction, low=0.0, high=0.5)
+        if self.eval_path is not None and self.eval_fraction:
+            raise ValueError(f"data.eval_path={self.eval_path!r} and data.eval_fraction="
+                             f"{self.eval_fraction} are both set: the evaluation pairs come "
+                             "from one of them")
+        if self.eval_split is not None and self.eval_path is None:
+            raise ValueError(f"data.eval_split={self.eval_split!r} is the split of "
+                             "data.eval_path, which is not set")
         if self.eval_seed is not None:
             require_int("data.eval_seed", self.eval_seed, low=0)
         if not 1 <= self.max_prompt_length < self.seq_length:
@@ -418,9 +431,10 @@ class RunConfig:
 
     def _check_consistency(self) -> None:
         _check_allowed_changes(self.train.resume_allow_changes)
-        if self.train.eval_interval and not self.data.eval_fraction:
+        if self.train.eval_interval and not self.evaluates:
             raise ValueError(f"train.eval_interval={self.train.eval_interval} needs "
-                             "data.eval_fraction > 0 (no held-out pairs to evaluate on)")
+                             "data.eval_fraction > 0 or data.eval_path (no pairs to evaluate "
+                             "on)")
         if self.train.stage == "sft":
             if self.reference.mode != "none":
                 raise ValueError("train.stage=sft trains on the chosen responses alone; set "
@@ -550,10 +564,22 @@ class RunConfig:
 
     def data_source(self) -> str:
         """data.path as a file or directory relative to the config file, else as a name."""
-        resolved = self.resolve(self.data.path)
-        if resolved.exists() or Path(self.data.path).is_absolute():
+        return self._source(self.data.path)
+
+    def eval_source(self) -> Optional[str]:
+        """data.eval_path as data_source reads data.path (None without it)."""
+        return None if self.data.eval_path is None else self._source(self.data.eval_path)
+
+    def _source(self, path: str) -> str:
+        resolved = self.resolve(path)
+        if resolved.exists() or Path(path).is_absolute():
             return str(resolved)
-        return self.data.path
+        return path
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run has pairs to evaluate on (data.eval_fraction or data.eval_path)."""
+        return bool(self.data.eval_fraction) or self.data.eval_path is not None
 
     def tokenizer_spec(self) -> str:
         if self.data.tokenizer == "byte":

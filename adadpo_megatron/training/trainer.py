@@ -52,6 +52,7 @@ from adadpo_megatron.training.preemption import StopRequests
 from adadpo_megatron.training.process_groups import computed_on_rank_zero
 from adadpo_megatron.training.reference_cache import (
     default_cache_path,
+    eval_cache_path,
     load_cache,
     reference_fingerprint,
 )
@@ -117,6 +118,7 @@ class Trainer:
         self.model: List[torch.nn.Module] = []  # the policy's chunks, DDP-wrapped
         self.reference_model: List[torch.nn.Module] = []  # reference.mode resident
         self.reference_logps: Optional[torch.Tensor] = None  # reference.mode precompute
+        self.eval_reference_logps: Optional[torch.Tensor] = None  # the evaluation pairs'
         self.optimizer = None
         self.scheduler = None
         self.forward_step: Optional[PreferenceForwardStep | SFTForwardStep] = None
@@ -142,6 +144,12 @@ class Trainer:
                 default_cache_path(c),
                 reference_fingerprint(c, data.tokenizer, data.dataset, data.sources),
                 data.dataset)
+            self.eval_reference_logps = self.reference_logps
+            if c.data.eval_path is not None:  # data.eval_path's own cache
+                self.eval_reference_logps = load_cache(
+                    eval_cache_path(c),
+                    reference_fingerprint(c, data.tokenizer, data.eval_set, data.sources),
+                    data.eval_set)
         self.model = run.build_model(frozen=False)
         if resume is None or depends_on_initial_weights(yaml_view(to_dict(c))):
             # (a resumed full-model run takes every weight from its checkpoint: reading
@@ -261,7 +269,7 @@ class Trainer:
         """The step metrics on the held-out pairs, forward-only, prefixed "eval/"."""
         run, eval_set = self.run, self.run.data.eval_set
         plan = run.plan(eval_set, range(len(eval_set)), fill=True)
-        batches = run.materialize(eval_set, plan, self.reference_logps)
+        batches = run.materialize(eval_set, plan, self.eval_reference_logps)
         self._attach_reference(batches)
         with evaluating(self.model):
             reports = run.forward_only(self.forward_step, self.model, batches)
