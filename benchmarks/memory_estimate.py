@@ -26,8 +26,9 @@ Counts, for the most loaded pipeline rank (first or last stage):
                   rough figure for a mixture of experts)
     activations   Korthikanti et al. 2022 (arXiv 2205.05198), sequence parallel + selective
                   recompute: 34 s b h / t bytes per layer and micro-batch (with
-                  model.recompute_granularity full: each layer's 2 s b h / t input, plus one
-                  layer's 34 s b h / t while it recomputes) (s b its tokens:
+                  model.recompute_granularity full, megatron-core's recompute_method and
+                  recompute_num_layers: a recomputed layer keeps its 2 s b h / t input, and
+                  one group recomputes at a time; see _activations) (s b its tokens:
                   2 sequences per pair of seq_length, or data.max_tokens_per_micro_batch
                   packed; divided by CP, each CP rank holding 1 / CP of every sequence),
                   times the layers of all in-flight micro-batches of the first stage (PP of
@@ -42,6 +43,7 @@ It leaves out the CUDA context, NCCL buffers and allocator fragmentation (a few 
 
 from __future__ import annotations
 
+import math
 import sys
 
 from adadpo_megatron.mcore.lora import TARGETS
@@ -105,6 +107,31 @@ def estimate(config) -> dict:
             "h": h, "layers": layers, "tp": tp, "pp": pp, "vpp": vpp, "ep": ep}
 
 
+def _activations(t, e, tokens, per_layer_act) -> float:
+    """One micro-batch's activations on the first stage, by megatron-core's recompute
+    setting: selective (per_layer_act a layer), or full, where a layer whose forward is
+    recomputed keeps only its bf16 input (2 s b h / t): "uniform" keeps one input a group of
+    recompute_num_layers layers and recomputes one group at a time, "block" recomputes the
+    first recompute_num_layers layers of the stage and keeps the rest whole."""
+    layers = e["layers"] / e["pp"]  # this stage's
+    if t.get("recompute_granularity") != "full":
+        return per_layer_act * layers * e["pp"]  # the PP micro-batches in flight
+    method, group = t.get("recompute_method"), t.get("recompute_num_layers")
+    if method not in ("uniform", "block") or not group:
+        raise ValueError("model.recompute_granularity full needs model.recompute_method "
+                         "(uniform or block) and model.recompute_num_layers, as megatron-core "
+                         "does")
+    layer_input = 2 * tokens * e["h"] / e["tp"]
+    if method == "uniform":
+        kept = math.ceil(layers / group) * layer_input
+        live = group * per_layer_act
+    else:
+        recomputed = min(group, layers)
+        kept = recomputed * layer_input + (layers - recomputed) * per_layer_act
+        live = per_layer_act if recomputed else 0.0
+    return kept * e["pp"] + live
+
+
 def report(config, world_size: int) -> str:
     e = estimate(config)
     dp = ParallelLayout.of(config, world_size).dp
@@ -135,12 +162,8 @@ def report(config, world_size: int) -> str:
     tokens /= cp  # this CP rank's share of every sequence
     per_layer_act = 34 * tokens * e["h"] / e["tp"]
     penalty = 1 + (e["pp"] - 1) / (e["pp"] * e["vpp"])
-    if config.model.transformer.get("recompute_granularity") == "full":
-        # each layer keeps its bf16 input; one layer's activations live while it recomputes
-        rows["activations (first stage)"] = (2 * tokens * e["h"] / e["tp"] * e["layers"]
-                                             * penalty + per_layer_act)
-    else:
-        rows["activations (first stage)"] = per_layer_act * e["layers"] * penalty
+    rows["activations (first stage)"] = _activations(config.model.transformer, e, tokens,
+                                                     per_layer_act) * penalty
     shard = e["vocab"] // e["tp"]
     rows["log-probs (last stage)"] = 2 * (tokens * shard * 2) + 64 * 2**20
     total = sum(rows.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.metadata
 import importlib.util
 import math
 import re
@@ -142,6 +143,41 @@ class DataConfig:
 
         return DataSettings(**{f.name: getattr(self, f.name)
                                for f in dataclasses.fields(DataSettings)})
+
+
+# Transformer Engine's context-parallel attention takes THD (packed) batches with these
+# cp_comm_types from this release on (all_gather: TE PR 2829; before it asserts)
+THD_CP_COMM_TYPES = {"p2p": "0", "a2a": "0", "all_gather": "2.18", "a2a+p2p": "2.18"}
+
+
+def check_cp_comm_type(comm: Optional[str], packing: str, cp: int,
+                       te_version: Optional[str]) -> None:
+    """Raises ValueError naming model.cp_comm_type and data.packing where Transformer
+    Engine ``te_version`` (None: not installed) cannot run that CP exchange on packed (THD)
+    micro-batches."""
+    comm = comm or "p2p"
+    if cp == 1 or packing != "pack" or te_version is None:
+        return
+    if comm not in THD_CP_COMM_TYPES:
+        raise ValueError(f"model.cp_comm_type={comm!r} is not one of "
+                         f"{', '.join(THD_CP_COMM_TYPES)}")
+    needed = THD_CP_COMM_TYPES[comm]
+    if _release(te_version) < _release(needed):
+        raise ValueError(f"model.cp_comm_type={comm!r} with data.packing=pack (THD) needs "
+                         f"Transformer Engine >= {needed}, and this one is {te_version}: use "
+                         "p2p or a2a, or data.packing longest")
+
+
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as "2.18.0.dev0+abc"."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def _installed_version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # Token alignment FP8 GEMMs need, by recipe (MXFP8 scales blocks of 32 along the tokens).
@@ -532,6 +568,9 @@ class RunConfig:
                 raise ValueError(f"model.fp8={fp8!r} needs Transformer Engine: "
                                  "pip install -e '.[te]'")
         if gpu:
+            check_cp_comm_type(self.model.transformer.get("cp_comm_type"), self.data.packing,
+                               self.parallel.context_parallel_size,
+                               _installed_version("transformer_engine"))
             return
         if self.optimizer.megatron.get("use_distributed_optimizer"):
             raise ValueError("optimizer.use_distributed_optimizer=true needs a GPU; on CPU "

@@ -116,3 +116,33 @@ def test_the_gpu_checks_context_parallel_inputs_split_both_ways(cp):
     for comm in ("p2p", "all_gather"):
         config = gpu_check.cp_attention_config(cp, comm, torch.bfloat16)
         assert (config.context_parallel_size, config.cp_comm_type) == (cp, comm)
+
+
+def _cp_setup_worker(rank, world):
+    import importlib.util
+
+    from megatron.core.tensor_parallel.random import (
+        _MODEL_PARALLEL_RNG_TRACKER_NAME,
+        get_cuda_rng_tracker,
+    )
+
+    from adadpo_megatron.mcore import cpu_compat
+
+    cpu_compat.enable()
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "examples" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    group = gpu_check.context_parallel_setup(world)
+    assert group.size() == world
+    # what megatron-core's attention forks on a GPU (cpu_compat makes fork a no-op here)
+    assert _MODEL_PARALLEL_RNG_TRACKER_NAME in get_cuda_rng_tracker().get_states()
+
+
+@pytest.mark.slow  # spawns processes
+def test_the_gpu_checks_context_parallel_ranks_seed_what_attention_forks():
+    """gpu_check.py's CP worker builds megatron-core attention by hand, outside a trainer:
+    its set-up must register the model-parallel RNG state, or the first forward on a GPU
+    raises 'cuda rng state model-parallel-rng is not added' (found in review)."""
+    from tests.support.distributed import run_distributed
+
+    run_distributed(_cp_setup_worker, 2)

@@ -306,3 +306,24 @@ def test_num_epochs_trains_its_steps_over_the_pairs_kept(tmp_path, capfd):
     assert result["max_steps"] == steps == 3 and result["steps"] == list(range(steps))
     assert "train.num_epochs=0.02: 995 training pairs, 8 a step -> train.max_steps=3" in \
         capfd.readouterr().out
+
+
+def test_cp_exchanges_transformer_engine_cannot_run_on_packed_batches_are_refused():
+    """all_gather and a2a+p2p take THD (packed) batches from Transformer Engine 2.18 on (TE's
+    own assertion before it: 'No support for cp_comm_type=all_gather and qkv_format=thd')."""
+    from adadpo_megatron.training.run_config import check_cp_comm_type
+
+    with pytest.raises(ValueError, match=r"model.cp_comm_type='all_gather' with "
+                                         r"data.packing=pack \(THD\) needs Transformer Engine "
+                                         r">= 2.18, and this one is 2.17.0"):
+        check_cp_comm_type("all_gather", "pack", 2, "2.17.0")
+    with pytest.raises(ValueError, match="a2a\\+p2p"):
+        check_cp_comm_type("a2a+p2p", "pack", 4, "2.9.0+cu12")
+    with pytest.raises(ValueError, match="model.cp_comm_type='ring' is not one of"):
+        check_cp_comm_type("ring", "pack", 2, "2.18.0")
+    for comm, packing, cp, version in (("all_gather", "pack", 2, "2.18.0.dev0"),
+                                       ("all_gather", "longest", 2, "2.10"),
+                                       ("p2p", "pack", 2, "1.13"), (None, "pack", 2, "2.0"),
+                                       ("all_gather", "pack", 1, "2.0"),
+                                       ("all_gather", "pack", 2, None)):
+        check_cp_comm_type(comm, packing, cp, version)
