@@ -35,7 +35,9 @@ setup(
         # trl: the peer the loss family is compared with (tests/mcore/test_trl_parity.py),
         # pinned to the minor release whose trainer internals that test drives
         # peft: loads the PEFT adapter directories adadpo-export-hf --peft writes
-        "test": ["pytest>=8", "trl>=1.16,<1.17", "peft>=0.17"],
+        # wandb: train.wandb's logging, tested offline (tests/training/test_wandb.py)
+        "test": ["pytest>=8", "trl>=1.16,<1.17", "peft>=0.17", "wandb>=0.19"],
+        "wandb": ["wandb>=0.19"],
         # GPU machines only. NVIDIA Apex is used where already installed (NGC containers);
         # the PyPI package named "apex" is unrelated and must never be added here.
         "te": ["transformer-engine[pytorch]>=2.6"],

@@ -352,6 +352,10 @@ class TrainConfig:
             after it.
         grad_norm_warning_steps: warn when the gradient norm is 0 or not finite for this many
             consecutive steps, >= 1.
+        wandb: log to Weights & Biases too: {project (required), name (default: the
+            output_dir's name), entity, group, tags, mode: online | offline | disabled}; the
+            effective config is the W&B run's config, and a resumed run continues the same
+            W&B run. None (the default) logs to metrics.jsonl and TensorBoard only.
     """
 
     global_batch_size: int = 8
@@ -373,6 +377,7 @@ class TrainConfig:
     resume_allow_changes: List[str] = field(default_factory=list)
     distributed_timeout_minutes: float = 30.0
     grad_norm_warning_steps: int = 3
+    wandb: Optional[Dict[str, Any]] = None
 
     def steps_for_epochs(self, train_pairs: int) -> int:
         """The optimizer steps of num_epochs passes over ``train_pairs`` pairs."""
@@ -384,6 +389,8 @@ class TrainConfig:
         return 1 if self.stage == "sft" else 2
 
     def __post_init__(self):
+        if self.wandb is not None:
+            _check_wandb(self.wandb)
         if self.num_epochs is not None:
             if self.max_steps is not None:
                 raise ValueError(f"train.max_steps={self.max_steps} and train.num_epochs="
@@ -416,6 +423,21 @@ class TrainConfig:
                 isinstance(k, str) and k for k in self.resume_allow_changes):
             raise ValueError(f"train.resume_allow_changes={self.resume_allow_changes!r} must "
                              "be a list of config keys or sections, e.g. [loss.beta, data]")
+
+
+WANDB_KEYS = ("project", "name", "entity", "group", "tags", "mode")
+
+
+def _check_wandb(settings) -> None:
+    if not isinstance(settings, dict) or not isinstance(settings.get("project"), str):
+        raise ValueError(f"train.wandb={settings!r} must be a mapping with at least a project, "
+                         "e.g. {project: adadpo, mode: offline}")
+    unknown = sorted(set(settings) - set(WANDB_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) train.wandb.{', train.wandb.'.join(unknown)}; the "
+                         f"keys are {', '.join(WANDB_KEYS)}")
+    require_choice("train.wandb.mode", settings.get("mode", "online"),
+                   ("online", "offline", "disabled"))
 
 
 SECTIONS = ("model", "parallel", "loss", "data", "reference", "optimizer", "train")

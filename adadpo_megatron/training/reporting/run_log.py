@@ -1,16 +1,20 @@
-"""What a person watches: metrics.jsonl, a progress bar, TensorBoard. Logging rank only."""
+"""What a person watches: metrics.jsonl, a progress bar, TensorBoard, Weights & Biases.
+Logging rank only."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 from tqdm import tqdm
 
-from adadpo_megatron.training.config_help import effective_yaml
+from adadpo_megatron.training.config_help import effective_config, effective_yaml
+
+WANDB_RUN_ID = "wandb_run_id"  # in output_dir: the W&B run a resumed start continues
 
 
 def _kept_lines(path: Path, start_step: int) -> List[str]:
@@ -47,9 +51,34 @@ def _set_aside(path: Path) -> Path:
     return kept
 
 
+def _start_wandb(config, out: Path, start_step: int):
+    """The W&B run of train.wandb: a new one for a start at step 0, else the one
+    output_dir/wandb_run_id names (a resumed start continues it); the effective config as its
+    config; its files under output_dir/wandb."""
+    try:
+        import wandb  # optional: only runs that ask for it
+    except ImportError:
+        raise ValueError("train.wandb needs the wandb package: pip install wandb (or remove "
+                         "train.wandb)") from None
+    settings = config.train.wandb
+    id_file = out / WANDB_RUN_ID
+    if start_step and id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(4)  # W&B run ids: 8 of [a-z0-9]
+        id_file.write_text(run_id + "\n")
+    return wandb.init(project=settings["project"], entity=settings.get("entity"),
+                      name=settings.get("name") or out.name, group=settings.get("group"),
+                      tags=settings.get("tags"), mode=settings.get("mode", "online"),
+                      dir=str(out), id=run_id, resume="allow",
+                      config=effective_config(config))
+
+
 class RunLog:
     """Writes the run's effective config to output_dir/config.yaml (as --print-config shows
     it) and each step's metrics to output_dir/metrics.jsonl (one JSON object a line), to
+    Weights & Biases (train.wandb; the step as W&B's step, a resumed start continuing the
+    same W&B run), to
     TensorBoard (output_dir/tensorboard) and to a progress bar with step, loss, reward
     accuracy, tokens/s, the real-token share of the computed tokens and ETA. On resume, the
     lines of steps from the resumed one on are dropped (atomically), so that every step
@@ -77,6 +106,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+        self.wandb = _start_wandb(config, out, start_step) if t.wandb else None
         self.bar = None
         if t.progress:
             self.bar = tqdm(total=t.max_steps, initial=start_step, desc="adadpo", unit="step",
@@ -90,6 +120,8 @@ class RunLog:
             for name, value in metrics.items():
                 if name != "step":
                     self.tensorboard.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
         if self.bar is not None:
             postfix = {"loss": f"{metrics['loss']:.4f}"}
             if "rewards/accuracies" in metrics:
@@ -106,5 +138,7 @@ class RunLog:
         self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.bar is not None:
             self.bar.close()
