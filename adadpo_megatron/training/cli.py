@@ -19,6 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from adadpo_megatron.training.errors import USER_ERRORS, error_line, fail, rank
+from adadpo_megatron.training.notices import quiet
 from adadpo_megatron.training.preemption import (
     PREEMPTED_EXIT_CODE,
     SIGNALS,
@@ -28,6 +29,7 @@ from adadpo_megatron.training.preemption import (
 
 
 def _parse(argv: Optional[Sequence[str]], prog: str, what: str):
+    quiet()  # before megatron-core is imported: its known notices, said once (notices.py)
     argv = sys.argv[1:] if argv is None else list(argv)
     epilog = None
     if "-h" in argv or "--help" in argv:  # the keys' list reads the config classes: on ask

@@ -54,6 +54,7 @@ from adadpo_megatron.training.checkpointing.run_dir import (
 )
 from adadpo_megatron.training.huggingface.hf_import import IMPORT_DIR, import_into
 from adadpo_megatron.training.layout import ParallelLayout, ProcessGroups
+from adadpo_megatron.training.notices import environment_line
 from adadpo_megatron.training.process_groups import computed_on_rank_zero, init_distributed
 from adadpo_megatron.training.reference_cache import attach_precomputed, reference_weights_path
 from adadpo_megatron.training.run_config import RunConfig
@@ -321,6 +322,9 @@ def setup_run(config: RunConfig, claim_output_dir: bool = False) -> RunContext:
         ParallelLayout.destroy()
         raise
     if groups.is_logging_rank:
+        line = environment_line(gpu)
+        if line:
+            print(line, flush=True)
         print(f"packing: {_packing_report(run)}", flush=True)
     return run
 

@@ -199,3 +199,47 @@ def test_print_config_prints_the_effective_config_and_help_lists_every_key(capsy
             if f.name != NESTED.get(section):
                 assert docs.get(f.name), f"{section}.{f.name} has no docstring entry"
                 assert f"    {f.name} = " in text and docs[f.name] in text, f.name
+
+
+def test_quiet_silences_the_known_notices_and_nothing_else(caplog):
+    import logging
+    import warnings
+
+    from adadpo_megatron.training.notices import quiet
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet()
+        warnings.warn("Apex is not installed. Falling back to Torch Norm", UserWarning,
+                      stacklevel=1)
+        warnings.warn("MimoModelConfig is experimental and still under active development.",
+                      UserWarning, stacklevel=1)
+        warnings.warn("a warning nobody has seen yet", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a warning nobody has seen yet"]
+    logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("GPTModel IS DEPRECATED. GPTModel is only accepting ...")
+        logger.warning("something else from GPTModel")
+    assert [r.getMessage() for r in caplog.records] == ["something else from GPTModel"]
+
+
+@pytest.mark.slow
+def test_a_run_says_what_is_missing_once_and_nothing_else(tmp_path):
+    """adadpo-train's start-up on a machine without Transformer Engine and Apex: one line
+    instead of megatron-core's dozen notices (issue 27, item 8)."""
+    from adadpo_megatron.training.notices import KNOWN_LOG_MESSAGES
+
+    result = subprocess.run(
+        [sys.executable, "-m", "adadpo_megatron", "--config", CONFIG, "train.max_steps=1",
+         f"train.output_dir={tmp_path / 'run'}", "train.progress=false"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    noise = ["Warning", "warnings.warn", *KNOWN_LOG_MESSAGES.values()]
+    assert not [line for line in result.stderr.splitlines()
+                if any(word in line for word in noise)], result.stderr
+    import torch
+
+    from adadpo_megatron.training.notices import environment_line
+
+    line = environment_line(torch.cuda.is_available())  # None where both are installed
+    assert result.stdout.count(line) == 1 if line else True, result.stdout
