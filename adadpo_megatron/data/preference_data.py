@@ -25,7 +25,7 @@ is the tokenizer's BOS and its last tokens ("left"), or the pair is dropped and 
 Bad rows (a missing field, an empty response, a message that is not a role/content pair of
 strings, identical chosen and rejected, a token id outside the vocabulary) raise a
 ValueError naming the file, the row and the field, or with ``skip_invalid`` are skipped and
-counted in the report. The tokenised result is cached next to the data, keyed by the
+counted in the report. The tokenised result is cached (``default_cache_dir``), keyed by the
 data's content, the tokenizer and these settings, so a restart does not re-tokenise.
 """
 
@@ -435,11 +435,18 @@ def _cache_file(source: str, content_hash: str, tokenizer, settings: DataSetting
         {"v": CACHE_VERSION, "data": content_hash, "tokenizer": tokenizer.fingerprint(),
          "settings": settings.__dict__}, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(source)
-    if cache_dir is None:
-        cache_dir = path.parent if path.is_file() else \
-            Path.home() / ".cache" / "adadpo_megatron" / "tokenized"
     name = path.name if path.exists() else source.replace("/", "__")
-    return Path(cache_dir) / f"{name}.tokenized-{key}.pt"
+    return Path(cache_dir or default_cache_dir()) / f"{name}.tokenized-{key}.pt"
+
+
+def default_cache_dir() -> Path:
+    """Where tokenised data is cached: $ADADPO_CACHE_DIR, else
+    $XDG_CACHE_HOME/adadpo_megatron/tokenized (~/.cache by default), as Hugging Face's
+    datasets cache its own; never beside the user's data."""
+    if os.environ.get("ADADPO_CACHE_DIR"):
+        return Path(os.environ["ADADPO_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "adadpo_megatron" / "tokenized"
 
 
 def load_preference_data(source: str, tokenizer, settings: DataSettings, *,

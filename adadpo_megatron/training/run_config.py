@@ -64,7 +64,8 @@ class DataConfig:
             pair. Responses are cut at their end to fit; the start-up report counts both
             cuts and warns when most pairs were cut.
         skip_invalid: skip (and count) bad rows instead of stopping with an error.
-        cache: keep the tokenised data next to the source, so a restart does not re-tokenise.
+        cache: keep the tokenised data in $ADADPO_CACHE_DIR (default
+            ~/.cache/adadpo_megatron/tokenized), so a restart does not re-tokenise.
         eval_fraction: share of the pairs held out for evaluation, in [0, 0.5]; the split
             is a seeded random one.
         eval_path: instead of eval_fraction, an evaluation set of its own (a file,

@@ -192,8 +192,10 @@ def test_non_string_message_and_invalid_json_are_named(tmp_path, hf_tokenizer_di
 
 def test_tokenised_data_is_cached(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    monkeypatch.setenv("ADADPO_CACHE_DIR", str(tmp_path / "cache"))
     first, report = load_preference_data(path, ByteTokenizer(), SETTINGS)
-    assert not report.from_cache and list(tmp_path.glob("p.jsonl.tokenized-*.pt"))
+    assert not report.from_cache and list((tmp_path / "cache").glob("p.jsonl.tokenized-*.pt"))
+    assert not list(tmp_path.glob("*.tokenized-*.pt")), "nothing written beside the data"
 
     def no_tokenising(self, text):
         raise AssertionError("re-tokenised although the cache was valid")
@@ -326,10 +328,11 @@ def test_a_role_outside_the_chat_roles_names_the_row(tmp_path, hf_tokenizer_dir)
         load_preference_data(path, HFTokenizer(hf_tokenizer_dir), SETTINGS, cache=False)
 
 
-def test_a_damaged_tokenised_cache_is_rebuilt(tmp_path, capsys):
+def test_a_damaged_tokenised_cache_is_rebuilt(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ADADPO_CACHE_DIR", str(tmp_path / "cache"))
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
     first, _ = load_preference_data(path, ByteTokenizer(), SETTINGS)
-    cache = next(tmp_path.glob("p.jsonl.tokenized-*.pt"))
+    cache = next((tmp_path / "cache").glob("p.jsonl.tokenized-*.pt"))
     cache.write_bytes(cache.read_bytes()[:100])  # truncated by a kill
     again, report = load_preference_data(path, ByteTokenizer(), SETTINGS)
     assert not report.from_cache and torch.equal(again.tokens, first.tokens)
