@@ -33,7 +33,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,9 @@ class LoRAConfig:
 
     Fields:
         rank: the adapters' rank r, >= 1.
-        alpha: the scale's numerator: the adapter adds (alpha / rank) * B A x.
+        alpha: the scale's numerator: the adapter adds (alpha / rank) * B A x. None (the
+            default) means 2 x rank, so the scale stays 2 whatever the rank (PEFT's default
+            alpha is a constant 8, whose scale falls as the rank grows).
         dropout: dropout on the adapter's input, in [0, 1).
         target_modules: which of linear_qkv, linear_proj, linear_fc1, linear_fc2 to adapt
             (megatron-core's names; linear_qkv covers q_proj, k_proj and v_proj of a
@@ -65,12 +67,14 @@ class LoRAConfig:
     """
 
     rank: int = 16
-    alpha: float = 32.0
+    alpha: Optional[float] = None
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=lambda: list(TARGETS))
 
     def __post_init__(self):
         require_int("model.lora.rank", self.rank)
+        if self.alpha is None:
+            self.alpha = 2.0 * self.rank
         require_number("model.lora.alpha", self.alpha, low=0, low_open=True)
         require_number("model.lora.dropout", self.dropout, low=0, high=1, high_open=True)
         if isinstance(self.target_modules, str) or not self.target_modules:

@@ -105,3 +105,13 @@ def _worker(rank, world, kind, sequence_parallel):
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_tp2_adapter_equals_the_full_computation(kind, sequence_parallel):
     run_distributed(_worker, 2, kind, sequence_parallel)
+
+
+def test_alpha_follows_the_rank_unless_set():
+    """model.lora.alpha unset: 2 x rank, a scale of 2 at any rank (rank 16 keeps the former
+    default alpha 32); set, it is taken as it is."""
+    from adadpo_megatron.mcore.lora import LoRAConfig
+
+    assert [LoRAConfig(rank=r).scale for r in (4, 16, 64)] == [2.0, 2.0, 2.0]
+    assert LoRAConfig(rank=16).alpha == 32.0
+    assert LoRAConfig(rank=4, alpha=6.0).alpha == 6.0

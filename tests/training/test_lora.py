@@ -278,6 +278,10 @@ def test_a_lora_run_exports_merged_and_as_a_peft_adapter(llama, tmp_path, world,
     torch.testing.assert_close(trained["ours"][mask], with_peft[mask], rtol=0, atol=bound)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == LORA["rank"] and config["lora_alpha"] == LORA["alpha"]
+    from adadpo_megatron.data.tokenizers import TOKENIZER_FILES
+
+    tokenizer = {name for name in TOKENIZER_FILES if (tmp / "llama3" / name).is_file()}
+    assert tokenizer and all((adapter / name).is_file() for name in tokenizer), tokenizer
     from adadpo_megatron.training.huggingface.dcp_reader import tensor_metadata
 
     saved = tensor_metadata(tmp / f"trained_{world}_{base}" / "checkpoints" / "step_0000002")

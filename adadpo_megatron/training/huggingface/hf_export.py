@@ -229,6 +229,7 @@ def _export(checkpoint: Path, origin: _Origin, out: Path, dtype: Optional[str],
         arch = replace(arch, vocab_size=weights["embedding.word_embeddings.weight"][0][0])
     if peft:
         lora_export.write_peft_adapter(checkpoint, metadata, arch, lora, out, origin.source)
+        _copy_tokenizer(origin, out)  # PEFT directories carry it too (TRL saves it there)
         return
     cast = getattr(torch, dtype) if dtype else None
     # a LoRA run on model.hf: its safetensors, adapters merged, under their own names and dtype
@@ -253,15 +254,21 @@ def _export(checkpoint: Path, origin: _Origin, out: Path, dtype: Optional[str],
     _write_shards(cast_items(), out, shard_bytes)
     _write_config(out, arch, origin.source,
                   dtype or (arch.dtype if merged_into_hf else _dtype_name(weights)))
-    for name in TOKENIZER_FILES + ("generation_config.json",):
-        for folder in (origin.tokenizer, origin.source):
-            if folder is not None and (folder / name).is_file():
-                shutil.copy2(folder / name, out / name)
-                break
+    _copy_tokenizer(origin, out, ("generation_config.json",))
     if not (out / "generation_config.json").is_file():
         from transformers import AutoConfig, GenerationConfig  # seconds to import: on use
 
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
+
+
+def _copy_tokenizer(origin: _Origin, out: Path, extra=()) -> None:
+    """The tokenizer's files (and ``extra``), from data.tokenizer's directory, else the
+    model's."""
+    for name in TOKENIZER_FILES + tuple(extra):
+        for folder in (origin.tokenizer, origin.source):
+            if folder is not None and (folder / name).is_file():
+                shutil.copy2(folder / name, out / name)
+                break
 
 
 def _dtype_name(metadata) -> str:
