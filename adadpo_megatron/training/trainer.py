@@ -344,9 +344,12 @@ class Trainer:
         history = []
         if self.start_step >= t.max_steps:
             if self.is_logging_rank:
-                print(f"nothing to do: the checkpoint is at step {self.start_step} and "
-                      f"train.max_steps={t.max_steps}; raise train.max_steps to train on",
-                      flush=True)
+                what = (f"train.num_epochs={t.num_epochs} (train.max_steps={t.max_steps})"
+                        if t.num_epochs is not None else f"train.max_steps={t.max_steps}")
+                print(f"this run is finished: {t.output_dir}'s checkpoint is at step "
+                      f"{self.start_step}, and {what}. To train on, raise it (the run resumes "
+                      "from that step); for a new run, use another train.output_dir or "
+                      "train.resume=never train.overwrite=true", file=sys.stderr, flush=True)
             return history
         log = RunLog(self.config, self.start_step) if self.is_logging_rank else None
         self.stop.immediate = False  # from the first step on, a signal stops after a step

@@ -243,3 +243,20 @@ def test_a_run_says_what_is_missing_once_and_nothing_else(tmp_path):
 
     line = environment_line(torch.cuda.is_available())  # None where both are installed
     assert result.stdout.count(line) == 1 if line else True, result.stdout
+
+
+@pytest.mark.slow
+def test_a_finished_run_run_again_says_so_and_how_to_go_on(single_run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "finished"
+    shutil.copytree(single_run_dir, run)
+    before = (run / "metrics.jsonl").read_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "adadpo_megatron", "--config", CONFIG, f"train.output_dir={run}",
+         f"train.max_steps={STEPS}", "data.eval_fraction=0.1", "train.eval_interval=3"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"this run is finished: {run}'s checkpoint is at step {STEPS}" in result.stderr
+    assert "raise it" in result.stderr and "train.output_dir" in result.stderr
+    assert (run / "metrics.jsonl").read_text() == before
