@@ -108,8 +108,18 @@ class DataReport:
         return text + (" [tokenised cache]" if self.from_cache else "")
 
     def warnings(self, settings: DataSettings) -> List[str]:
-        """One line for each kind of cut that most pairs suffered, naming the key to raise."""
+        """One line for each kind of loss or cut that most rows suffered, naming the key."""
         lines = []
+        if self.rows and self.dropped_long_prompt > self.rows / 2:
+            lines.append(f"{self.dropped_long_prompt} of {self.rows} rows were dropped for a "
+                         f"prompt longer than data.max_prompt_length="
+                         f"{settings.max_prompt_length} (data.prompt_truncation=drop): raise "
+                         "data.max_prompt_length, or set data.prompt_truncation=left")
+        skipped = sum(self.skipped.values())
+        if self.rows and skipped > self.rows / 2:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+            lines.append(f"{skipped} of {self.rows} rows were skipped as bad ({reasons}; "
+                         "data.skip_invalid=true): check data.format and the file")
         if self.pairs and self.truncated_prompts > self.pairs / 2:
             lines.append(f"{self.truncated_prompts} of {self.pairs} prompts were longer than "
                          f"data.max_prompt_length={settings.max_prompt_length} tokens and lost "
@@ -292,7 +302,9 @@ def _detect_format(row: dict) -> str:
         return "pretokenized"
     if isinstance(row.get("chosen"), list):
         return "conversational"
-    if row.get("prompt") is None and isinstance(row.get("chosen"), str):
+    if "prompt" not in row and isinstance(row.get("chosen"), str):
+        # no prompt column at all (a row of a file with prompts that lacks one is a bad
+        # explicit row: the datasets library gives it prompt None)
         return "implicit"
     return "explicit"
 

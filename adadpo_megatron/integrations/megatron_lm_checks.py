@@ -51,6 +51,7 @@ def flag_overrides(args) -> List[str]:
         "train.micro_batch_size": args.micro_batch_size,
         "train.seed": args.seed,
         "train.max_steps": args.train_iters,
+        "train.num_epochs": None,  # --train-iters decides the steps
     }
     return [f"{key}={'null' if value is None else value}" for key, value in sizes.items()]
 

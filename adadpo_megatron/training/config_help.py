@@ -14,6 +14,7 @@ from typing import Any, Dict, List
 
 import yaml
 
+from adadpo_megatron.mcore.lora import LoRAConfig
 from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
 from adadpo_megatron.ops.loss_config import LossConfig
 from adadpo_megatron.training.run_config import (
@@ -34,6 +35,16 @@ _OPEN_KEYS = {"model": "any megatron-core TransformerConfig field (num_layers, h
                        "num_attention_heads, ffn_hidden_size, fp8, recompute_granularity, ...)",
               "optimizer": "any megatron-core OptimizerConfig field (adam_beta1, adam_beta2, "
                            "adam_eps, sgd_momentum, use_distributed_optimizer, ...)"}
+
+
+# sections' keys that hold a section of their own: (section, key) -> its dataclass
+SUBSECTIONS = {("model", "lora"): LoRAConfig}
+# the optimizer keys this project gives defaults (OptimizerSection.DEFAULTS)
+OPTIMIZER_KEYS = {"optimizer": '"adam" or "sgd" (megatron-core\'s)',
+                  "lr": "the peak learning rate",
+                  "min_lr": "the learning rate the decay ends at",
+                  "weight_decay": "weight decay, >= 0",
+                  "clip_grad": "the clip on the global gradient norm; 0 turns it off"}
 
 
 def field_descriptions(cls) -> Dict[str, str]:
@@ -78,11 +89,16 @@ def key_help() -> str:
             if f.name == NESTED.get(section):
                 if section == "optimizer":
                     for key, value in OptimizerSection.DEFAULTS.items():
-                        lines.append(f"    {key} = {value!r}")
+                        lines.append(f"    {key} = {value!r}: {OPTIMIZER_KEYS[key]}")
                 lines.append(f"    ...: {_OPEN_KEYS[section]}")
                 continue
             text = docs.get(f.name, "")
             lines.append(f"    {f.name} = {_default(f)!r}" + (f": {text}" if text else ""))
+            sub = SUBSECTIONS.get((section, f.name))
+            if sub is not None:
+                sub_docs = field_descriptions(sub)
+                lines += [f"      {f.name}.{g.name} = {_default(g)!r}: {sub_docs.get(g.name, '')}"
+                          for g in dataclasses.fields(sub)]
     return "\n".join(lines)
 
 
@@ -96,6 +112,8 @@ def effective_config(config: RunConfig) -> Dict[str, Dict[str, Any]]:
         if inner is not None:
             values = {**{k: v for k, v in values.items() if k != inner}, **values[inner]}
         out[section] = values
+    if config.train.num_epochs is not None:  # max_steps is derived from it, not set
+        out["train"]["max_steps"] = None
     return out
 
 

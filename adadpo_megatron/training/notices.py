@@ -41,9 +41,13 @@ class _Drop(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+_QUIETED = []  # whether quiet() ran in this process
+
+
 def quiet() -> None:
     """Silences the known notices in this process (idempotent); call before megatron-core
     is imported."""
+    _QUIETED.append(True)
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name, prefix in KNOWN_LOG_MESSAGES.items():
@@ -60,8 +64,11 @@ def environment_line(gpu: bool) -> Optional[str]:
     if not missing:
         return None
     where = "a GPU" if gpu else "the CPU"
-    return (f"{' and '.join(missing)} not installed: megatron-core's local layers with torch "
-            f"norms, optimizers and tensor kernels run on {where}"
-            + (" (no FP8, no fused attention, packed batches as masks)"
-               if "Transformer Engine" in missing else "")
-            + "; megatron-core's notices about it and its deprecations are silenced")
+    if "Transformer Engine" in missing:
+        what = (f"megatron-core's local layers with torch norms, optimizers and tensor kernels "
+                f"run on {where} (no FP8, no fused attention, packed batches as masks)")
+    else:  # Transformer Engine's layers run; Apex's fused optimizers and kernels are absent
+        what = "Transformer Engine's layers run, with torch optimizers and tensor kernels"
+    quieted = ("; megatron-core's notices about it and its deprecations are silenced"
+               if _QUIETED else "")
+    return f"{' and '.join(missing)} not installed: {what}{quieted}"

@@ -390,6 +390,8 @@ def _load_eval_set(c: RunConfig, tokenizer) -> PreferenceDataset:
     eval_set, report = first if dist.get_rank() == 0 else load()
     if dist.get_rank() == dist.get_world_size() - 1:
         print(f"eval data: {c.eval_source()}: {report}", flush=True)
+        for line in report.warnings(settings):
+            print(f"adadpo-train: warning: data.eval_path: {line}", file=sys.stderr, flush=True)
     return eval_set
 
 

@@ -15,6 +15,7 @@ import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
@@ -382,7 +383,9 @@ class TrainConfig:
 
     def steps_for_epochs(self, train_pairs: int) -> int:
         """The optimizer steps of num_epochs passes over ``train_pairs`` pairs."""
-        return max(1, math.ceil(self.num_epochs * train_pairs / self.global_batch_size))
+        # exact: 1.1 epochs of 800 pairs at 8 a step is 110 steps, not float's 111
+        pairs = Fraction(str(self.num_epochs)) * train_pairs
+        return max(1, math.ceil(pairs / self.global_batch_size))
 
     @property
     def sides(self) -> int:
@@ -396,7 +399,8 @@ class TrainConfig:
             if self.max_steps is not None:
                 raise ValueError(f"train.max_steps={self.max_steps} and train.num_epochs="
                                  f"{self.num_epochs} are both set; set one (the other is "
-                                 "derived from it)")
+                                 "derived from it: add train.max_steps=null to train by "
+                                 "epochs)")
             require_number("train.num_epochs", self.num_epochs, low=0.0, low_open=True)
         elif self.max_steps is None:
             self.max_steps = 10
@@ -439,6 +443,13 @@ def _check_wandb(settings) -> None:
                          f"keys are {', '.join(WANDB_KEYS)}")
     require_choice("train.wandb.mode", settings.get("mode", "online"),
                    ("online", "offline", "disabled"))
+    for key in ("name", "entity", "group"):
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise ValueError(f"train.wandb.{key}={settings[key]!r} must be a string")
+    tags = settings.get("tags")
+    if tags is not None and (not isinstance(tags, list)
+                             or not all(isinstance(t, str) for t in tags)):
+        raise ValueError(f"train.wandb.tags={tags!r} must be a list of strings")
 
 
 SECTIONS = ("model", "parallel", "loss", "data", "reference", "optimizer", "train")
@@ -490,6 +501,13 @@ class RunConfig:
 
     def _check_consistency(self) -> None:
         _check_allowed_changes(self.train.resume_allow_changes)
+        if self.data.eval_path is not None and \
+                (self.eval_source(), self.data.eval_split or self.data.split) == \
+                (self.data_source(), self.data.split):
+            raise ValueError(f"data.eval_path={self.data.eval_path!r} with data.eval_split="
+                             f"{self.data.eval_split!r} is the training data itself "
+                             f"(data.path, split {self.data.split!r}): name another split "
+                             "(data.eval_split) or file")
         if self.train.eval_interval and not self.evaluates:
             raise ValueError(f"train.eval_interval={self.train.eval_interval} needs "
                              "data.eval_fraction > 0 or data.eval_path (no pairs to evaluate "
@@ -590,6 +608,11 @@ class RunConfig:
             if importlib.util.find_spec("transformer_engine") is None:
                 raise ValueError(f"model.fp8={fp8!r} needs Transformer Engine: "
                                  "pip install -e '.[te]'")
+        wandb = self.train.wandb
+        if wandb and wandb.get("mode", "online") != "disabled" and \
+                importlib.util.find_spec("wandb") is None:
+            raise ValueError("train.wandb needs the wandb package: pip install -e '.[wandb]' "
+                             "(or remove train.wandb, or set train.wandb.mode=disabled)")
         if gpu:
             check_cp_comm_type(self.model.transformer.get("cp_comm_type"), self.data.packing,
                                self.parallel.context_parallel_size,

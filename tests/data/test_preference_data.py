@@ -404,6 +404,32 @@ def test_implicit_pairs_that_leave_a_response_empty_are_named(tmp_path, chosen, 
     assert "i.jsonl" in str(err.value) and "row 0" in str(err.value)
 
 
+def test_a_row_without_its_prompt_in_a_file_with_prompts_is_a_bad_row(tmp_path):
+    """Implicit prompts are read only where the data has no prompt column: a row that lacks
+    the prompt of an explicit file (None from the datasets library) is named, not split."""
+    rows = [ROWS[0], {"chosen": "The answer is 4", "rejected": "The answer is 5"}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(ValueError, match=r"mixed.jsonl.*row 1.*field 'prompt' is missing"):
+        load_preference_data(path, ByteTokenizer(), SETTINGS, cache=False)
+
+
+def test_most_rows_dropped_or_skipped_are_warned_about(tmp_path):
+    rows = [{"prompt": "p" * 30, "chosen": "a", "rejected": "b"}] * 3 + [ROWS[0]]
+    settings = DataSettings(seq_length=24, max_prompt_length=16, prompt_truncation="drop")
+    _, report = load_preference_data(write_jsonl(tmp_path / "d.jsonl", rows), ByteTokenizer(),
+                                     settings, cache=False)
+    assert report.dropped_long_prompt == 3 and report.pairs == 1
+    [line] = report.warnings(settings)
+    assert line.startswith("3 of 4 rows were dropped for a prompt longer than "
+                           "data.max_prompt_length=16")
+    bad = [{"prompt": "p", "chosen": "a"}] * 3 + [ROWS[0]]
+    skipping = DataSettings(seq_length=24, max_prompt_length=16, skip_invalid=True)
+    _, report = load_preference_data(write_jsonl(tmp_path / "s.jsonl", bad), ByteTokenizer(),
+                                     skipping, cache=False)
+    [line] = report.warnings(skipping)
+    assert line.startswith("3 of 4 rows were skipped as bad (3 missing field")
+
+
 def test_truncation_is_counted_and_a_mostly_cut_set_warned_about(tmp_path):
     """Every cut is counted: prompts over max_prompt_length (byte tokens: BOS + one a byte)
     and responses (+ EOS) over what seq_length leaves them, counted here from the row texts;

@@ -171,7 +171,11 @@ def test_print_config_prints_the_effective_config_and_help_lists_every_key(capsy
     import yaml
 
     from adadpo_megatron.training.cli import train_main
-    from adadpo_megatron.training.config_help import SECTION_CLASSES, field_descriptions
+    from adadpo_megatron.training.config_help import (
+        SECTION_CLASSES,
+        effective_yaml,
+        field_descriptions,
+    )
     from adadpo_megatron.training.run_config import NESTED, load_run_config, to_dict
 
     with pytest.raises(SystemExit) as exit_info:
@@ -190,6 +194,12 @@ def test_print_config_prints_the_effective_config_and_help_lists_every_key(capsy
     want.data.path = values["data"]["path"]
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     assert to_dict(load_run_config(str(tmp_path / "printed.yaml"))) == to_dict(want)
+    # train.num_epochs: max_steps is derived at start, so the file leaves it unset
+    epochs = load_run_config(CONFIG, ["train.max_steps=null", "train.num_epochs=2"])
+    epochs.train.max_steps = 63  # as setup_run derives it
+    (tmp_path / "epochs.yaml").write_text(effective_yaml(epochs).replace(
+        str(values["data"]["path"]), values["data"]["path"]))
+    assert yaml.safe_load((tmp_path / "epochs.yaml").read_text())["train"]["max_steps"] is None
     with pytest.raises(SystemExit):
         train_main(["--help"])
     text = capsys.readouterr().out

@@ -272,6 +272,25 @@ def test_num_epochs_or_max_steps_not_both():
     with pytest.raises(ValueError, match="train.num_epochs"):
         tiny_config({"train.max_steps": None, "train.num_epochs": 0})
     assert tiny_config({"train.max_steps": None}).train.max_steps == 10  # neither: the default
+    # exact, not float's: 1.1 x 800 / 8 is 110 steps (float arithmetic gives 111)
+    assert tiny_config({"train.max_steps": None,
+                        "train.num_epochs": 1.1}).train.steps_for_epochs(800) == 110
+
+
+def test_an_evaluation_set_that_is_the_training_data_is_refused():
+    from tests.support.training import DATA, tiny_config
+
+    with pytest.raises(ValueError, match="is the training data itself"):
+        tiny_config({"data.eval_path": str(DATA)})
+
+
+def test_wandb_values_are_checked_by_type():
+    from tests.support.training import tiny_config
+
+    with pytest.raises(ValueError, match="train.wandb.tags='x' must be a list of strings"):
+        tiny_config({"train.wandb": {"project": "p", "tags": "x"}})
+    with pytest.raises(ValueError, match="train.wandb.name=3 must be a string"):
+        tiny_config({"train.wandb": {"project": "p", "name": 3}})
 
 
 def _epochs_worker(rank, world, out_path):

@@ -112,7 +112,7 @@ def prepare_fresh_run(output_dir, overwrite: bool) -> None:
             f"{', ...' if len(held) > 3 else ''}); set train.overwrite=true to delete them, "
             "train.resume=auto to continue that run, or choose another output_dir")
     shutil.rmtree(checkpoints, ignore_errors=True)
-    for name in ("metrics.jsonl", "tensorboard"):
+    for name in ("metrics.jsonl", "tensorboard", "wandb", "wandb_run_id", "config.yaml"):
         path = output_dir / name
         if path.is_dir():
             shutil.rmtree(path)

@@ -106,7 +106,8 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(out / "tensorboard"))
-        self.wandb = _start_wandb(config, out, start_step) if t.wandb else None
+        logs_to_wandb = t.wandb and t.wandb.get("mode", "online") != "disabled"
+        self.wandb = _start_wandb(config, out, start_step) if logs_to_wandb else None
         self.bar = None
         if t.progress:
             self.bar = tqdm(total=t.max_steps, initial=start_step, desc="adadpo", unit="step",
