@@ -36,7 +36,9 @@ setup(
         # pinned to the minor release whose trainer internals that test drives
         # peft: loads the PEFT adapter directories adadpo-export-hf --peft writes
         # wandb: train.wandb's logging, tested offline (tests/training/test_wandb.py)
-        "test": ["pytest>=8", "trl>=1.16,<1.17", "peft>=0.17", "wandb>=0.19"],
+        # pytest-xdist: the suite runs its files on two workers (README's test command)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "trl>=1.16,<1.17", "peft>=0.17",
+                 "wandb>=0.19"],
         "wandb": ["wandb>=0.19"],
         # GPU machines only. NVIDIA Apex is used where already installed (NGC containers);
         # the PyPI package named "apex" is unrelated and must never be added here.

@@ -757,8 +757,9 @@ def _check_allowed_changes(allowed: Sequence[str]) -> None:
             flat = key
             for section, inner in NESTED.items():
                 flat = flat.replace(f"{section}.{inner}.", f"{section}.")
-            close = ([flat] if flat in known else
-                     difflib.get_close_matches(key, known, n=1, cutoff=0.6))
+            close = ([flat] if flat in known else  # a section before a key of one
+                     difflib.get_close_matches(key, SECTIONS, n=1, cutoff=0.6)
+                     or difflib.get_close_matches(key, known, n=1, cutoff=0.6))
             raise ValueError(f"train.resume_allow_changes: {key!r} is neither a section ("
                              f"{', '.join(SECTIONS)}) nor a config key"
                              f"{f'; did you mean {close[0]!r}' if close else ''}")

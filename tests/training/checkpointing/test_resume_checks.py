@@ -276,7 +276,8 @@ def test_micro_batch_grouping_is_refused_where_the_loss_averages_over_its_tokens
     ("optimizer.megatron.weight_decay", "did you mean 'optimizer.weight_decay'"),
     ("optimizer.wieght_decay", "did you mean 'optimizer.weight_decay'"),
     ("model.transformer.num_layers", "did you mean 'model.num_layers'"),
-    ("trian", "")])
+    ("trian", "did you mean 'train'"),  # a section, before train.wandb (also close)
+    ("zzz", "")])
 def test_unknown_allow_keys_are_refused_at_config_load(key, hint):
     with pytest.raises(ValueError, match=rf"train.resume_allow_changes: '{key}' is neither a "
                                          r"section .* nor a config key" + (f"; {hint}" if hint

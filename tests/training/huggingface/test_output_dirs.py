@@ -235,7 +235,7 @@ def test_a_peft_export_is_replaced_whole(lora_run, tmp_path):
     code, stderr = _cli(EXPORT, lora_run, out, "--peft", "--overwrite")
     assert code == 0, stderr[-3000:]
     assert _names(out) == {"adapter_config.json", "adapter_model.safetensors",
-                           "adadpo_export.json"}
+                           "adadpo_export.json", "tokenizer.json", "tokenizer_config.json"}
     code, stderr = _cli(EXPORT, lora_run, out)
     assert code == 0, stderr[-3000:]
     assert _names(out) == EXPORTED and _no_leftovers(tmp_path)
