@@ -665,26 +665,15 @@ def main():
     check_thd_split(rows)
     check_packed_step(rows)
     check_loss_family(rows)
-    try:
-        check_qwen3_moe(rows)
-    except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
-        rows.append({"check": "Qwen3-MoE (TE layers) vs transformers", "ms": float("nan"),
-                     "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
-    try:
-        check_lora(rows)
-    except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
-        rows.append({"check": "LoRA (TE layers)", "ms": float("nan"),
-                     "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
-    try:
-        check_context_parallel(rows)
-    except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
-        rows.append({"check": "CP attention: TE (p2p, all_gather) vs local", "ms": float("nan"),
-                     "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
-    try:
-        check_megatron_lm(rows)
-    except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
-        rows.append({"check": "Megatron-LM pretrain() + plug-in (TE, THD)", "ms": float("nan"),
-                     "peak_mib": float("nan"), "result": f"FAILED: {err!r}"[:300]})
+    for check, name in ((check_qwen3_moe, "Qwen3-MoE (TE layers) vs transformers"),
+                        (check_lora, "LoRA (TE layers)"),
+                        (check_context_parallel, "CP attention: TE (p2p, all_gather) vs local"),
+                        (check_megatron_lm, "Megatron-LM pretrain() + plug-in (TE, THD)")):
+        try:
+            check(rows)
+        except Exception as err:  # noqa: BLE001 - one row per check, whatever breaks
+            rows.append({"check": name, "ms": float("nan"), "peak_mib": float("nan"),
+                         "result": f"FAILED: {err!r}"[:300]})
     check_step(rows, fp8=False)
     if not args.skip_fp8:
         try:
