@@ -183,7 +183,7 @@ DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def _check_directory(path: Path) -> None:
+def _check_directory(path: Path, key: str = "data.path") -> None:
     """A data directory holds one kind of data file: datasets reads only one kind and would
     leave the others out without a word."""
     kinds: Dict[str, List[str]] = {}
@@ -195,13 +195,14 @@ def _check_directory(path: Path) -> None:
     if len(kinds) > 1:
         listed = "; ".join(f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
                            for names in kinds.values())
-        raise ValueError(f"data.path={str(path)!r} mixes data file kinds ({listed}); only one "
+        raise ValueError(f"{key}={str(path)!r} mixes data file kinds ({listed}); only one "
                          "kind would be read and the rest left out: keep one format per "
-                         "directory, or point data.path at a file")
+                         f"directory, or point {key} at a file")
 
 
-def open_source(source: str, split: str = "train"):
-    """(datasets.Dataset, content hash, row naming function) for ``data.path``."""
+def open_source(source: str, split: str = "train", key: str = "data.path"):
+    """(datasets.Dataset, content hash, row naming function) for ``source``, the config key
+    ``key`` (which errors name)."""
     # local data only: the switch must be set before datasets (and huggingface_hub) read it
     # at import, or a name missing from the cache spends its time trying the Hub
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -221,7 +222,7 @@ def open_source(source: str, split: str = "train"):
             elif suffix == ".arrow":
                 ds = datasets.Dataset.from_file(str(path))
             else:
-                raise ValueError(f"data.path={source!r}: unknown file type {suffix!r}; use "
+                raise ValueError(f"{key}={source!r}: unknown file type {suffix!r}; use "
                                  ".json, .jsonl, .parquet or .arrow")
         except ValueError:
             raise
@@ -244,7 +245,7 @@ def open_source(source: str, split: str = "train"):
                 if isinstance(ds, datasets.DatasetDict):
                     ds = ds[split]
             else:
-                _check_directory(path)
+                _check_directory(path, key)
                 ds = datasets.load_dataset(str(path), split=split)
         except ValueError:
             raise
@@ -252,7 +253,7 @@ def open_source(source: str, split: str = "train"):
             first = str(err).splitlines()[0] if str(err) else repr(err)
             cause = err.__cause__ or err.__context__
             detail = f" ({str(cause).splitlines()[0]})" if cause and str(cause) else ""
-            raise ValueError(f"data.path={str(path)!r} cannot be read as one data set: "
+            raise ValueError(f"{key}={str(path)!r} cannot be read as one data set: "
                              f"{type(err).__name__}: {first}{detail}") from err
         return ds, ds._fingerprint, lambda i: f"{path}: row {i}"
     # a dataset name: only what the local cache already holds (and where datasets was
@@ -261,7 +262,7 @@ def open_source(source: str, split: str = "train"):
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as err:  # noqa: BLE001
-        raise ValueError(f"data.path={source!r} is neither a file, a directory nor a dataset "
+        raise ValueError(f"{key}={source!r} is neither a file, a directory nor a dataset "
                          f"in the local Hugging Face cache: {err}") from err
     return ds, ds._fingerprint, lambda i: f"{source}[{split}]: row {i}"
 
@@ -462,15 +463,16 @@ def default_cache_dir() -> Path:
 
 
 def load_preference_data(source: str, tokenizer, settings: DataSettings, *,
-                         cache: bool = True, cache_dir: Optional[Path] = None
-                         ) -> Tuple[PreferenceDataset, DataReport]:
-    """Reads, validates, tokenises (or loads the cached tokens of) a preference data set.
+                         cache: bool = True, cache_dir: Optional[Path] = None,
+                         key: str = "data.path") -> Tuple[PreferenceDataset, DataReport]:
+    """Reads, validates, tokenises (or loads the cached tokens of) a preference data set;
+    ``key`` is the config key that names ``source``, for errors.
 
     Raises:
         ValueError: the first bad row, naming file, row and field (unless skip_invalid), a
             source that cannot be read, or no pair left.
     """
-    ds, content_hash, where = open_source(source, settings.split)
+    ds, content_hash, where = open_source(source, settings.split, key)
     cache_file = _cache_file(source, content_hash, tokenizer, settings, cache_dir)
     if cache and cache_file.is_file():
         try:

@@ -384,7 +384,8 @@ def _load_eval_set(c: RunConfig, tokenizer) -> PreferenceDataset:
     settings = dataclasses.replace(c.data.settings(), split=c.data.eval_split or c.data.split)
 
     def load():
-        return load_preference_data(c.eval_source(), tokenizer, settings, cache=c.data.cache)
+        return load_preference_data(c.eval_source(), tokenizer, settings, cache=c.data.cache,
+                                    key="data.eval_path")
 
     first = computed_on_rank_zero(load, share_result=False)
     eval_set, report = first if dist.get_rank() == 0 else load()

@@ -464,3 +464,14 @@ def test_the_length_defaults_are_trls():
     assert data.seq_length == DPOConfig.__dataclass_fields__["max_length"].default == 1024
     assert data.max_prompt_length == 512
     assert DataConfig(path="x.jsonl", seq_length=64).max_prompt_length == 32
+
+
+def test_errors_name_the_config_key_that_named_the_source(tmp_path):
+    """data.eval_path's source is read as data.path's is; its errors name data.eval_path."""
+    missing = str(tmp_path / "held_out.jsonl")
+    with pytest.raises(ValueError, match=r"^data.eval_path='.*held_out.jsonl' is neither a "
+                                         "file, a directory nor a dataset"):
+        load_preference_data(missing, ByteTokenizer(), SETTINGS, cache=False,
+                             key="data.eval_path")
+    with pytest.raises(ValueError, match=r"^data.path='.*held_out.jsonl' is neither"):
+        load_preference_data(missing, ByteTokenizer(), SETTINGS, cache=False)
