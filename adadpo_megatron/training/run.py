@@ -355,18 +355,8 @@ def load_run_data(c: RunConfig) -> RunData:
     the cache: a bad row raises the same error on every rank instead of a hang."""
     sources = computed_on_rank_zero(lambda: source_fingerprints(c))
     tokenizer = build_tokenizer(c.tokenizer_spec(), fingerprint=sources.get("data.tokenizer"))
-
-    def load():
-        return load_preference_data(c.data_source(), tokenizer, c.data.settings(),
-                                    cache=c.data.cache)
-
-    # rank 0's result stays there (only its errors travel); the others then read the cache
-    first = computed_on_rank_zero(load, share_result=False)
-    dataset, report = first if dist.get_rank() == 0 else load()
-    if dist.get_rank() == dist.get_world_size() - 1:
-        print(f"data: {c.data_source()}: {report}", flush=True)
-        for line in report.warnings(c.data.settings()):
-            print(f"adadpo-train: warning: {line}", file=sys.stderr, flush=True)
+    dataset, report = _read_pairs(c, tokenizer, c.data_source(), c.data.settings(),
+                                  key="data.path", label="data")
     if c.data.eval_path is None:
         train_set, eval_set = split_held_out(dataset, c.data.eval_fraction, c.eval_seed)
     else:
@@ -380,20 +370,32 @@ def load_run_data(c: RunConfig) -> RunData:
 
 
 def _load_eval_set(c: RunConfig, tokenizer) -> PreferenceDataset:
-    """data.eval_path's pairs, read as data.path's are (rank 0 first, then the cache)."""
+    """data.eval_path's pairs, read as data.path's are."""
     settings = dataclasses.replace(c.data.settings(), split=c.data.eval_split or c.data.split)
+    eval_set, _ = _read_pairs(c, tokenizer, c.eval_source(), settings, key="data.eval_path",
+                              label="eval data", warning_prefix="data.eval_path: ")
+    return eval_set
+
+
+def _read_pairs(c: RunConfig, tokenizer, source: str, settings, *, key: str, label: str,
+                warning_prefix: str = ""):
+    """(dataset, report) of ``source`` (the config key ``key``): rank 0 reads and tokenises
+    (writing the cache) first, the others then read the cache, so a bad row raises the same
+    error on every rank instead of a hang; the last rank prints the report and its
+    warnings."""
 
     def load():
-        return load_preference_data(c.eval_source(), tokenizer, settings, cache=c.data.cache,
-                                    key="data.eval_path")
+        return load_preference_data(source, tokenizer, settings, cache=c.data.cache, key=key)
 
+    # rank 0's result stays there (only its errors travel); the others then read the cache
     first = computed_on_rank_zero(load, share_result=False)
-    eval_set, report = first if dist.get_rank() == 0 else load()
+    dataset, report = first if dist.get_rank() == 0 else load()
     if dist.get_rank() == dist.get_world_size() - 1:
-        print(f"eval data: {c.eval_source()}: {report}", flush=True)
+        print(f"{label}: {source}: {report}", flush=True)
         for line in report.warnings(settings):
-            print(f"adadpo-train: warning: data.eval_path: {line}", file=sys.stderr, flush=True)
-    return eval_set
+            print(f"adadpo-train: warning: {warning_prefix}{line}", file=sys.stderr,
+                  flush=True)
+    return dataset, report
 
 
 def _packing_report(run: RunContext) -> str:
