@@ -381,6 +381,11 @@ class TrainConfig:
     grad_norm_warning_steps: int = 3
     wandb: Optional[Dict[str, Any]] = None
 
+    @property
+    def logs_to_wandb(self) -> bool:
+        """train.wandb is set and its mode is not disabled."""
+        return bool(self.wandb) and self.wandb.get("mode", "online") != "disabled"
+
     def steps_for_epochs(self, train_pairs: int) -> int:
         """The optimizer steps of num_epochs passes over ``train_pairs`` pairs."""
         # exact: 1.1 epochs of 800 pairs at 8 a step is 110 steps, not float's 111
@@ -608,9 +613,7 @@ class RunConfig:
             if importlib.util.find_spec("transformer_engine") is None:
                 raise ValueError(f"model.fp8={fp8!r} needs Transformer Engine: "
                                  "pip install -e '.[te]'")
-        wandb = self.train.wandb
-        if wandb and wandb.get("mode", "online") != "disabled" and \
-                importlib.util.find_spec("wandb") is None:
+        if self.train.logs_to_wandb and importlib.util.find_spec("wandb") is None:
             raise ValueError("train.wandb needs the wandb package: pip install -e '.[wandb]' "
                              "(or remove train.wandb, or set train.wandb.mode=disabled)")
         if gpu:

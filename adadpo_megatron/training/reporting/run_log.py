@@ -37,6 +37,13 @@ def _kept_lines(path: Path, start_step: int) -> List[str]:
     return kept
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Writes ``path`` atomically: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _set_aside(path: Path) -> Path:
     """Renames ``path`` to the first free ``path.N`` and says so: the metrics of a start that
     left no checkpoint (killed before its first save, or its checkpoints moved away) are
@@ -92,13 +99,10 @@ class RunLog:
         path = out / "metrics.jsonl"
         if not start_step and path.is_file() and path.read_text().strip():
             _set_aside(path)  # a start from step 0 over metrics with no checkpoint to resume
-        config_file = out / "config.yaml"  # this start's effective config, for people
-        config_file.with_name("config.yaml.tmp").write_text(effective_yaml(config))
-        os.replace(config_file.with_name("config.yaml.tmp"), config_file)
+        # this start's effective config, for people
+        _write_whole(out / "config.yaml", effective_yaml(config))
         kept = _kept_lines(path, start_step) if start_step and path.is_file() else []
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        _write_whole(path, "".join(line + "\n" for line in kept))
         self.metrics = open(path, "a")
         self.tensorboard = None
         if t.tensorboard:
@@ -106,8 +110,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(out / "tensorboard"))
-        logs_to_wandb = t.wandb and t.wandb.get("mode", "online") != "disabled"
-        self.wandb = _start_wandb(config, out, start_step) if logs_to_wandb else None
+        self.wandb = _start_wandb(config, out, start_step) if t.logs_to_wandb else None
         self.bar = None
         if t.progress:
             self.bar = tqdm(total=t.max_steps, initial=start_step, desc="adadpo", unit="step",
