@@ -125,6 +125,16 @@ def check_logprobs(rows):
         torch.cuda.empty_cache()
 
 
+def tiny_cpu_config(overrides):
+    """configs/tiny_cpu.yaml with ``overrides``, its data found from any working directory
+    (a config's relative paths start in the working directory)."""
+    from adadpo_megatron.training.run_config import load_run_config
+
+    data = REPO / "examples" / "data" / "reverse_pairs.jsonl"
+    return load_run_config(str(REPO / "configs" / "tiny_cpu.yaml"),
+                           [f"data.path={data}", *overrides])
+
+
 def step_overrides(fp8: bool):
     """check_step's overrides of configs/tiny_cpu.yaml."""
     overrides = [
@@ -143,11 +153,10 @@ def step_overrides(fp8: bool):
 
 
 def check_step(rows, fp8: bool):
-    from adadpo_megatron.training.run_config import load_run_config
     from adadpo_megatron.training.trainer import Trainer
 
     overrides = step_overrides(fp8)
-    trainer = Trainer(load_run_config(str(REPO / "configs/tiny_cpu.yaml"), overrides)).setup()
+    trainer = Trainer(tiny_cpu_config(overrides)).setup()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     first = trainer.train_step(0)
@@ -203,14 +212,12 @@ LOSS_VARIANTS = (("LD-DPO ", ("loss.ld_alpha=0.5",)),
 def _packed_vs_padded(rows, label, variants, loss_overrides=()):
     """Two steps of a 2-layer Llama-3-8B-width model per variant; every variant's step-1 loss
     against the padded one's."""
-    from adadpo_megatron.training.run_config import load_run_config
     from adadpo_megatron.training.trainer import Trainer
 
     results = {}
     for name, extra in (("padded", ["data.packing=none"]), *variants):
         overrides = packed_overrides(extra, loss_overrides)
-        trainer = Trainer(load_run_config(str(REPO / "configs/tiny_cpu.yaml"),
-                                          overrides)).setup()
+        trainer = Trainer(tiny_cpu_config(overrides)).setup()
         assert name == "padded" or trainer.run.packed_format == "thd", trainer.run.packed_format
         # a packed THD micro-batch is one sequence of its segments end to end (issue 17)
         rows = max(b["tokens"].shape[0] for b in trainer.micro_batches(1)[0])

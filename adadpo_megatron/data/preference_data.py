@@ -262,7 +262,8 @@ def open_source(source: str, split: str = "train", key: str = "data.path"):
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{key}={source!r} is neither a file, a directory nor a dataset "
+        raise ValueError(f"{key}={source!r} is neither a file, a directory (a relative "
+                         f"path starts in the working directory, {Path.cwd()}) nor a dataset "
                          f"in the local Hugging Face cache: {err}") from err
     return ds, ds._fingerprint, lambda i: f"{source}[{split}]: row {i}"
 

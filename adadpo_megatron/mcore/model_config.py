@@ -22,13 +22,11 @@ from adadpo_megatron.validation import (
 )
 
 
-def _from_hf(section: Dict[str, Any], base: Optional[Path]) -> Dict[str, Any]:
+def _from_hf(section: Dict[str, Any]) -> Dict[str, Any]:
     """The model section a Hugging Face config.json implies; a user key that contradicts it
     is an error naming both values."""
 
     directory = Path(section["hf"])
-    if not directory.is_absolute() and base is not None:
-        directory = base / directory
     arch = read_architecture(directory)
     implied = {**arch.model_section(), "vocab_size": arch.vocab_size}
     for key in HF_ARCHITECTURE_KEYS:
@@ -134,10 +132,9 @@ class ModelConfig:
     lora: Optional[LoRAConfig] = None
 
     @classmethod
-    def from_section(cls, section: Optional[Dict[str, Any]],
-                     base: Optional[Path] = None) -> ModelConfig:
-        """The section, with a preset's or model.hf's values under the user's. ``base`` is
-        the directory relative model.hf paths start from (the config file's)."""
+    def from_section(cls, section: Optional[Dict[str, Any]]) -> ModelConfig:
+        """The section, with a preset's or model.hf's values under the user's (a relative
+        model.hf is relative to the working directory, as every path of a run config)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         section = dict(section or {})
@@ -149,7 +146,7 @@ class ModelConfig:
         if section.get("hf"):
             if preset is not None:
                 raise ValueError("set model.preset or model.hf, not both")
-            defaults = _from_hf(section, base)
+            defaults = _from_hf(section)
         merged = {**defaults, **section}
         known = {f.name for f in dataclasses.fields(TransformerConfig)}
         extra = {k: merged.pop(k) for k in list(merged) if k in MODEL_EXTRA_KEYS}

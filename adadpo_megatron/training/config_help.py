@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any, Dict, List
 
 import yaml
@@ -19,6 +20,7 @@ from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
 from adadpo_megatron.ops.loss_config import LossConfig
 from adadpo_megatron.training.run_config import (
     NESTED,
+    PATHS_RULE,
     DataConfig,
     OptimizerSection,
     ReferenceConfig,
@@ -81,7 +83,8 @@ def _default(f: dataclasses.Field) -> Any:
 
 def key_help() -> str:
     """Every section and key of a run config: ``section.key = default: what it is``."""
-    lines = ["run config keys (YAML sections; override any with section.key=value):"]
+    lines = ["run config keys (YAML sections; override any with section.key=value;",
+             f"{PATHS_RULE}):"]
     for section, cls in SECTION_CLASSES.items():
         lines.append(f"  {section}:")
         docs = field_descriptions(cls)
@@ -119,9 +122,9 @@ def effective_config(config: RunConfig) -> Dict[str, Dict[str, Any]]:
 
 def effective_yaml(config: RunConfig) -> str:
     """``effective_config`` as YAML that ``load_run_config`` reads back to the same config,
-    with a header naming its source (relative paths in it are relative to that file's
-    directory, as in the source)."""
+    with a header naming its source and the working directory its relative paths start from
+    (PATHS_RULE)."""
     header = (f"# the effective config of {config.source or 'a config built in code'}: "
               "defaults filled in, overrides applied\n# (relative paths are relative to the "
-              "directory of that file)\n")
+              f"working directory, here {Path.cwd()})\n")
     return header + yaml.safe_dump(effective_config(config), sort_keys=False)

@@ -41,6 +41,13 @@ from adadpo_megatron.validation import (
     require_number,
 )
 
+# Every key that names a file or directory, and the one rule for a relative one.
+PATH_KEYS = ("model.hf", "model.load", "data.path", "data.eval_path", "data.tokenizer",
+             "reference.load", "reference.cache_path", "train.output_dir")
+PATHS_RULE = ("relative paths (" + ", ".join(PATH_KEYS) + ") are relative to the working "
+              "directory the command starts in, not to the config file, as in Megatron-LM, "
+              "TRL and NeMo")
+
 
 @dataclass
 class DataConfig:
@@ -48,8 +55,8 @@ class DataConfig:
 
     Fields:
         path: a .json, .jsonl, .parquet or .arrow file, a directory (save_to_disk output or
-            data files), or the name of a dataset in the local Hugging Face cache. Relative
-            paths are relative to the config file.
+            data files), or the name of a dataset in the local Hugging Face cache (PATHS_RULE
+            says where a relative path starts).
         split: the split of a directory or named dataset.
         format: "auto", "explicit" (prompt/chosen/rejected strings), "implicit" (chosen and
             rejected whole texts, the prompt their shared beginning, as TRL), "conversational"
@@ -323,8 +330,7 @@ class TrainConfig:
             num_train_epochs: max_steps becomes ceil(num_epochs x pairs / global_batch_size),
             said at start.
         seed: seeds model initialisation and data order.
-        output_dir: where metrics.jsonl and checkpoints/ go, relative to the working
-            directory (input paths elsewhere in the config are relative to the config file).
+        output_dir: where metrics.jsonl, config.yaml and checkpoints/ go (PATHS_RULE).
         dtype: "float32" or "bfloat16" parameters and compute.
         save_interval: save a checkpoint every this many steps (and always after the last);
             0 saves only after the last step.
@@ -488,9 +494,8 @@ class RunConfig:
         if hf and "tokenizer" not in (raw.get("data") or {}):
             # the model's own tokenizer (and chat template), unless the user names another
             raw["data"] = {**(raw.get("data") or {}), "tokenizer": hf}
-        base = Path(source).parent if source is not None else None
         config = cls(
-            model=ModelConfig.from_section(raw.get("model"), base),
+            model=ModelConfig.from_section(raw.get("model")),
             parallel=from_mapping(ParallelConfig, raw.get("parallel"), "parallel"),
             loss=from_mapping(LossConfig, raw.get("loss"), "loss"),
             data=from_mapping(DataConfig, raw.get("data"), "data"),
@@ -636,14 +641,12 @@ class RunConfig:
         return layout
 
     def resolve(self, path) -> Optional[Path]:
-        """An input path of the config (data.path, model.load, reference.load,
-        reference.cache_path): relative paths are relative to the config file."""
+        """A path of the config (any key that names a file or directory) made absolute: a
+        relative path is relative to the working directory the command starts in, as
+        Megatron-LM's, TRL's and NeMo's paths are (PATHS_RULE)."""
         if path is None:
             return None
-        path = Path(path)
-        if not path.is_absolute() and self.source is not None:
-            path = Path(self.source).parent / path
-        return path
+        return Path(path).absolute()
 
     @property
     def eval_seed(self) -> int:
@@ -651,7 +654,7 @@ class RunConfig:
         return self.train.seed if self.data.eval_seed is None else self.data.eval_seed
 
     def data_source(self) -> str:
-        """data.path as a file or directory relative to the config file, else as a name."""
+        """data.path as a file or directory (PATHS_RULE), else as a dataset name."""
         return self._source(self.data.path)
 
     def eval_source(self) -> Optional[str]:

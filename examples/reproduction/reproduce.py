@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SFT_CONFIG = ROOT / "configs" / "demo_sft.yaml"
 PREFERENCE_CONFIG = ROOT / "configs" / "demo_adadpo.yaml"
+# the configs' data.path is relative to the working directory: found from anywhere
+SHIPPED_DATA = f"data.path={ROOT / 'examples' / 'data' / 'reverse_pairs.jsonl'}"
 EVAL_SEED = 1234  # the demo's split: the warm-up and every run hold out the same pairs
 
 LEARNING_RATES = (1e-4, 3e-4, 1e-3)
@@ -78,7 +80,7 @@ class Run:
                 f"train.max_steps={self.steps}", f"data.eval_seed={EVAL_SEED}",
                 f"model.load={sft}", f"train.output_dir={out / 'runs' / self.name}",
                 "train.resume=never", "train.progress=false", "train.tensorboard=false",
-                "train.micro_batch_size=8", *PADDED]
+                "train.micro_batch_size=8", SHIPPED_DATA, *PADDED]
 
 
 def plan(steps: int, quick: bool) -> List[Run]:
@@ -124,7 +126,7 @@ def warm_up(out: Path, steps: int) -> Path:
         config = load_run_config(str(SFT_CONFIG), [
             f"train.output_dir={sft}", f"data.eval_seed={EVAL_SEED}", "train.resume=never",
             "train.progress=false", "train.tensorboard=false", f"train.max_steps={steps}",
-            "train.micro_batch_size=8", "train.eval_interval=200", *PADDED])
+            "train.micro_batch_size=8", "train.eval_interval=200", SHIPPED_DATA, *PADDED])
         trainer = Trainer(config).setup()
         try:
             trainer.train()

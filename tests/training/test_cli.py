@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -189,7 +190,8 @@ def test_print_config_prints_the_effective_config_and_help_lists_every_key(capsy
     assert values["train"]["keep_checkpoints"] == 2  # a default the file does not set
     want = load_run_config(CONFIG, ["loss.beta=0.25", "optimizer.adam_eps=1e-6"])
     # read back from elsewhere: its one relative path (data.path) made absolute, as the
-    # header says it is relative to the source's directory
+    # header says it is relative to the working directory
+    assert f"relative to the working directory, here {Path.cwd()}" in printed
     values["data"]["path"] = str(want.resolve(values["data"]["path"]))
     want.data.path = values["data"]["path"]
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump(values, sort_keys=False))

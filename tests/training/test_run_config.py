@@ -346,3 +346,34 @@ def test_cp_exchanges_transformer_engine_cannot_run_on_packed_batches_are_refuse
                                        ("all_gather", "pack", 1, "2.0"),
                                        ("all_gather", "pack", 2, None)):
         check_cp_comm_type(comm, packing, cp, version)
+
+
+def test_every_relative_path_is_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """One rule for every path key (PATHS_RULE): a config in a sub-directory, its paths
+    relative, read from the directory above; each resolves there, none beside the file."""
+    from adadpo_megatron.training.run_config import PATH_KEYS, load_run_config
+    from tests.mcore.test_hf_mapping import write_config
+
+    for directory in (tmp_path / "hf", tmp_path / "configs" / "hf"):
+        directory.mkdir(parents=True)
+    write_config(tmp_path / "hf")
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    # the same names beside the config file, which the rule must not pick
+    write_config(tmp_path / "configs" / "hf", hidden_size=128, intermediate_size=256)
+    (tmp_path / "configs" / "pairs.jsonl").write_text("{}\n")
+    (tmp_path / "configs" / "run.yaml").write_text(
+        "model: {hf: hf}\ndata: {path: pairs.jsonl, eval_path: held_out.jsonl}\n"
+        "reference: {mode: precompute, load: ref, cache_path: ref.pt}\n"
+        "train: {output_dir: out}\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_run_config("configs/run.yaml")
+    assert config.model.transformer["hidden_size"] == 64  # hf/config.json's, not configs/hf's
+    assert config.data_source() == str(tmp_path / "pairs.jsonl")
+    assert config.tokenizer_spec() == str(tmp_path / "hf")  # the model's own, as model.hf
+    # model.load instead of model.hf: the one key the first config leaves unset
+    loads = load_run_config("configs/run.yaml", ["model.hf=null", "model.load=ckpt",
+                                                 "model.preset=tiny", "data.tokenizer=tok"])
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name) or getattr(getattr(loads, section), name)
+        assert config.resolve(value) == tmp_path / value, key

@@ -285,7 +285,7 @@ def _state_file(state: CheckpointState, next_step: int) -> Dict[str, Any]:
 
     c = state.config
     # where the weights' architecture and tokenizer came from, resolved, for
-    # adadpo-export-hf (the config's own paths are relative to its file)
+    # adadpo-export-hf, which may run from another working directory
     sources = {"hf": str(c.resolve(c.model.hf).resolve()) if c.model.hf else None,
                "load": (str(resolve_checkpoint(c.resolve(c.model.load)).resolve())
                         if c.model.load else None),
