@@ -46,6 +46,28 @@ def megatron_dist_checkpointing():
     return dist_checkpointing
 
 
+def save_sharded(sharded: Dict, path: Path) -> None:
+    """megatron-core's ``dist_checkpointing.save`` (torch_dist), synchronous, in this process.
+
+    Its writer hands write results back through one queue per process, made on first use as
+    a multiprocessing Manager queue for the async saves it can run in a worker process: a
+    spawned server process per rank, about 2 s at the first save. This save runs in this
+    process (its writer threads at most), so a thread-safe queue does the same for its
+    duration; the Manager queue stays megatron-core's for anyone else's async save."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    own = getattr(filesystem_async, "_results_queue", False) is None
+    if own:
+        filesystem_async._results_queue = queue.Queue()
+    try:
+        megatron_dist_checkpointing().save(sharded, str(path))
+    finally:
+        if own:
+            filesystem_async._results_queue = None
+
+
 PARTS = ("all", "base", "adapters")
 
 
@@ -227,7 +249,6 @@ def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Pa
             after the partial step directory is removed; ``latest`` still names the
             previous checkpoint.
     """
-    dist_checkpointing = megatron_dist_checkpointing()
     c = state.config
     root = checkpoint_root(c.train.output_dir)
     name = f"step_{next_step:07d}"
@@ -241,7 +262,7 @@ def save_checkpoint(state: CheckpointState, next_step: int, keep: int = 2) -> Pa
         model_state = model_sharded_state_dict(state.model, model_part(c))
         sharded = dict(model_state)
         sharded["optimizer"] = state.optimizer.sharded_state_dict(model_state)
-        dist_checkpointing.save(sharded, str(tmp))
+        save_sharded(sharded, tmp)
         torch.save({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if state.gpu else None},
                    tmp / f"rng_rank{rank}.pt")

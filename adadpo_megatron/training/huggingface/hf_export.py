@@ -22,12 +22,11 @@ checkpoint holds its adapters only: they are merged into its base (lora_export).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -35,7 +34,6 @@ from safetensors.torch import save_file
 from adadpo_megatron.data.tokenizers import TOKENIZER_FILES
 from adadpo_megatron.mcore.hf_mapping import HFArchitecture, hf_tensors, read_architecture
 from adadpo_megatron.training.checkpointing.checkpoint import STATE_FILE, resolve_checkpoint
-from adadpo_megatron.training.errors import USER_ERRORS, fail
 from adadpo_megatron.training.huggingface import lora_export, output_dirs
 from adadpo_megatron.training.huggingface.dcp_reader import layer_slices, tensor_metadata
 from adadpo_megatron.training.huggingface.hf_import import SOURCE_FILE
@@ -311,35 +309,7 @@ def _write_config(out: Path, arch, source: Optional[Path], dtype: str) -> None:
     config.save_pretrained(out)
 
 
-def export_main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="adadpo-export-hf",
-        description="A checkpoint (or a run's latest) as a Hugging Face model directory.")
-    parser.add_argument("checkpoint", help="a run's output_dir, its checkpoints/, a checkpoint, "
-                                           "or a Megatron-LM checkpoint root")
-    parser.add_argument("out", help="the Hugging Face directory to write")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                        help="cast the weights (default: as stored)")
-    parser.add_argument("--shard-gb", type=float, default=5.0, help="largest shard, GiB")
-    parser.add_argument("--peft", action="store_true",
-                        help="a LoRA run: write out as a PEFT adapter directory "
-                             "(adapter_config.json, adapter_model.safetensors) for its base, "
-                             "instead of the adapters merged into the base")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing non-empty OUT that is not an earlier "
-                             "export, deleting its files")
-    parser.add_argument("--config", metavar="RUN.yaml",
-                        help="for a Megatron-LM checkpoint (which records no run): the run "
-                             "config whose model section and data.tokenizer describe it")
-    args = parser.parse_args(argv)
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype,
-                                shard_bytes=int(args.shard_gb * 1024**3), peft=args.peft,
-                                overwrite=args.overwrite, config=args.config)
-    except USER_ERRORS as err:
-        fail("adadpo-export-hf", err)
-    print(f"wrote {out}", flush=True)
-
-
 if __name__ == "__main__":
+    from adadpo_megatron.training.huggingface.commands import export_main
+
     export_main()

@@ -21,12 +21,11 @@ the checkpoint in ``<output_dir>/hf_import`` with the source's fingerprint, whic
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,11 +36,10 @@ from adadpo_megatron.mcore.model import build_model_chunks, transformer_config
 from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
 from adadpo_megatron.training.checkpointing.checkpoint import (
     load_model_weights,
-    megatron_dist_checkpointing,
     model_sharded_state_dict,
+    save_sharded,
 )
 from adadpo_megatron.training.checkpointing.fingerprints import weights_digest
-from adadpo_megatron.training.errors import USER_ERRORS, fail
 from adadpo_megatron.training.huggingface import output_dirs
 from adadpo_megatron.training.process_groups import computed_on_rank_zero, init_distributed
 
@@ -65,14 +63,13 @@ def save_model_weights(chunks: List[torch.nn.Module], path: Path,
     (output_dirs); a failure leaves ``path`` as it was. ``marker`` is saved as
     ``hf_source.json``."""
 
-    dist_checkpointing = megatron_dist_checkpointing()
     path = Path(path)
     tmp, _ = output_dirs.siblings(path)  # the same name on every rank
     if dist.get_rank() == 0:
         output_dirs.fresh_sibling(path)
     dist.barrier()
     try:
-        dist_checkpointing.save(model_sharded_state_dict(chunks, "base"), str(tmp))
+        save_sharded(model_sharded_state_dict(chunks, "base"), tmp)
         dist.barrier()
         if dist.get_rank() == 0:
             if marker is not None:
@@ -164,29 +161,7 @@ def _checked_out(directory, out, overwrite: bool, held: contextlib.ExitStack) ->
         out, {"the source model": directory}, SOURCE_FILE, overwrite)))))
 
 
-def import_main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="adadpo-import-hf",
-        description="A local Hugging Face Llama-family model as a megatron-core torch_dist "
-                    "checkpoint (model.load); under torchrun each process holds its shard.")
-    parser.add_argument("directory", help="config.json + safetensors, as save_pretrained wrote")
-    parser.add_argument("out", help="the checkpoint directory to write")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to build with")
-    parser.add_argument("--pp", type=int, default=None,
-                        help="pipeline stages to build with (default: world size / tp)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing non-empty OUT that is not an earlier "
-                             "import, deleting its files")
-    args = parser.parse_args(argv)
-    try:
-        import_checkpoint(args.directory, args.out, tp=args.tp, pp=args.pp,
-                          overwrite=args.overwrite)
-    except USER_ERRORS as err:
-        fail("adadpo-import-hf", err)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 if __name__ == "__main__":
+    from adadpo_megatron.training.huggingface.commands import import_main
+
     import_main()

@@ -309,3 +309,32 @@ def test_model_load_follows_a_megatron_lm_checkpoint_root(tmp_path):
     result = torch.load(out)
     for name, value in result["expected"].items():
         assert torch.equal(result["params"][name], value), name
+
+
+def _save_sharded_worker(rank, world, directory):
+    import multiprocessing
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from adadpo_megatron.mcore import cpu_compat
+    from adadpo_megatron.training.checkpointing.checkpoint import save_sharded
+
+    cpu_compat.enable()
+
+    def sharded(shard):  # rows [4 rank, 4 rank + 4) of an [8, 3] tensor
+        return {"w": ShardedTensor.from_rank_offsets("w", shard, (0, rank, world))}
+
+    mine = torch.arange(12, dtype=torch.float32).reshape(4, 3) + 100 * rank
+    save_sharded(sharded(mine), directory)
+    # written without megatron-core's Manager server process, which stays its own afterwards
+    assert multiprocessing.active_children() == [], multiprocessing.active_children()
+    assert filesystem_async._results_queue is None
+    loaded = dist_checkpointing.load(sharded(torch.empty(4, 3)), directory)
+    assert torch.equal(loaded["w"], mine)  # a copy of bytes: exact
+
+
+def test_a_synchronous_save_writes_every_rank_without_a_helper_process(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    run_distributed(_save_sharded_worker, 2, str(tmp_path / "ckpt"))
