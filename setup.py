@@ -50,8 +50,8 @@ setup(
             "adadpo-precompute-reference=adadpo_megatron.training.cli:precompute_main",
             "adadpo-plot=adadpo_megatron.training.reporting.plots:main",
             "adadpo-summary=adadpo_megatron.training.reporting.summary:main",
-            "adadpo-import-hf=adadpo_megatron.training.huggingface.commands:import_main",
-            "adadpo-export-hf=adadpo_megatron.training.huggingface.commands:export_main",
+            "adadpo-import-hf=adadpo_megatron.training.huggingface.cli:import_main",
+            "adadpo-export-hf=adadpo_megatron.training.huggingface.cli:export_main",
         ],
     },
     classifiers=[

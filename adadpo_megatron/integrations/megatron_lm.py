@@ -74,8 +74,7 @@ from adadpo_megatron.mcore.forward_step import (
     PreferenceForwardStep,
     SFTForwardStep,
 )
-from adadpo_megatron.mcore.model import canonical_init_, layer_spec
-from adadpo_megatron.mcore.packed_attention import default_packed_format
+from adadpo_megatron.mcore.model import canonical_init_, layer_spec, packed_format
 from adadpo_megatron.micro_batch import MicroBatch
 from adadpo_megatron.training.errors import USER_ERRORS, fail
 from adadpo_megatron.training.layout import ParallelLayout
@@ -220,7 +219,7 @@ class _Planner:
         self.config, self.data, self.reference = config, data, reference
         self.layout, self.dp_rank = layout, dp_rank
         self.count = micro_batches_per_step
-        self.thd = default_packed_format(_uses_transformer_engine()) == "thd"
+        self.thd = _packed_format() == "thd"
 
     def training(self, step: int) -> List[MicroBatch]:
         t = self.config.train
@@ -259,10 +258,14 @@ def to_micro_batch_count(plan: List[MicroBatchPlan], count: int,
     return list(plan) + fillers
 
 
-def _uses_transformer_engine() -> bool:
+def _packed_format() -> str:
+    """How packed micro-batches reach the attention of model_provider's layer spec."""
     from megatron.training import get_args
+    from megatron.training.argument_utils import core_transformer_config_from_args
 
-    return torch.cuda.is_available() and get_args().transformer_impl == "transformer_engine"
+    args = get_args()
+    return packed_format(args.transformer_impl == "transformer_engine",
+                         core_transformer_config_from_args(args))
 
 
 def _planner() -> _Planner:
@@ -353,7 +356,7 @@ class ForwardStep:
         groups = dict(tp_group=ps.get_tensor_model_parallel_group(),
                       cp_group=ps.get_context_parallel_group(),
                       fused=config.model.fused_logprobs,
-                      packed_format=default_packed_format(_uses_transformer_engine()))
+                      packed_format=_packed_format())
         if config.train.stage == "sft":
             return SFTForwardStep(**groups)
         return PreferenceForwardStep(

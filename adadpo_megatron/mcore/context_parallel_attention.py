@@ -21,16 +21,17 @@ Rotary positions need nothing here: megatron-core's ``RotaryEmbedding`` already 
 table to the rank's chunks (``get_pos_emb_on_this_cp_rank``), so queries and keys arrive
 rotated by their true positions.
 
-What it costs: every rank holds the whole K and V of its micro-batch and a
-``[b, heads, S / CP, S]`` score matrix, 1 / CP of one process's. It is the path for CPU runs
-(tests, CI) and GPUs without Transformer Engine; with Transformer Engine megatron-core's
-``TEDotProductAttention`` is the path (p2p, a2a or all_gather, as ``cp_comm_type`` says).
+The attention itself is ``SDPADotProductAttention``'s (torch's scaled_dot_product_attention
+under that mask), which this class extends. What it costs: every rank holds the whole K and V
+of its micro-batch, and SDPA's ``[S / CP, S]`` work per head, 1 / CP of one process's. It is
+the path for CPU runs (tests, CI) and GPUs without Transformer Engine; with Transformer Engine
+megatron-core's ``TEDotProductAttention`` is the path (p2p, a2a or all_gather, as
+``cp_comm_type`` says).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Optional
 
 # megatron-core at import (a subclass needs its base); only the model builders import this
@@ -40,6 +41,11 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from adadpo_megatron.mcore.parallel_groups import default_group
+from adadpo_megatron.mcore.sdpa_attention import (
+    SDPADotProductAttention,
+    core_attention_of,
+    with_core_attention,
+)
 
 
 def chunk_positions(length: int, cp_size: int, cp_rank: int,
@@ -72,8 +78,9 @@ def causal_chunk_mask(length: int, cp_size: int, cp_rank: int,
     return (keys[None, :] > queries[:, None])[None, None]
 
 
-class ContextParallelDotProductAttention(DotProductAttention):
-    """megatron-core's ``DotProductAttention`` over the load-balanced CP chunks.
+class ContextParallelDotProductAttention(SDPADotProductAttention):
+    """megatron-core's local attention (``SDPADotProductAttention``) over the load-balanced
+    CP chunks.
 
     Takes what ``DotProductAttention`` takes (the layer spec builds it in its place) and has
     its parameters and state (none, or the learnable softmax offset), so a checkpoint
@@ -127,46 +134,35 @@ class ContextParallelDotProductAttention(DotProductAttention):
 
 
 def with_context_parallel_attention(spec):
-    """A GPT layer spec (a ModuleSpec of TransformerLayer) whose core attention is
-    megatron-core's local ``DotProductAttention``, with ``ContextParallelDotProductAttention``
-    in its place; a spec whose attention is already context-parallel is returned as it is.
+    """A GPT layer spec (a ModuleSpec of TransformerLayer) whose core attention is one of
+    megatron-core's local ``DotProductAttention`` or ``SDPADotProductAttention``, with
+    ``ContextParallelDotProductAttention`` in its place; a spec whose attention is already
+    context-parallel is returned as it is.
 
     Raises:
         ValueError: the spec's core attention is neither (``check_context_parallel_spec``).
     """
-    if _is_context_parallel(_core_attention(spec)):
+    core = core_attention_of(spec)
+    if _is_context_parallel(core):
         return spec
-    check_context_parallel_spec(spec, context_parallel_size=1)
-    if _core_attention(spec) is not DotProductAttention:
-        raise ValueError(f"{_name(_core_attention(spec))} has no local context-parallel "
-                         "version: only megatron-core's DotProductAttention is replaced")
-    attention = spec.submodules.self_attention
-    core = dataclasses.replace(attention.submodules,
-                               core_attention=ContextParallelDotProductAttention)
-    return dataclasses.replace(spec, submodules=dataclasses.replace(
-        spec.submodules, self_attention=dataclasses.replace(attention, submodules=core)))
+    if core not in (DotProductAttention, SDPADotProductAttention):
+        raise ValueError(f"{_name(core)} has no local context-parallel version: only "
+                         "megatron-core's DotProductAttention (or SDPADotProductAttention) "
+                         "is replaced")
+    return with_core_attention(spec, ContextParallelDotProductAttention)
 
 
 def check_context_parallel_spec(spec, context_parallel_size: int) -> None:
     """Raises ValueError, naming parallel.context_parallel_size and the class, where a CP
     size > 1 meets a layer spec whose core attention cannot split the sequence (anything but
     Transformer Engine's ``TEDotProductAttention`` and ``ContextParallelDotProductAttention``)."""
-    core = _core_attention(spec)
+    core = core_attention_of(spec)
     if context_parallel_size > 1 and not _is_context_parallel(core):
         raise ValueError(
             f"parallel.context_parallel_size={context_parallel_size} needs a context-parallel "
             f"attention in the layer spec, which has {_name(core)}: use Transformer Engine's "
             "layers (TEDotProductAttention) or megatron-core's local layers, whose "
             "DotProductAttention this project replaces (with_context_parallel_attention)")
-
-
-def _core_attention(spec):
-    try:
-        return spec.submodules.self_attention.submodules.core_attention
-    except AttributeError:
-        raise ValueError(f"a layer spec with context parallelism must be a ModuleSpec of a "
-                         f"transformer layer with self_attention.core_attention; got "
-                         f"{type(spec).__name__}") from None
 
 
 def _is_context_parallel(core) -> bool:

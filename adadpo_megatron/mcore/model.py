@@ -10,12 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from adadpo_megatron.mcore.context_parallel_attention import (
+    ContextParallelDotProductAttention,
     check_context_parallel_spec,
-    with_context_parallel_attention,
 )
 from adadpo_megatron.mcore.lora import LoRAConfig, add_adapters, is_adapter_name
 from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
 from adadpo_megatron.mcore.parameter_names import global_parameter_names
+from adadpo_megatron.mcore.sdpa_attention import (
+    SDPADotProductAttention,
+    unsupported_reason,
+    with_core_attention,
+)
 
 _ACTIVATIONS = {"gelu": F.gelu, "swiglu": F.silu, "relu": F.relu}
 # Megatron initialises these with config.output_layer_init_method (scaled by depth).
@@ -97,9 +102,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
 
 def layer_spec(transformer_engine: bool, config):
     """megatron-core's GPT layer spec for the config: Transformer Engine's layers where
-    ``transformer_engine``, else the local ones (with the local context-parallel attention
-    under CP, adadpo_megatron.mcore.context_parallel_attention); q/k norms and experts (one
-    module each, see hf_mapping) as set."""
+    ``transformer_engine``, else the local ones with ``local_core_attention(config)`` as
+    their core attention; q/k norms and experts (one module each, see hf_mapping) as set."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     options = dict(qk_layernorm=config.qk_layernorm, num_experts=config.num_moe_experts,
@@ -108,15 +112,35 @@ def layer_spec(transformer_engine: bool, config):
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**options)
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(**options)
-        if config.context_parallel_size > 1:
-            spec = with_context_parallel_attention(spec)
+        core = local_core_attention(config)
+        if core is not None:
+            spec = with_core_attention(spec, core)
     check_context_parallel_spec(spec, config.context_parallel_size)
     return spec
 
 
+def local_core_attention(config):
+    """The core attention the local layer spec gets in place of megatron-core's
+    ``DotProductAttention`` (None: that one stays): under context parallelism
+    ``ContextParallelDotProductAttention``, else ``SDPADotProductAttention`` unless the
+    config needs what only megatron-core's has (``sdpa_attention.unsupported_reason``)."""
+    if config.context_parallel_size > 1:
+        return ContextParallelDotProductAttention
+    return SDPADotProductAttention if unsupported_reason(config) is None else None
+
+
+def packed_format(transformer_engine: bool, config) -> str:
+    """How packed micro-batches reach the attention ``layer_spec`` builds for ``config`` (a
+    TransformerConfig): "thd" (PackedSeqParams, each segment attended alone) for Transformer
+    Engine's attention and ``SDPADotProductAttention``; "mask" (a block-diagonal mask) for
+    the local context-parallel attention and megatron-core's own local one."""
+    if transformer_engine or local_core_attention(config) is SDPADotProductAttention:
+        return "thd"
+    return "mask"
+
+
 def uses_transformer_engine(gpu: bool) -> bool:
-    """Whether ``build_model_chunks`` builds Transformer Engine layers (a GPU with TE), which
-    take packed micro-batches as THD; megatron-core's local layers take a mask instead."""
+    """Whether ``build_model_chunks`` builds Transformer Engine layers (a GPU with TE)."""
     if not gpu:
         return False
     from megatron.core.models.gpt import gpt_layer_specs

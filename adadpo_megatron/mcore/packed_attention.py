@@ -1,19 +1,22 @@
 """Attention that respects the segments of a packed micro-batch (``adadpo_megatron.data.packing``).
 
-Two ways, as megatron-core offers them:
+Two ways, as megatron-core offers them (``mcore.model.packed_format`` says which
+the layer spec takes):
 
-- ``"thd"`` (GPU, Transformer Engine attention): the micro-batch's rows are laid end to end as
-  one sequence ``[1, R * S]`` and described by ``PackedSeqParams(qkv_format="thd")``, whose
-  ``cu_seqlens`` mark every segment and every row's closing padding. Rotary positions restart
-  per segment inside megatron-core. Under context parallelism every segment is split in
+- ``"thd"`` (Transformer Engine's attention, or ``SDPADotProductAttention`` on megatron-core's
+  local layers, CPU included): the micro-batch's rows are laid end to end as one sequence
+  ``[1, R * S]`` and described by ``PackedSeqParams(qkv_format="thd")``, whose
+  ``cu_seqlens`` mark every segment and every row's closing padding. Rotary positions
+  restart per segment inside megatron-core. Under context parallelism every segment is split in
   ``2 * CP`` chunks and rank r keeps chunks r and ``2 * CP - 1 - r``, with Transformer Engine's
   ``thd_get_partitioned_indices`` (as megatron-core's ``get_batch_on_this_cp_rank`` does for
   THD), applied to ``segment_ids`` too so that the loss can reduce per segment.
-- ``"mask"`` (megatron-core's local layer spec, also on CPU): rows stay ``[R, S]`` and the
-  attention gets an explicit block-diagonal causal mask; megatron-core's local attention uses
-  a given mask as it is. RoPE scores depend only on the distance between two positions, so
-  within a block they are those of the segment alone although megatron-core's rotary
-  embedding does not read ``position_ids`` (tested against the unpacked rows).
+- ``"mask"`` (megatron-core's local layers under context parallelism, or with an attention
+  SDPA cannot stand in for): rows stay ``[R, S]`` and the attention gets an explicit
+  block-diagonal causal mask, which megatron-core's local attention uses as it is. RoPE
+  scores depend only on the distance between two positions, so within a block they are those
+  of the segment alone although megatron-core's rotary embedding does not read
+  ``position_ids`` (tested against the unpacked rows).
 """
 
 from __future__ import annotations
@@ -26,11 +29,6 @@ import torch.distributed as dist
 from adadpo_megatron.micro_batch import SEQUENCE_KEYS, MicroBatch
 
 PACKED_FORMATS = ("thd", "mask")
-
-
-def default_packed_format(transformer_engine: bool) -> str:
-    """"thd" where the layers are Transformer Engine's, else "mask"."""
-    return "thd" if transformer_engine else "mask"
 
 
 def block_diagonal_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:

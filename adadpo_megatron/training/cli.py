@@ -2,9 +2,11 @@
 
     adadpo-train --config FILE.yaml [section.key=value ...]
     adadpo-precompute-reference --config FILE.yaml [section.key=value ...]
+    adadpo-import-hf / adadpo-export-hf (training/huggingface/cli.py)
 
 Launch with torchrun for several processes (one node or many); ``python -m adadpo_megatron``
-is adadpo-train, ``python -m adadpo_megatron precompute-reference`` the other command:
+is adadpo-train, ``python -m adadpo_megatron COMMAND`` each other command (precompute-reference,
+import-hf, export-hf):
 
     torchrun --nproc_per_node 2 -m adadpo_megatron --config configs/tiny_cpu.yaml \
         parallel.tensor_model_parallel_size=2
@@ -123,7 +125,20 @@ def precompute_main(argv: Optional[Sequence[str]] = None) -> None:
         fail(prog, err)
 
 
-COMMANDS = {"train": train_main, "precompute-reference": precompute_main}
+def import_hf_main(argv: Optional[Sequence[str]] = None) -> None:
+    from adadpo_megatron.training.huggingface.cli import import_main
+
+    import_main(argv)
+
+
+def export_hf_main(argv: Optional[Sequence[str]] = None) -> None:
+    from adadpo_megatron.training.huggingface.cli import export_main
+
+    export_main(argv)
+
+
+COMMANDS = {"train": train_main, "precompute-reference": precompute_main,
+            "import-hf": import_hf_main, "export-hf": export_hf_main}
 
 
 def main(argv: Sequence[str]) -> None:

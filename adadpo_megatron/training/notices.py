@@ -66,7 +66,8 @@ def environment_line(gpu: bool) -> Optional[str]:
     where = "a GPU" if gpu else "the CPU"
     if "Transformer Engine" in missing:
         what = (f"megatron-core's local layers with torch norms, optimizers and tensor kernels "
-                f"run on {where} (no FP8, no fused attention, packed batches as masks)")
+                f"run on {where} (no FP8; attention is torch's SDPA, each packed segment "
+                f"on its own)")
     else:  # Transformer Engine's layers run; Apex's fused optimizers and kernels are absent
         what = "Transformer Engine's layers run, with torch optimizers and tensor kernels"
     quieted = ("; megatron-core's notices about it and its deprecations are silenced"

@@ -39,11 +39,11 @@ from adadpo_megatron.mcore.model import (
     build_model_chunks,
     canonical_init_,
     model_vocab_size,
+    packed_format,
     transformer_config,
     uses_transformer_engine,
     variable_shapes,
 )
-from adadpo_megatron.mcore.packed_attention import default_packed_format
 from adadpo_megatron.micro_batch import MicroBatch
 from adadpo_megatron.training.checkpointing.checkpoint import load_model_weights
 from adadpo_megatron.training.checkpointing.fingerprints import source_fingerprints
@@ -314,7 +314,8 @@ def setup_run(config: RunConfig, claim_output_dir: bool = False) -> RunContext:
             config=c, gpu=gpu, layout=layout, groups=groups, data=data,
             vocab_size=model_vocab_size(data.tokenizer.vocab_size, c.model, layout.tp),
             dtype=getattr(torch, c.train.dtype),
-            packed_format=default_packed_format(uses_transformer_engine(gpu)),
+            packed_format=packed_format(uses_transformer_engine(gpu), transformer_config(
+                c.model, c.parallel, dtype=getattr(torch, c.train.dtype), gpu=gpu)),
             forward_backward=get_forward_backward_func(), lock=lock)
     except BaseException:
         if lock is not None:

@@ -470,7 +470,8 @@ def test_errors_name_the_config_key_that_named_the_source(tmp_path):
     """data.eval_path's source is read as data.path's is; its errors name data.eval_path."""
     missing = str(tmp_path / "held_out.jsonl")
     with pytest.raises(ValueError, match=r"^data.eval_path='.*held_out.jsonl' is neither a "
-                                         "file, a directory nor a dataset"):
+                                         r"file, a directory \(a relative path starts in the "
+                                         r"working directory, .*\) nor a dataset"):
         load_preference_data(missing, ByteTokenizer(), SETTINGS, cache=False,
                              key="data.eval_path")
     with pytest.raises(ValueError, match=r"^data.path='.*held_out.jsonl' is neither"):

@@ -29,7 +29,7 @@ PROG = "adadpo_megatron.integrations.megatron_lm"
 PRECOMPUTE = [sys.executable, "-c", "import sys; from adadpo_megatron.training.cli import "
               "precompute_main; precompute_main(sys.argv[1:])"]
 TRAIN = [sys.executable, "-m", "adadpo_megatron"]
-EXPORT = [sys.executable, "-m", "adadpo_megatron.training.huggingface.hf_export"]
+EXPORT = [sys.executable, "-m", "adadpo_megatron", "export-hf"]
 SEQ = TINY["data"]["seq_length"]
 
 

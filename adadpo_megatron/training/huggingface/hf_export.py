@@ -307,9 +307,3 @@ def _write_config(out: Path, arch, source: Optional[Path], dtype: str) -> None:
         max_position_embeddings=max(arch.max_position_embeddings, 8192 + 1),
         rope_parameters=rope, dtype=dtype)
     config.save_pretrained(out)
-
-
-if __name__ == "__main__":
-    from adadpo_megatron.training.huggingface.commands import export_main
-
-    export_main()

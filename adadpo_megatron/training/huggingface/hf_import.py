@@ -159,9 +159,3 @@ def _checked_out(directory, out, overwrite: bool, held: contextlib.ExitStack) ->
     forever)."""
     return Path(computed_on_rank_zero(lambda: str(held.enter_context(output_dirs.claimed(
         out, {"the source model": directory}, SOURCE_FILE, overwrite)))))
-
-
-if __name__ == "__main__":
-    from adadpo_megatron.training.huggingface.commands import import_main
-
-    import_main()

@@ -264,7 +264,7 @@ def test_the_readme_three_commands_on_a_tiny_llama(hf_models, tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     for command in ([sys.executable, "-m", "adadpo_megatron", "--config", str(config_path)],
-                    [sys.executable, "-m", "adadpo_megatron.training.huggingface.hf_export",
+                    [sys.executable, "-m", "adadpo_megatron", "export-hf",
                      str(tmp_path / "run"), str(tmp_path / "exported")]):
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]

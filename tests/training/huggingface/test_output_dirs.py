@@ -27,16 +27,15 @@ from tests.support.distributed import run_distributed
 from tests.support.hf_models import hf_config, make_hf_model, make_pairs
 from tests.support.training import REPO
 
-IMPORT = "adadpo_megatron.training.huggingface.hf_import"
-EXPORT = "adadpo_megatron.training.huggingface.hf_export"
+IMPORT, EXPORT = "import-hf", "export-hf"  # python -m adadpo_megatron's commands
 IMPORTED = {".metadata", "__0_0.distcp", "metadata.json", "hf_source.json"}
 EXPORTED = {"adadpo_export.json", "config.json", "generation_config.json",
             "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
 
-def _cli(module, *args):
-    """Runs ``python -m module args``: (exit code, stderr)."""
-    result = run_command([sys.executable, "-m", module, *args], timeout=300)
+def _cli(command, *args):
+    """Runs ``python -m adadpo_megatron command args``: (exit code, stderr)."""
+    result = run_command([sys.executable, "-m", "adadpo_megatron", command, *args], timeout=300)
     return result.returncode, result.stderr
 
 

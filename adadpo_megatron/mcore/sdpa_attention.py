@@ -1,0 +1,135 @@
+"""Core attention for megatron-core's local layers (no Transformer Engine) on torch's
+``scaled_dot_product_attention``.
+
+megatron-core's local ``DotProductAttention`` materialises every row's ``[heads, S, S]``
+scores (and probabilities, kept for the backward) and refuses packed THD micro-batches, so a
+packed row of many short segments pays ``S^2`` under a block-diagonal mask where Transformer
+Engine's THD attention pays the sum of the segments' squares. ``SDPADotProductAttention``
+takes its place in the local layer spec:
+
+- THD (``packed_seq_params``, as Transformer Engine takes it): every run of ``cu_seqlens``
+  (a segment, or a row's closing padding) is one causal SDPA call, so the cost and the memory
+  follow the segments; rotary positions restart per run inside megatron-core, as on GPU.
+- rows ``[S, b]``: one SDPA call, causal, or under a given boolean mask (megatron-core's
+  convention, True where masked: the context-parallel attention's ``[b, 1, S/CP, S]``).
+
+torch picks the SDPA kernel (its fused CPU kernel works in blocks and keeps no score
+matrix); the result is megatron-core's local attention's to float32 rounding
+(tests/mcore/test_sdpa_attention.py). Same parameters and state as ``DotProductAttention``
+(none), so checkpoints do not depend on which attention ran. Where SDPA cannot stand in
+(``unsupported_reason``: sliding windows, softmax offsets), the local spec keeps
+megatron-core's attention and packed micro-batches use its block-diagonal mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+def unsupported_reason(config) -> Optional[str]:
+    """Why SDPA cannot replace megatron-core's local attention for ``config`` (a
+    TransformerConfig), or None where it can."""
+    if config.window_size is not None:
+        return "sliding-window attention (window_size)"
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        return f"softmax_type={config.softmax_type!r} (a softmax offset)"
+    return None
+
+
+class SDPADotProductAttention(DotProductAttention):
+    """megatron-core's ``DotProductAttention`` computed with ``F.scaled_dot_product_attention``.
+
+    forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+    packed_seq_params=None):
+        rows: query [sq, b, np, hn], key and value [sk, b, ng, hn], attention_mask None
+            (causal) or bool [b or 1, 1, sq, sk] (True masked) -> context [sq, b, np * hn];
+        THD: query [T, np, hn], key and value [T, ng, hn], packed_seq_params with
+            cu_seqlens_q == cu_seqlens_kv -> context [T, np * hn], each run causal alone.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        reason = unsupported_reason(config)
+        if reason is not None:
+            raise ValueError(f"{reason} needs megatron-core's DotProductAttention (or "
+                             "Transformer Engine's); SDPADotProductAttention has causal and "
+                             "given masks only")
+        super().__init__(config, *args, **kwargs)
+        # DotProductAttention divides its scale by the layer number where
+        # apply_query_key_layer_scaling is set and multiplies it back inside its softmax
+        self.scale = self.softmax_scale * (self.layer_number
+                                           if config.apply_query_key_layer_scaling else 1)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if attention_bias is not None:
+            raise ValueError("SDPADotProductAttention takes no attention_bias "
+                             "(nor does megatron-core's DotProductAttention)")
+        if packed_seq_params is not None:
+            return self._thd(query, key, value, packed_seq_params)
+        # [s, b, heads, hn] -> [b, heads, s, hn]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        context = self._attend(q, k, v, None if attention_mask is None else ~attention_mask)
+        return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+    def _thd(self, query, key, value, params):
+        if params.qkv_format != "thd":
+            raise ValueError(f"packed_seq_params.qkv_format={params.qkv_format!r}: "
+                             "SDPADotProductAttention takes 'thd'")
+        cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None \
+            else params.cu_seqlens_q
+        cu_kv = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None \
+            else params.cu_seqlens_kv
+        if not torch.equal(cu_q, cu_kv):
+            raise ValueError("SDPADotProductAttention takes self-attention THD batches "
+                             "(cu_seqlens_q == cu_seqlens_kv)")
+        bounds = cu_q.tolist()  # one host read per layer: this path is the one without TE
+        if bounds[-1] != query.shape[0]:
+            raise ValueError(f"cu_seqlens end at {bounds[-1]}, the THD batch holds "
+                             f"{query.shape[0]} tokens (under context parallelism THD needs "
+                             "Transformer Engine's attention)")
+        # [T, heads, hn] -> [1, heads, T, hn]; each run causal on its own
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+        runs = [self._attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        context = torch.cat(runs, dim=2)  # [1, heads, T, hn]
+        return context.squeeze(0).transpose(0, 1).reshape(query.shape[0], -1)
+
+    def _attend(self, q, k, v, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+        """[B, np, sq, hn] queries over [B, ng, sk, hn] keys and values; ``allowed`` None
+        (causal, sq == sk) or bool broadcastable to [B, np, sq, sk], True where attended."""
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # query head i reads key group i // groups, as megatron-core's
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        dropout = self.attention_dropout.p if self.training else 0.0
+        kwargs = dict(attn_mask=allowed, is_causal=allowed is None, dropout_p=dropout,
+                      scale=self.scale)
+        if dropout and not self.config.sequence_parallel:
+            # megatron-core's: each tensor-parallel rank drops its own heads' probabilities
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def core_attention_of(spec):
+    """The core attention class of a GPT layer spec (a ModuleSpec of TransformerLayer)."""
+    try:
+        return spec.submodules.self_attention.submodules.core_attention
+    except AttributeError:
+        raise ValueError(f"a layer spec whose attention is replaced must be a ModuleSpec of a "
+                         f"transformer layer with self_attention.core_attention; got "
+                         f"{type(spec).__name__}") from None
+
+
+def with_core_attention(spec, core):
+    """``spec`` with ``core`` as its self-attention's core attention (the rest unchanged)."""
+    core_attention_of(spec)
+    attention = spec.submodules.self_attention
+    submodules = dataclasses.replace(attention.submodules, core_attention=core)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, self_attention=dataclasses.replace(attention, submodules=submodules)))
