@@ -132,12 +132,9 @@ class HFTokenizer:
         return f"hf-{self._fingerprint}"
 
 
-def build_tokenizer(spec: str, base: Path | None = None, fingerprint: Optional[str] = None):
+def build_tokenizer(spec: str, fingerprint: Optional[str] = None):
     """'byte', or the path of a local Hugging Face tokenizer directory (``fingerprint``: its
     ``tokenizer_digest`` when already known)."""
     if spec == "byte":
         return ByteTokenizer()
-    path = Path(spec)
-    if not path.is_absolute() and base is not None:
-        path = base / path
-    return HFTokenizer(str(path), fingerprint)
+    return HFTokenizer(spec, fingerprint)

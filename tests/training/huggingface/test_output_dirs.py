@@ -265,7 +265,8 @@ def test_a_killed_export_leaves_the_old_out_whole(llama, tmp_path):
         path.unlink()
         os.mkfifo(path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", EXPORT, str(checkpoint), str(out)],
+    process = subprocess.Popen([sys.executable, "-m", "adadpo_megatron", EXPORT,
+                                str(checkpoint), str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     tmp = out.with_name(out.name + TMP_SUFFIX)
     try:
