@@ -102,8 +102,10 @@ def coefficient_cost(pairs: int, repeats: int = 2000) -> dict:
 
 # glibc keeps freed memory mapped for reuse, so a step after the warm-up steps could peak
 # without raising the resident set; serving every allocation over 64 KiB with its own mmap,
-# returned on free, makes the resident peak follow the live tensors.
-MEASURABLE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# returned on free, makes the resident peak follow the live tensors (and undoes the
+# keep-everything settings docs/CPU.md recommends for runs, should the shell have them).
+MEASURABLE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+                     "MALLOC_MMAP_MAX_": "65536", "MALLOC_TOP_PAD_": "0"}
 CPU_SHAPE = ("configs/tiny_cpu.yaml", 128)
 GPU_SHAPE = ("benchmarks/configs/gpu_step.yaml", 128256)
 

@@ -11,13 +11,15 @@ step in micro-batches of 4 pairs, a precomputed reference (ours: adadpo-precompu
 before the runs; TRL: precompute_ref_log_probs inside its run, before training), AdamW.
 
 Each variant runs in a fresh process, one thread (OMP_NUM_THREADS=1), variants interleaved
-round after round: ours with data.packing none, longest and pack, and TRL. A run times
---steps steps after one warm-up step; pairs/s is 16 / the median step time over all rounds.
-Peak RSS is the process's (ru_maxrss), model, data and reference precompute (TRL's)
-included. "Same work" is checked, not assumed: both sides' precomputed reference log-probs
-of every pair are summed and compared (the same model on the same tokens gives the same
-sums to float32 rounding). --malloc-env runs every child with
-MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<1 TiB> MALLOC_TOP_PAD_=<1 GiB> (docs/CPU.md).
+round after round: ours with data.packing none, longest, pack and pack-4k (pack with
+4096-token micro-batches), and TRL. A run times --steps steps after one warm-up step; pairs/s
+is 16 / the median step time over all rounds. Peak RSS is the process's (ru_maxrss), model,
+data and reference precompute (TRL's) included; its minor page faults and the share of its
+CPU time spent in the kernel show the allocator's churn (the whole process, start-up
+included). "Same work" is checked, not assumed: both sides' precomputed reference log-probs
+of every pair are summed and compared (the same model on the same tokens gives the same sums
+to float32 rounding). --malloc-env runs every child with MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=<1 TiB> MALLOC_TOP_PAD_=<1 GiB> (docs/CPU.md).
 Prints one markdown table.
 """
 
@@ -36,7 +38,10 @@ from pathlib import Path
 
 from child_run import run_child
 
-VARIANTS = ("none", "longest", "pack", "trl")
+# ours by data.packing (pack-4k: pack with 4096-token micro-batches, about what TRL's padded
+# micro-batch of 4 pairs holds here, where pack's default budget is a padded micro-batch of
+# 4 pairs at max length, 8192 tokens), and TRL
+VARIANTS = ("none", "longest", "pack", "pack-4k", "trl")
 PAIRS_PER_STEP, MICRO_PAIRS, MAX_LENGTH, BETA = 16, 4, 1024, 0.1
 WORDS = 500  # the tokenizer's words; ids 0..499, then BOS 500 and EOS 501
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
@@ -81,29 +86,31 @@ def make_model_and_data(directory: Path, pairs: int, seed: int = 0) -> Path:
     return directory
 
 
-def our_config(directory: Path, packing: str, steps: int) -> dict:
+def our_config(directory: Path, variant: str, steps: int) -> dict:
+    packing, budget = ("pack", 4096) if variant == "pack-4k" else (variant, None)
     return {
         "model": {"hf": str(directory / "hf")},
         "loss": {"loss_type": "dpo", "beta": BETA},
         "data": {"path": str(directory / "pairs.jsonl"), "seq_length": MAX_LENGTH,
-                 "max_prompt_length": 512, "packing": packing},
+                 "max_prompt_length": 512, "packing": packing,
+                 "max_tokens_per_micro_batch": budget},
         "reference": {"mode": "precompute",
                       "cache_path": str(directory / "reference.pt")},
         "optimizer": {"optimizer": "adam", "lr": 1e-6, "weight_decay": 0.0, "clip_grad": 1.0},
         "train": {"global_batch_size": PAIRS_PER_STEP, "micro_batch_size": MICRO_PAIRS,
-                  "max_steps": steps + 1, "output_dir": str(directory / f"run-{packing}"),
+                  "max_steps": steps + 1, "output_dir": str(directory / f"run-{variant}"),
                   "resume": "never", "overwrite": True, "progress": False,
                   "tensorboard": False, "save_interval": 10**6},
     }
 
 
-def child_ours(directory: Path, packing: str, steps: int) -> dict:
+def child_ours(directory: Path, variant: str, steps: int) -> dict:
     import torch
 
     from adadpo_megatron.training.run_config import RunConfig
     from adadpo_megatron.training.trainer import Trainer
 
-    trainer = Trainer(RunConfig.from_dict(our_config(directory, packing, steps))).setup()
+    trainer = Trainer(RunConfig.from_dict(our_config(directory, variant, steps))).setup()
     losses = [trainer.train_step(0)["loss"]]
     times = []
     for step in range(1, steps + 1):
@@ -176,7 +183,11 @@ def child(args) -> dict:
         out = child_trl(directory, args.steps)
     else:
         out = child_ours(directory, args.variant, args.steps)
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_mib"] = usage.ru_maxrss / 1024
+    # the allocator's churn shows as minor page faults and CPU time spent in the kernel
+    out["minor_faults"] = usage.ru_minflt
+    out["kernel_share"] = usage.ru_stime / (usage.ru_utime + usage.ru_stime)
     out["variant"] = args.variant
     return out
 
@@ -226,21 +237,25 @@ def main(argv=None) -> None:
     print(f"{args.pairs} pairs, {PAIRS_PER_STEP} a step in micro-batches of {MICRO_PAIRS}, "
           f"max length {MAX_LENGTH}, {args.rounds} round(s) x {args.steps} timed steps, "
           f"one thread, {allocator}")
-    print("| run | pairs/s | vs TRL | peak RSS MiB | vs TRL | first loss | reference "
-          "log-prob sums (chosen, rejected) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    rows = {}
+    print("| run | pairs/s | vs TRL | peak RSS MiB | vs TRL | CPU time in the kernel | minor "
+          "faults (M) | first loss | reference log-prob sums (chosen, rejected) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    rows, churn = {}, {}
     for variant, results in runs.items():
         step = statistics.median(t for r in results for t in r["times"])
         rows[variant] = (PAIRS_PER_STEP / step, max(r["peak_rss_mib"] for r in results),
                          results[0]["losses"][0], results[0]["reference_sum"])
+        churn[variant] = (f"{statistics.median(r['kernel_share'] for r in results):.0%} | "
+                          f"{statistics.median(r['minor_faults'] for r in results) / 1e6:.2f}")
     trl = rows.get("trl")
     for variant, (speed, rss, loss, sums) in rows.items():
         name = "TRL DPOTrainer" if variant == "trl" else f"adadpo-train, packing {variant}"
+        if variant == "pack-4k":
+            name = "adadpo-train, packing pack, 4096-token micro-batches"
         vs_speed = f"{speed / trl[0]:.2f}x" if trl else "-"
         vs_rss = f"{rss / trl[1]:.2f}x" if trl else "-"
-        print(f"| {name} | {speed:.2f} | {vs_speed} | {rss:.0f} | {vs_rss} | {loss:.4f} | "
-              f"{sums[0]:.1f}, {sums[1]:.1f} |")
+        print(f"| {name} | {speed:.2f} | {vs_speed} | {rss:.0f} | {vs_rss} | {churn[variant]} | "
+              f"{loss:.4f} | {sums[0]:.1f}, {sums[1]:.1f} |")
     if trl:
         ours = [v for v in rows if v != "trl"]
         gap = max(abs(a - b) / max(1.0, abs(b)) for v in ours

@@ -212,6 +212,7 @@ LOSS_VARIANTS = (("LD-DPO ", ("loss.ld_alpha=0.5",)),
 def _packed_vs_padded(rows, label, variants, loss_overrides=()):
     """Two steps of a 2-layer Llama-3-8B-width model per variant; every variant's step-1 loss
     against the padded one's."""
+    from adadpo_megatron.mcore.model import uses_transformer_engine
     from adadpo_megatron.training.trainer import Trainer
 
     results = {}
@@ -219,6 +220,7 @@ def _packed_vs_padded(rows, label, variants, loss_overrides=()):
         overrides = packed_overrides(extra, loss_overrides)
         trainer = Trainer(tiny_cpu_config(overrides)).setup()
         assert name == "padded" or trainer.run.packed_format == "thd", trainer.run.packed_format
+        assert uses_transformer_engine(True), "these checks are of Transformer Engine's layers"
         # a packed THD micro-batch is one sequence of its segments end to end (issue 17)
         rows = max(b["tokens"].shape[0] for b in trainer.micro_batches(1)[0])
         trainer.train_step(0)
@@ -383,6 +385,7 @@ def check_lora(rows):
     merged model; the checkpoint must hold the adapters only."""
     import transformers
 
+    from adadpo_megatron.mcore.model import uses_transformer_engine
     from adadpo_megatron.training.huggingface.dcp_reader import tensor_metadata
     from adadpo_megatron.training.huggingface.hf_export import export_checkpoint
     from adadpo_megatron.training.trainer import Trainer
@@ -399,7 +402,7 @@ def check_lora(rows):
         saved = tensor_metadata(tmp / "run" / "checkpoints" / "step_0000002")
         only_adapters = bool(saved) and all("_lora." in key for key in saved)
         first = history[0]["loss"]
-        te = trainer.run.packed_format == "thd"  # the layer spec is Transformer Engine's
+        te = uses_transformer_engine(True)  # the layer spec is Transformer Engine's
         ok = abs(first - math.log(2)) < 1e-4 and only_adapters and te
         rows.append({"check": "LoRA (TE layers): step 0, checkpoint", "ms": float("nan"),
                      "peak_mib": float("nan"),

@@ -132,7 +132,7 @@ class HFTokenizer:
         return f"hf-{self._fingerprint}"
 
 
-def build_tokenizer(spec: str, fingerprint: Optional[str] = None):
+def build_tokenizer(spec: str, *, fingerprint: Optional[str] = None):
     """'byte', or the path of a local Hugging Face tokenizer directory (``fingerprint``: its
     ``tokenizer_digest`` when already known)."""
     if spec == "byte":

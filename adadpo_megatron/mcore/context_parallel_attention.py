@@ -83,9 +83,9 @@ class ContextParallelDotProductAttention(SDPADotProductAttention):
     CP chunks.
 
     Takes what ``DotProductAttention`` takes (the layer spec builds it in its place) and has
-    its parameters and state (none, or the learnable softmax offset), so a checkpoint
-    moves between CP sizes unchanged. The CP group is ``pg_collection.cp`` where given,
-    else megatron-core's.
+    its parameters and state (none: softmax offsets are refused, as by
+    ``SDPADotProductAttention``), so a checkpoint moves between CP sizes unchanged. The CP
+    group is ``pg_collection.cp`` where given, else megatron-core's.
 
     forward(query [S/CP, b, np, hn], key and value [S/CP, b, ng, hn], attention_mask None
     (causal) or [b or 1, 1, S/CP, S] bool) -> context [S/CP, b, np * hn].

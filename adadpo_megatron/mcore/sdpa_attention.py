@@ -16,9 +16,11 @@ takes its place in the local layer spec:
 torch picks the SDPA kernel (its fused CPU kernel works in blocks and keeps no score
 matrix); the result is megatron-core's local attention's to float32 rounding
 (tests/mcore/test_sdpa_attention.py). Same parameters and state as ``DotProductAttention``
-(none), so checkpoints do not depend on which attention ran. Where SDPA cannot stand in
-(``unsupported_reason``: sliding windows, softmax offsets), the local spec keeps
-megatron-core's attention and packed micro-batches use its block-diagonal mask.
+(none), so checkpoints do not depend on which attention ran. Sliding windows are masks of
+their own here, within each segment (megatron-core's local attention replaces a given mask
+by its window mask, so a packed row's segments would see each other). Where SDPA cannot
+stand in (``unsupported_reason``: softmax offsets), the local spec keeps megatron-core's
+attention and packed micro-batches use its block-diagonal mask.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.utils import is_layer_window_attention
 
 
 def unsupported_reason(config) -> Optional[str]:
     """Why SDPA cannot replace megatron-core's local attention for ``config`` (a
     TransformerConfig), or None where it can."""
-    if config.window_size is not None:
-        return "sliding-window attention (window_size)"
     if getattr(config, "softmax_type", "vanilla") != "vanilla":
         return f"softmax_type={config.softmax_type!r} (a softmax offset)"
     return None
@@ -48,22 +50,35 @@ class SDPADotProductAttention(DotProductAttention):
     forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
     packed_seq_params=None):
         rows: query [sq, b, np, hn], key and value [sk, b, ng, hn], attention_mask None
-            (causal) or bool [b or 1, 1, sq, sk] (True masked) -> context [sq, b, np * hn];
+            (causal, sq == sk) or bool [b or 1, 1, sq, sk] (True masked) -> context
+            [sq, b, np * hn];
         THD: query [T, np, hn], key and value [T, ng, hn], packed_seq_params with
             cu_seqlens_q == cu_seqlens_kv -> context [T, np * hn], each run causal alone.
+    A layer with a sliding window (``window_size`` (left, right) and
+    ``window_attn_skip_freq``, as megatron-core reads them) also masks keys more than
+    ``left`` before or ``right`` after the query, within each run and under a given mask.
+    Self-attention of a training forward only: no KV cache, causal or given masks.
     """
 
-    def __init__(self, config, *args, **kwargs):
+    def __init__(self, config, layer_number, attn_mask_type, *args, **kwargs):
         reason = unsupported_reason(config)
         if reason is not None:
-            raise ValueError(f"{reason} needs megatron-core's DotProductAttention (or "
-                             "Transformer Engine's); SDPADotProductAttention has causal and "
-                             "given masks only")
-        super().__init__(config, *args, **kwargs)
+            raise ValueError(f"{reason} needs megatron-core's DotProductAttention (without "
+                             "context parallelism) or Transformer Engine's; "
+                             "SDPADotProductAttention has no softmax offset")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.arbitrary):
+            raise ValueError(f"SDPADotProductAttention takes causal or given (arbitrary) "
+                             f"masks, not {attn_mask_type}")
+        super().__init__(config, layer_number, attn_mask_type, *args, **kwargs)
         # DotProductAttention divides its scale by the layer number where
         # apply_query_key_layer_scaling is set and multiplies it back inside its softmax
         self.scale = self.softmax_scale * (self.layer_number
                                            if config.apply_query_key_layer_scaling else 1)
+        self.window = (tuple(config.window_size) if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number) else None)
+        if self.window is not None and min(self.window) < 0:
+            raise ValueError(f"window_size={config.window_size}: SDPADotProductAttention "
+                             "takes windows of keys before and after (>= 0 each)")
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -72,6 +87,11 @@ class SDPADotProductAttention(DotProductAttention):
                              "(nor does megatron-core's DotProductAttention)")
         if packed_seq_params is not None:
             return self._thd(query, key, value, packed_seq_params)
+        if attention_mask is None and query.shape[0] != key.shape[0]:
+            # megatron-core's KV-cache decoding: its masks are aligned to the last key
+            raise ValueError(f"SDPADotProductAttention: {query.shape[0]} queries over "
+                             f"{key.shape[0]} keys without a mask (KV-cache inference) is "
+                             "not supported; use megatron-core's DotProductAttention")
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         context = self._attend(q, k, v, None if attention_mask is None else ~attention_mask)
@@ -103,17 +123,28 @@ class SDPADotProductAttention(DotProductAttention):
     def _attend(self, q, k, v, allowed: Optional[torch.Tensor]) -> torch.Tensor:
         """[B, np, sq, hn] queries over [B, ng, sk, hn] keys and values; ``allowed`` None
         (causal, sq == sk) or bool broadcastable to [B, np, sq, sk], True where attended."""
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # query head i reads key group i // groups, as megatron-core's
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if self.window is not None:
+            allowed = self._in_window(q.shape[2], k.shape[2], q.device, allowed)
         dropout = self.attention_dropout.p if self.training else 0.0
+        # grouped queries: query head i reads key group i // (np / ng), as megatron-core's
+        # repeat_interleave of K and V does, without keeping the repeated copies
         kwargs = dict(attn_mask=allowed, is_causal=allowed is None, dropout_p=dropout,
-                      scale=self.scale)
+                      scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
         if dropout and not self.config.sequence_parallel:
             # megatron-core's: each tensor-parallel rank drops its own heads' probabilities
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return F.scaled_dot_product_attention(q, k, v, **kwargs)
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    def _in_window(self, sq: int, sk: int, device, allowed: Optional[torch.Tensor]):
+        """The window as megatron-core's sliding-window mask draws it (query i, aligned to
+        the last key, sees keys i - left .. i + right; (left, 0) is causal), within
+        ``allowed`` where given."""
+        left, right = self.window
+        offset = torch.arange(sk, device=device)[None, :] - \
+            (torch.arange(sq, device=device)[:, None] + sk - sq)
+        window = (offset >= -left) & (offset <= right)
+        return window if allowed is None else allowed & window
 
 
 def core_attention_of(spec):

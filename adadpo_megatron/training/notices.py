@@ -67,7 +67,7 @@ def environment_line(gpu: bool) -> Optional[str]:
     if "Transformer Engine" in missing:
         what = (f"megatron-core's local layers with torch norms, optimizers and tensor kernels "
                 f"run on {where} (no FP8; attention is torch's SDPA, each packed segment "
-                f"on its own)")
+                f"on its own, unless a softmax offset keeps megatron-core's)")
     else:  # Transformer Engine's layers run; Apex's fused optimizers and kernels are absent
         what = "Transformer Engine's layers run, with torch optimizers and tensor kernels"
     quieted = ("; megatron-core's notices about it and its deprecations are silenced"

@@ -108,8 +108,9 @@ class RunContext:
         data: the tokenised data.
         vocab_size: the model's (padded) vocabulary.
         dtype: the parameters' dtype.
-        packed_format: how attention sees packed segments: "thd" (Transformer Engine) or
-            "mask" (megatron-core's local layers).
+        packed_format: how attention sees packed segments (mcore.model.packed_format):
+            "thd" (Transformer Engine's or SDPADotProductAttention) or "mask" (the local
+            context-parallel attention, megatron-core's own local one).
         forward_backward: megatron-core's schedule for the layout.
         lock: the output directory's lock, where the run claimed it (training).
     """

@@ -30,6 +30,7 @@ def _config(**fields):
 
 def test_the_local_spec_takes_sdpa_where_it_can_and_its_packed_format_follows():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
 
     from adadpo_megatron.mcore.context_parallel_attention import (
         ContextParallelDotProductAttention,
@@ -39,13 +40,17 @@ def test_the_local_spec_takes_sdpa_where_it_can_and_its_packed_format_follows():
 
     for config, core, fmt in (
             (_config(), SDPADotProductAttention, "thd"),
+            (_config(window_size=(4, 0)), SDPADotProductAttention, "thd"),
             (_config(context_parallel_size=2), ContextParallelDotProductAttention, "mask"),
-            (_config(window_size=(4, 0)), DotProductAttention, "mask")):
+            (_config(softmax_type="off-by-one"), DotProductAttention, "mask")):
         assert core_attention_of(layer_spec(False, config)) is core
         assert packed_format(False, config) == fmt
         assert packed_format(True, config) == "thd"  # Transformer Engine's attention
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        SDPADotProductAttention(_config(window_size=(4, 0)), 1, None, "self")
+    with pytest.raises(ValueError, match="softmax offset"):
+        SDPADotProductAttention(_config(softmax_type="off-by-one"), 1, AttnMaskType.causal,
+                                "self")
+    with pytest.raises(ValueError, match="causal or given"):
+        SDPADotProductAttention(_config(), 1, AttnMaskType.no_mask, "self")
 
 
 def _segments() -> torch.Tensor:
@@ -110,6 +115,23 @@ def _worker(rank, world, out_path):
         got = _run(sdpa, *(_to_thd(t) for t in (q, k, v, grad)), attention_mask=None,
                    packed_seq_params=params)
         results["thd"] = (got, [_to_thd(t) for t in results["masked"][1]])
+        # a sliding window of 5 keys back: rows against megatron-core's window mask, and THD
+        # against megatron-core's windowed attention on each run alone
+        window = {"window_size": (5, 0)}
+        results["window"] = tuple(
+            _run(cls(_config(**window), 1, AttnMaskType.causal, "self"), q, k, v, grad,
+                 attention_mask=None) for cls in (SDPADotProductAttention, DotProductAttention))
+        flat = [_to_thd(t) for t in (q, k, v, grad)]
+        got = _run(SDPADotProductAttention(_config(**window), 1, AttnMaskType.causal, "self"),
+                   *flat, attention_mask=None, packed_seq_params=params)
+        whole = DotProductAttention(_config(**window), 1, AttnMaskType.causal, "self")
+        pieces = []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            pieces.append(_run(whole, *(t[a:b].unsqueeze(1) for t in flat),
+                               attention_mask=None))
+        # each run as a row of one: [L, 1, ...] -> [L, ...], the runs end to end
+        results["thd_window"] = (got, [torch.cat([piece[i].squeeze(1) for piece in pieces])
+                                       for i in range(4)])
         scores = torch.einsum("sbhd,tbhd->bhst", q, k.repeat_interleave(HEADS // GROUPS, dim=2))
         torch.save({"results": results,
                     "max_score": scores.abs().max().item() / HEAD_DIM ** 0.5}, out_path)
