@@ -124,12 +124,8 @@ def child_ours(directory: Path, variant: str, steps: int) -> dict:
 
 
 def _reference_sum(cache) -> list:
-    """[chosen, rejected] sums over every pair of the reference cache's log-probs."""
-    import torch
-
-    logps = cache["logps"] if isinstance(cache, dict) else cache
-    logps = torch.as_tensor(logps, dtype=torch.float64).reshape(-1, 2)
-    return logps.sum(0).tolist()
+    """[chosen, rejected] sums over every pair of the reference cache's log-probs ([N, 2])."""
+    return cache["logps"].double().sum(0).tolist()
 
 
 def child_trl(directory: Path, steps: int) -> dict:

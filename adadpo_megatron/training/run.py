@@ -311,12 +311,13 @@ def setup_run(config: RunConfig, claim_output_dir: bool = False) -> RunContext:
                       f"{c.train.max_steps}", flush=True)
         if c.model.fused_logprobs:
             require_output_processor_hook()
+        dtype = getattr(torch, c.train.dtype)
         run = RunContext(
             config=c, gpu=gpu, layout=layout, groups=groups, data=data,
             vocab_size=model_vocab_size(data.tokenizer.vocab_size, c.model, layout.tp),
-            dtype=getattr(torch, c.train.dtype),
+            dtype=dtype,
             packed_format=packed_format(uses_transformer_engine(gpu), transformer_config(
-                c.model, c.parallel, dtype=getattr(torch, c.train.dtype), gpu=gpu)),
+                c.model, c.parallel, dtype=dtype, gpu=gpu)),
             forward_backward=get_forward_backward_func(), lock=lock)
     except BaseException:
         if lock is not None:
