@@ -353,6 +353,7 @@ def enable() -> int:
         raise RuntimeError("adadpo_megatron.mcore.cpu_compat is for CPU-only runs, but a GPU is "
                            "visible; megatron-core runs on GPUs as it is")
     import megatron.core
+    from megatron.core.fusions import fused_bias_swiglu
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.tensor_parallel import random as megatron_random
@@ -367,6 +368,7 @@ def enable() -> int:
     patched = sum(_redirect(module) for name, module in list(sys.modules.items())
                   if _proxy_for(name) is not None)
     megatron_random.CudaRNGStatesTracker.fork = _no_fork
+    _run_uncompiled(fused_bias_swiglu)
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     # tied embeddings under pipeline parallelism: the last stage's copy is moved with
@@ -374,6 +376,16 @@ def enable() -> int:
     LanguageModule.setup_embeddings_and_output_layer = _on_cpu(
         LanguageModule.setup_embeddings_and_output_layer)
     return patched
+
+
+def _run_uncompiled(module) -> None:
+    """``module``'s functions that megatron.core.jit wraps in torch.compile, as written: on
+    the CPU, torch.compile needs a C++ compiler and costs seconds per process and shape (its
+    autograd functions, which keep less for backward, are kept)."""
+    for name, function in list(vars(module).items()):
+        original = getattr(function, "_torchdynamo_orig_callable", None)
+        if original is not None:
+            setattr(module, name, original)
 
 
 def _no_fork(self, name=None):

@@ -68,11 +68,19 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
     fields = dict(model.transformer)
     fields.setdefault("hidden_dropout", 0.0)
     fields.setdefault("attention_dropout", 0.0)
+    # megatron-core's SwiGLU function keeps fc1's output and recomputes the activation in the
+    # backward, where its unfused GLU also keeps silu(gate) and a copy of the linear half (two
+    # of the five FFN-wide tensors an MLP keeps per token). Megatron-LM's default
+    # (--bias-swiglu-fusion); on the CPU cpu_compat runs it uncompiled. It has no clamp or
+    # linear offset (gpt-oss's GLU), so those keep the unfused one.
+    fields.setdefault("bias_activation_fusion", model.activation == "swiglu" and not fields.get(
+        "glu_linear_offset") and fields.get("activation_func_clamp_value") is None)
     if not gpu:  # fused kernels (apex, TE, triton) need a GPU
-        for key in ("gradient_accumulation_fusion", "bias_activation_fusion",
-                    "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
-                    "persist_layer_norm"):
+        for key in ("gradient_accumulation_fusion", "bias_dropout_fusion",
+                    "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm"):
             fields[key] = False
+        if model.activation != "swiglu":  # megatron-core's fused GELUs need torch.compile
+            fields["bias_activation_fusion"] = False
     variable_seq_lengths = variable_seq_lengths and parallel.pipeline_model_parallel_size > 1
     if parallel.pipeline_model_parallel_size > 1:
         # megatron-core refuses variable lengths with its default MoE dispatcher, even in a

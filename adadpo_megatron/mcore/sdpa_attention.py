@@ -85,6 +85,7 @@ class SDPADotProductAttention(DotProductAttention):
         if attention_bias is not None:
             raise ValueError("SDPADotProductAttention takes no attention_bias "
                              "(nor does megatron-core's DotProductAttention)")
+        value = _detached_from_projection(value, query)
         if packed_seq_params is not None:
             return self._thd(query, key, value, packed_seq_params)
         if attention_mask is None and query.shape[0] != key.shape[0]:
@@ -145,6 +146,21 @@ class SDPADotProductAttention(DotProductAttention):
             (torch.arange(sq, device=device)[:, None] + sk - sq)
         window = (offset >= -left) & (offset <= right)
         return window if allowed is None else allowed & window
+
+
+def _detached_from_projection(value: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``value``, copied out where it is a view into a larger tensor that ``query`` does not
+    share: megatron-core splits query, key and value out of one fused projection and rotary
+    embedding copies the query and key, so SDPA, which keeps its inputs for the backward,
+    would keep the whole projection alive through the value: its query and key parts too,
+    (heads + groups) / groups times the value's size (docs/CPU.md)."""
+    if not torch.is_grad_enabled():  # nothing is kept
+        return value
+    storage = value.untyped_storage()
+    if (storage.nbytes() > value.numel() * value.element_size()
+            and storage.data_ptr() != query.untyped_storage().data_ptr()):
+        return value.contiguous() if not value.is_contiguous() else value.clone()
+    return value
 
 
 def core_attention_of(spec):
