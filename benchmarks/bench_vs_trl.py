@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from child_run import run_child
 
@@ -188,12 +189,13 @@ def child(args) -> dict:
     return out
 
 
-def precompute(directory: Path) -> None:
-    """adadpo-precompute-reference on the run config (every variant reads its cache)."""
+def precompute(directory: Path, config: Optional[dict] = None) -> None:
+    """adadpo-precompute-reference on the run config (every variant reads its cache), or on
+    ``config``."""
     import yaml
 
     path = directory / "run.yaml"
-    path.write_text(yaml.safe_dump(our_config(directory, "pack", 1)))
+    path.write_text(yaml.safe_dump(config or our_config(directory, "pack", 1)))
     result = subprocess.run([sys.executable, "-m", "adadpo_megatron", "precompute-reference",
                              "--config", str(path)], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
