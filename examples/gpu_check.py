@@ -9,9 +9,9 @@ other examples it checks internals, so it imports the package's modules directly
 2. One AdaDPO training step of a 2-layer model with Llama-3-70B widths (hidden 8192, 64 heads,
    8 KV groups, FFN 28672, vocabulary 128256) through adadpo_megatron's trainer, in bf16 and
    again in FP8 (Transformer Engine, hybrid/delayed): step-0 loss (ln 2: the reference is the
-   initial policy), finite loss after the step, the second step's time and peak memory,
-   through megatron-core's fused SwiGLU (torch.compile'd; on by default, as Megatron-LM's
-   --bias-swiglu-fusion). SGD keeps the optimizer state small enough for one GPU next to
+   initial policy), finite loss after the step, the second step's time and the peak memory
+   of both, through megatron-core's fused SwiGLU (torch.compile'd; on by default, as in
+   Megatron-LM). SGD keeps the optimizer state small enough for one GPU next to
    the resident reference.
 3. Packing (data.packing, issues 10 and 17): Transformer Engine's THD split for context
    parallelism against this project's torch version of it (the CPU tests' oracle); then two

@@ -24,7 +24,11 @@ and, outside the proxy,
 - gives the MoE all-to-all token dispatcher its split sizes as numpy arrays, as its
   device-to-host copy does on a GPU (``maybe_move_tensor_to_cpu`` only converts CUDA tensors,
   and ``all_to_all_single`` refuses tensors as split sizes), so expert parallelism runs over
-  gloo.
+  gloo,
+- runs megatron-core's fused SwiGLU functions (``fusions.fused_bias_swiglu``) as written:
+  ``megatron.core.jit`` wraps them in ``torch.compile``, which on the CPU needs a C++
+  compiler and seconds per process and shape; their autograd functions, which keep less for
+  the backward than the unfused MLP (docs/CPU.md), stay.
 
 Megatron-LM's training loop (``megatron.training``, as the megatron-core wheel ships it) gets
 a proxy of its own, whose ``torch.cuda`` is one device that is always there and holds no

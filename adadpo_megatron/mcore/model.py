@@ -56,6 +56,17 @@ def model_vocab_size(tokenizer_vocab: int, model: ModelConfig, tp_size: int) -> 
     return model.vocab_size
 
 
+def _swiglu_fusable(activation: str, fields) -> bool:
+    """Whether megatron-core's fused SwiGLU computes what the model section asks for: a gated
+    SiLU without gpt-oss's clamp or linear offset, not Transformer Engine's activation (which
+    megatron-core refuses beside it), and no expert bias (its weighted form has none)."""
+    return (activation == "swiglu" and bool(fields.get("gated_linear_unit"))
+            and not fields.get("glu_linear_offset")
+            and fields.get("activation_func_clamp_value") is None
+            and not fields.get("use_te_activation_func")
+            and not (fields.get("num_moe_experts") and fields.get("add_bias_linear", True)))
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype,
                        gpu: bool, variable_seq_lengths: bool = False):
     """megatron-core's TransformerConfig for the model and layout.
@@ -70,16 +81,15 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
     fields.setdefault("attention_dropout", 0.0)
     # megatron-core's SwiGLU function keeps fc1's output and recomputes the activation in the
     # backward, where its unfused GLU also keeps silu(gate) and a copy of the linear half (two
-    # of the five FFN-wide tensors an MLP keeps per token). Megatron-LM's default
-    # (--bias-swiglu-fusion); on the CPU cpu_compat runs it uncompiled. It has no clamp or
-    # linear offset (gpt-oss's GLU), so those keep the unfused one.
-    fields.setdefault("bias_activation_fusion", model.activation == "swiglu" and not fields.get(
-        "glu_linear_offset") and fields.get("activation_func_clamp_value") is None)
+    # of the five FFN-wide tensors an MLP keeps per token). On by default, as in Megatron-LM
+    # (--no-bias-swiglu-fusion turns it off there); on the CPU cpu_compat runs it uncompiled.
+    fields.setdefault("bias_activation_fusion", _swiglu_fusable(model.activation, fields))
     if not gpu:  # fused kernels (apex, TE, triton) need a GPU
         for key in ("gradient_accumulation_fusion", "bias_dropout_fusion",
                     "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm"):
             fields[key] = False
-        if model.activation != "swiglu":  # megatron-core's fused GELUs need torch.compile
+        if not _swiglu_fusable(model.activation, fields):
+            # megatron-core's fused GELUs need torch.compile; cpu_compat uncompiles SwiGLU's
             fields["bias_activation_fusion"] = False
     variable_seq_lengths = variable_seq_lengths and parallel.pipeline_model_parallel_size > 1
     if parallel.pipeline_model_parallel_size > 1:

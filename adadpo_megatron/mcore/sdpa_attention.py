@@ -154,8 +154,8 @@ def _detached_from_projection(value: torch.Tensor, query: torch.Tensor) -> torch
     embedding copies the query and key, so SDPA, which keeps its inputs for the backward,
     would keep the whole projection alive through the value: its query and key parts too,
     (heads + groups) / groups times the value's size (docs/CPU.md)."""
-    if not torch.is_grad_enabled():  # nothing is kept
-        return value
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, value))):
+        return value  # nothing is kept
     storage = value.untyped_storage()
     if (storage.nbytes() > value.numel() * value.element_size()
             and storage.data_ptr() != query.untyped_storage().data_ptr()):

@@ -6,8 +6,8 @@ projection (which would hold the query and key parts that rotary embedding alrea
 
 Oracle: the MLP's minimum counted from its shapes (fc1's input [T, h], fc1's output
 [T, 2f] from which the backward recomputes the activation, fc2's input [T, f]); for the
-attention, the projection's output storage itself. megatron-core's swiglu function against
-F.silu(gate) * up by autograd, forward and backward.
+attention, the projection's output storage itself. megatron-core's SwiGLU functions (plain,
+with a bias, weighted) against F.silu(gate) * up by autograd, forward and backward.
 """
 
 from __future__ import annotations
@@ -16,38 +16,71 @@ import torch
 import torch.nn.functional as F
 
 from tests.support.distributed import run_distributed
-from tests.support.tolerances import rounding
+from tests.support.tolerances import gap
 
 TOKENS = 24
 
 
-def test_megatron_cores_swiglu_runs_uncompiled_and_equals_autograds():
-    from megatron.core.fusions import fused_bias_swiglu
+COMPILED = ("swiglu", "bias_swiglu", "weighted_swiglu", "swiglu_back", "bias_swiglu_back",
+            "weighted_swiglu_back")
+
+
+def _swiglu_worker(rank, world, out):
+    from megatron.core.fusions import fused_bias_swiglu as fused
 
     from adadpo_megatron.mcore import cpu_compat
 
     cpu_compat.enable()
-    for name in ("swiglu", "swiglu_back", "bias_swiglu", "bias_swiglu_back"):
-        assert not hasattr(getattr(fused_bias_swiglu, name), "_torchdynamo_orig_callable"), name
     torch.manual_seed(0)
-    x = torch.randn(TOKENS, 2, 32, dtype=torch.float32) * 3
+    x = torch.randn(TOKENS, 2, 32) * 3
+    bias, weights = torch.randn(32), torch.rand(TOKENS * 2, 1)
     grad = torch.randn(TOKENS, 2, 16)
-    got_x = x.clone().requires_grad_()
-    got = fused_bias_swiglu.bias_swiglu_impl(got_x, None)
-    got.backward(grad)
-    want_x = x.clone().requires_grad_()
-    gate, up = torch.chunk(want_x, 2, dim=-1)
-    want = F.silu(gate) * up
-    want.backward(grad)
-    # a handful of roundings per element on either side (sigmoid, two or three products,
-    # the sum 1 + g (1 - s)), each relative to the magnitude of what it combines
-    s = torch.sigmoid(gate.detach())
-    up_ = up.detach()
-    magnitude = [want.detach().abs(),
-                 torch.cat([(grad * up_).abs() * s * (1 + gate.detach().abs()),
-                            (grad * F.silu(gate.detach())).abs()], dim=-1)]
-    for a, b, m in ((got, want, magnitude[0]), (got_x.grad, want_x.grad, magnitude[1])):
-        assert ((a.detach() - b.detach()).abs() <= rounding(8) * m).all()
+    results = {"compiled": [n for n in COMPILED
+                            if hasattr(getattr(fused, n), "_torchdynamo_orig_callable")]}
+    for name, fn, want_fn in (
+            ("plain", lambda y: fused.bias_swiglu_impl(y, None), lambda y: y),
+            ("bias", lambda y: fused.bias_swiglu_impl(y, bias), lambda y: y + bias),
+            ("weighted", lambda y: fused.weighted_bias_swiglu_impl(
+                y.view(-1, 32), None, weights).view(TOKENS, 2, 16), lambda y: y)):
+        sides = []
+        for megatron in (True, False):
+            y = x.clone().requires_grad_()
+            if megatron:
+                output = fn(y)
+            else:
+                gate, up = torch.chunk(want_fn(y), 2, dim=-1)
+                output = F.silu(gate) * up
+                if name == "weighted":
+                    output = output * weights.view(TOKENS, 2, 1)
+            output.backward(grad)
+            sides.append((output.detach(), y.grad))
+        # what each element sums in absolute value: the forward's product, and the gate's
+        # gradient g * up * s (1 + gate (1 - s)) term by term (the up half is g * silu(gate))
+        y = want_fn(x)
+        gate, up = torch.chunk(y, 2, dim=-1)
+        g = grad * (weights.view(TOKENS, 2, 1) if name == "weighted" else 1)
+        s = torch.sigmoid(gate)
+        magnitude = (sides[1][0].abs(),
+                     torch.cat([(g * up).abs() * s * (1 + gate.abs()),
+                                (g * F.silu(gate)).abs()], dim=-1))
+        results[name] = (sides, magnitude)
+    torch.save(results, out)
+
+
+def test_megatron_cores_swiglu_runs_uncompiled_and_equals_autograds(tmp_path):
+    """megatron-core's fused SwiGLU, with a bias and weighted (its MoE form), after
+    cpu_compat.enable(): no function of it compiled, forward and gradient those of
+    F.silu(gate) * up by autograd."""
+    out = tmp_path / "swiglu.pt"
+    run_distributed(_swiglu_worker, 1, str(out))
+    results = torch.load(out)
+    assert results.pop("compiled") == []
+    for name, (sides, magnitude) in results.items():
+        # two computations of ~9 roundings each (the sigmoid's exp, add and divide, 1 - s,
+        # gate (1 - s), 1 + ..., three products), each relative to what it sums
+        for got, want, m in zip(sides[0], sides[1], magnitude, strict=True):
+            assert ((got - want).abs() <= gap(9, 1.0) * m).all(), name
+
 
 def _worker(rank, world, out):
     from megatron.core import parallel_state as ps
@@ -105,3 +138,26 @@ def test_a_local_llama_layer_keeps_only_what_its_backward_needs(tmp_path):
     # fc1's input, fc1's output (gate and up), fc2's input
     assert sum(result["kept"]["mlp"].values()) == TOKENS * (h + 2 * f + f) * element
     assert len(result["qkv"]) == 1 and result["qkv"][0] not in result["kept"]["rest"]
+
+
+def test_the_fused_swiglu_is_on_only_where_it_computes_the_models_mlp():
+    """megatron-core's fused SwiGLU has no clamp, linear offset or expert bias and is
+    refused beside Transformer Engine's activation: those (and a SiLU MLP without a gate,
+    and GELU, whose fused forms need torch.compile on the CPU) keep the unfused MLP, and
+    model.bias_activation_fusion=false is kept; every config still builds."""
+    from adadpo_megatron.mcore.model import transformer_config
+    from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
+
+    def fused(**keys) -> bool:
+        model = ModelConfig.from_section({"preset": "tiny", **keys})
+        return transformer_config(model, ParallelConfig(), dtype=torch.float32,
+                                  gpu=False).bias_activation_fusion
+
+    assert fused()
+    assert fused(add_bias_linear=True)  # a dense MLP's bias is fused too (bias_swiglu)
+    for keys in ({"gated_linear_unit": False}, {"activation": "gelu"},
+                 {"activation_func_clamp_value": 7.0}, {"glu_linear_offset": 1.0},
+                 {"num_moe_experts": 2, "add_bias_linear": True},
+                 {"bias_activation_fusion": False}):
+        assert not fused(**keys), keys
+    assert fused(num_moe_experts=2, add_bias_linear=False)
