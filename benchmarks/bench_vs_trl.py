@@ -11,14 +11,16 @@ step in micro-batches of 4 pairs, a precomputed reference (ours: adadpo-precompu
 before the runs; TRL: precompute_ref_log_probs inside its run, before training), AdamW.
 
 Each variant runs in a fresh process, one thread (OMP_NUM_THREADS=1), variants interleaved
-round after round: ours with data.packing none, longest, pack and pack-4k (pack with
-4096-token micro-batches), and TRL. A run times --steps steps after one warm-up step; pairs/s
-is 16 / the median step time over all rounds. Peak RSS is the process's (ru_maxrss), model,
-data and reference precompute (TRL's) included; its minor page faults and the share of its
-CPU time spent in the kernel show the allocator's churn (the whole process, start-up
-included). "Same work" is checked, not assumed: both sides' precomputed reference log-probs
-of every pair are summed and compared (the same model on the same tokens gives the same sums
-to float32 rounding). --malloc-env runs every child with MALLOC_MMAP_MAX_=0
+round after round: ours with data.packing none, longest, pack, pack-4k and pack-3k (pack
+with 4096- and 3072-token micro-batches), and TRL. A run times --steps steps after one
+warm-up step; pairs/s is 16 / the median step time over all rounds. Peak RSS is the
+process's (ru_maxrss), model, data and reference precompute (TRL's) included; its minor page
+faults and the share of its CPU time spent in the kernel show the allocator's churn (the
+whole process, start-up included). The tokens a micro-batch computes (rows times their
+length, padding included) are counted at each training forward (TRL's: its collator's
+padded input_ids). "Same work" is checked, not assumed: both sides' precomputed reference
+log-probs of every pair are summed and compared (the same model on the same tokens gives
+the same sums to float32 rounding). --malloc-env runs every child with MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=<1 TiB> MALLOC_TOP_PAD_=<1 GiB> (docs/CPU.md).
 Prints one markdown table.
 """
@@ -39,10 +41,12 @@ from typing import Optional
 
 from child_run import run_child
 
-# ours by data.packing (pack-4k: pack with 4096-token micro-batches, about what TRL's padded
-# micro-batch of 4 pairs holds here, where pack's default budget is a padded micro-batch of
-# 4 pairs at max length, 8192 tokens), and TRL
-VARIANTS = ("none", "longest", "pack", "pack-4k", "trl")
+# ours by data.packing, and TRL. pack's default budget is a padded micro-batch of 4 pairs at
+# max length, 8192 tokens (~8 pairs of this data); pack-4k and pack-3k cap micro-batches at
+# 4096 and 3072 tokens: TRL's micro-batch of 4 pairs computes ~4700 tokens here on average,
+# ~3040 of them real (a pair is ~760 tokens: its prompt twice and both responses)
+BUDGETS = {"pack-4k": 4096, "pack-3k": 3072}
+VARIANTS = ("none", "longest", "pack", "pack-4k", "pack-3k", "trl")
 PAIRS_PER_STEP, MICRO_PAIRS, MAX_LENGTH, BETA = 16, 4, 1024, 0.1
 WORDS = 500  # the tokenizer's words; ids 0..499, then BOS 500 and EOS 501
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
@@ -88,7 +92,7 @@ def make_model_and_data(directory: Path, pairs: int, seed: int = 0) -> Path:
 
 
 def our_config(directory: Path, variant: str, steps: int) -> dict:
-    packing, budget = ("pack", 4096) if variant == "pack-4k" else (variant, None)
+    packing, budget = ("pack", BUDGETS[variant]) if variant in BUDGETS else (variant, None)
     return {
         "model": {"hf": str(directory / "hf")},
         "loss": {"loss_type": "dpo", "beta": BETA},
@@ -112,6 +116,10 @@ def child_ours(directory: Path, variant: str, steps: int) -> dict:
     from adadpo_megatron.training.trainer import Trainer
 
     trainer = Trainer(RunConfig.from_dict(our_config(directory, variant, steps))).setup()
+    computed = []  # tokens of each micro-batch's forward (rows x their length)
+    trainer.model[0].register_forward_pre_hook(
+        lambda module, args, kwargs: computed.append(
+            kwargs.get("input_ids", args[0] if args else None).numel()), with_kwargs=True)
     losses = [trainer.train_step(0)["loss"]]
     times = []
     for step in range(1, steps + 1):
@@ -121,7 +129,7 @@ def child_ours(directory: Path, variant: str, steps: int) -> dict:
     reference = torch.load(directory / "reference.pt", weights_only=False)
     trainer.close()
     return {"times": times, "losses": [float(x) for x in losses],
-            "reference_sum": _reference_sum(reference)}
+            "reference_sum": _reference_sum(reference), "computed": computed}
 
 
 def _reference_sum(cache) -> list:
@@ -162,11 +170,20 @@ def child_trl(directory: Path, steps: int) -> dict:
         dataloader_num_workers=0, seed=0, disable_tqdm=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          callbacks=[Clock()])
+    computed, collate = [], trainer.data_collator  # padded [2 x pairs, longest] per micro-batch
+
+    def counting(examples):
+        batch = collate(examples)
+        computed.append(batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting
     ref = trainer.train_dataset
     reference_sum = [float(torch.tensor(ref["ref_chosen_logps"], dtype=torch.float64).sum()),
                      float(torch.tensor(ref["ref_rejected_logps"], dtype=torch.float64).sum())]
     trainer.train()
-    return {"times": times[1:], "losses": losses, "reference_sum": reference_sum}
+    return {"times": times[1:], "losses": losses, "reference_sum": reference_sum,
+            "computed": computed}
 
 
 def child(args) -> dict:
@@ -235,21 +252,24 @@ def main(argv=None) -> None:
     print(f"{args.pairs} pairs, {PAIRS_PER_STEP} a step in micro-batches of {MICRO_PAIRS}, "
           f"max length {MAX_LENGTH}, {args.rounds} round(s) x {args.steps} timed steps, "
           f"one thread, {allocator}")
-    print("| run | pairs/s | vs TRL | peak RSS MiB | vs TRL | CPU time in the kernel | minor "
-          "faults (M) | first loss | reference log-prob sums (chosen, rejected) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| run | pairs/s | vs TRL | peak RSS MiB | vs TRL | tokens a micro-batch computes, "
+          "mean / largest | CPU time in the kernel | minor faults (M) | first loss | reference "
+          "log-prob sums (chosen, rejected) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     rows, churn = {}, {}
     for variant, results in runs.items():
         step = statistics.median(t for r in results for t in r["times"])
         rows[variant] = (PAIRS_PER_STEP / step, max(r["peak_rss_mib"] for r in results),
                          results[0]["losses"][0], results[0]["reference_sum"])
-        churn[variant] = (f"{statistics.median(r['kernel_share'] for r in results):.0%} | "
+        computed = [n for r in results for n in r["computed"]]
+        churn[variant] = (f"{statistics.mean(computed):.0f} / {max(computed)} | "
+                          f"{statistics.median(r['kernel_share'] for r in results):.0%} | "
                           f"{statistics.median(r['minor_faults'] for r in results) / 1e6:.2f}")
     trl = rows.get("trl")
     for variant, (speed, rss, loss, sums) in rows.items():
         name = "TRL DPOTrainer" if variant == "trl" else f"adadpo-train, packing {variant}"
-        if variant == "pack-4k":
-            name = "adadpo-train, packing pack, 4096-token micro-batches"
+        if variant in BUDGETS:
+            name = f"adadpo-train, packing pack, {BUDGETS[variant]}-token micro-batches"
         vs_speed = f"{speed / trl[0]:.2f}x" if trl else "-"
         vs_rss = f"{rss / trl[1]:.2f}x" if trl else "-"
         print(f"| {name} | {speed:.2f} | {vs_speed} | {rss:.0f} | {vs_rss} | {churn[variant]} | "
