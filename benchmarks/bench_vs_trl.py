@@ -17,10 +17,10 @@ warm-up step; pairs/s is 16 / the median step time over all rounds. Peak RSS is 
 process's (ru_maxrss), model, data and reference precompute (TRL's) included; its minor page
 faults and the share of its CPU time spent in the kernel show the allocator's churn (the
 whole process, start-up included). The tokens a micro-batch computes (rows times their
-length, padding included) are counted at each training forward (TRL's: its collator's
-padded input_ids). "Same work" is checked, not assumed: both sides' precomputed reference
-log-probs of every pair are summed and compared (the same model on the same tokens gives
-the same sums to float32 rounding). --malloc-env runs every child with MALLOC_MMAP_MAX_=0
+length, padding included) are counted at each training forward, on both sides. "Same work"
+is checked, not assumed: both sides' precomputed reference log-probs of every pair are
+summed and compared (the same model on the same tokens gives the same sums to float32
+rounding). --malloc-env runs every child with MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=<1 TiB> MALLOC_TOP_PAD_=<1 GiB> (docs/CPU.md).
 Prints one markdown table.
 """
@@ -170,14 +170,10 @@ def child_trl(directory: Path, steps: int) -> dict:
         dataloader_num_workers=0, seed=0, disable_tqdm=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          callbacks=[Clock()])
-    computed, collate = [], trainer.data_collator  # padded [2 x pairs, longest] per micro-batch
-
-    def counting(examples):
-        batch = collate(examples)
-        computed.append(batch["input_ids"].numel())
-        return batch
-
-    trainer.data_collator = counting
+    computed = []  # tokens of each training forward: [2 x pairs, longest], padded
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: computed.append(
+            kwargs.get("input_ids", args[0] if args else None).numel()), with_kwargs=True)
     ref = trainer.train_dataset
     reference_sum = [float(torch.tensor(ref["ref_chosen_logps"], dtype=torch.float64).sum()),
                      float(torch.tensor(ref["ref_rejected_logps"], dtype=torch.float64).sum())]
@@ -274,8 +270,8 @@ def main(argv=None) -> None:
         vs_rss = f"{rss / trl[1]:.2f}x" if trl else "-"
         print(f"| {name} | {speed:.2f} | {vs_speed} | {rss:.0f} | {vs_rss} | {churn[variant]} | "
               f"{loss:.4f} | {sums[0]:.1f}, {sums[1]:.1f} |")
-    if trl:
-        ours = [v for v in rows if v != "trl"]
+    ours = [v for v in rows if v != "trl"]
+    if trl and ours:
         gap = max(abs(a - b) / max(1.0, abs(b)) for v in ours
                   for a, b in zip(rows[v][3], trl[3], strict=True))
         print(f"largest relative gap between the reference sums: {gap:.1e} "

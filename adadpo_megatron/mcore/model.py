@@ -56,15 +56,24 @@ def model_vocab_size(tokenizer_vocab: int, model: ModelConfig, tp_size: int) -> 
     return model.vocab_size
 
 
-def _swiglu_fusable(activation: str, fields) -> bool:
-    """Whether megatron-core's fused SwiGLU computes what the model section asks for: a gated
-    SiLU without gpt-oss's clamp or linear offset, not Transformer Engine's activation (which
-    megatron-core refuses beside it), and no expert bias (its weighted form has none)."""
-    return (activation == "swiglu" and bool(fields.get("gated_linear_unit"))
-            and not fields.get("glu_linear_offset")
-            and fields.get("activation_func_clamp_value") is None
-            and not fields.get("use_te_activation_func")
-            and not (fields.get("num_moe_experts") and fields.get("add_bias_linear", True)))
+def _unfused_swiglu_reason(activation: str, fields) -> Optional[str]:
+    """Why megatron-core's fused SwiGLU would not compute the MLP the model section asks
+    for, or None where it does: a gated SiLU without gpt-oss's clamp or linear offset, not
+    Transformer Engine's activation (which megatron-core refuses beside it), and no expert
+    bias (its weighted form, the experts', has none)."""
+    if activation != "swiglu" or not fields.get("gated_linear_unit"):
+        return (f"model.activation={activation!r}, "
+                f"model.gated_linear_unit={fields.get('gated_linear_unit')}")
+    for key, unfusable in (("glu_linear_offset", bool(fields.get("glu_linear_offset"))),
+                           ("activation_func_clamp_value",
+                            fields.get("activation_func_clamp_value") is not None),
+                           ("use_te_activation_func", bool(fields.get("use_te_activation_func"))),
+                           ("add_bias_linear", bool(fields.get("num_moe_experts")
+                                                    and fields.get("add_bias_linear", True)))):
+        if unfusable:
+            return f"model.{key}={fields.get(key, True)!r}" + (
+                " with experts" if key == "add_bias_linear" else "")
+    return None
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype,
@@ -83,12 +92,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
     # backward, where its unfused GLU also keeps silu(gate) and a copy of the linear half (two
     # of the five FFN-wide tensors an MLP keeps per token). On by default, as in Megatron-LM
     # (--no-bias-swiglu-fusion turns it off there); on the CPU cpu_compat runs it uncompiled.
-    fields.setdefault("bias_activation_fusion", _swiglu_fusable(model.activation, fields))
+    unfused = _unfused_swiglu_reason(model.activation, fields)
+    if model.activation == "swiglu" and fields.get("bias_activation_fusion") and unfused:
+        raise ValueError(f"model.bias_activation_fusion=true: megatron-core's fused SwiGLU "
+                         f"does not compute this MLP ({unfused}); remove the key")
+    fields.setdefault("bias_activation_fusion", unfused is None)
     if not gpu:  # fused kernels (apex, TE, triton) need a GPU
         for key in ("gradient_accumulation_fusion", "bias_dropout_fusion",
                     "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm"):
             fields[key] = False
-        if not _swiglu_fusable(model.activation, fields):
+        if unfused:
             # megatron-core's fused GELUs need torch.compile; cpu_compat uncompiles SwiGLU's
             fields["bias_activation_fusion"] = False
     variable_seq_lengths = variable_seq_lengths and parallel.pipeline_model_parallel_size > 1

@@ -85,7 +85,7 @@ class SDPADotProductAttention(DotProductAttention):
         if attention_bias is not None:
             raise ValueError("SDPADotProductAttention takes no attention_bias "
                              "(nor does megatron-core's DotProductAttention)")
-        value = _detached_from_projection(value, query)
+        value = _detached_from_projection(value, query, key)
         if packed_seq_params is not None:
             return self._thd(query, key, value, packed_seq_params)
         if attention_mask is None and query.shape[0] != key.shape[0]:
@@ -148,17 +148,20 @@ class SDPADotProductAttention(DotProductAttention):
         return window if allowed is None else allowed & window
 
 
-def _detached_from_projection(value: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """``value``, copied out where it is a view into a larger tensor that ``query`` does not
-    share: megatron-core splits query, key and value out of one fused projection and rotary
-    embedding copies the query and key, so SDPA, which keeps its inputs for the backward,
-    would keep the whole projection alive through the value: its query and key parts too,
-    (heads + groups) / groups times the value's size (docs/CPU.md)."""
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, value))):
+def _detached_from_projection(value: torch.Tensor, query: torch.Tensor,
+                              key: torch.Tensor) -> torch.Tensor:
+    """``value``, copied out where it is a view into a larger tensor that neither ``query``
+    nor ``key`` shares: megatron-core splits query, key and value out of one fused
+    projection, and where rotary embedding (or a norm) has copied the query and key, SDPA,
+    which keeps its inputs for the backward, would keep the whole projection alive through
+    the value: its query and key parts too, (heads + groups) / groups times the value's size
+    (docs/CPU.md). Where the query or key still is such a view, the projection stays anyway
+    and a copy would only add to it."""
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
         return value  # nothing is kept
     storage = value.untyped_storage()
     if (storage.nbytes() > value.numel() * value.element_size()
-            and storage.data_ptr() != query.untyped_storage().data_ptr()):
+            and storage.data_ptr() not in {t.untyped_storage().data_ptr() for t in (query, key)}):
         return value.contiguous() if not value.is_contiguous() else value.clone()
     return value
 

@@ -12,6 +12,7 @@ with a bias, weighted) against F.silu(gate) * up by autograd, forward and backwa
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -37,33 +38,40 @@ def _swiglu_worker(rank, world, out):
     grad = torch.randn(TOKENS, 2, 16)
     results = {"compiled": [n for n in COMPILED
                             if hasattr(getattr(fused, n), "_torchdynamo_orig_callable")]}
-    for name, fn, want_fn in (
-            ("plain", lambda y: fused.bias_swiglu_impl(y, None), lambda y: y),
-            ("bias", lambda y: fused.bias_swiglu_impl(y, bias), lambda y: y + bias),
-            ("weighted", lambda y: fused.weighted_bias_swiglu_impl(
-                y.view(-1, 32), None, weights).view(TOKENS, 2, 16), lambda y: y)):
+    for name in ("plain", "bias", "weighted"):
         sides = []
         for megatron in (True, False):
             y = x.clone().requires_grad_()
-            if megatron:
-                output = fn(y)
+            b, w = bias.clone().requires_grad_(), weights.clone().requires_grad_()
+            if megatron and name == "weighted":
+                output = fused.weighted_bias_swiglu_impl(y.view(-1, 32), None, w)
+                output = output.view(TOKENS, 2, 16)
+            elif megatron:
+                output = fused.bias_swiglu_impl(y, b if name == "bias" else None)
             else:
-                gate, up = torch.chunk(want_fn(y), 2, dim=-1)
+                gate, up = torch.chunk(y + b if name == "bias" else y, 2, dim=-1)
                 output = F.silu(gate) * up
                 if name == "weighted":
-                    output = output * weights.view(TOKENS, 2, 1)
+                    output = output * w.view(TOKENS, 2, 1)
             output.backward(grad)
-            sides.append((output.detach(), y.grad))
-        # what each element sums in absolute value: the forward's product, and the gate's
-        # gradient g * up * s (1 + gate (1 - s)) term by term (the up half is g * silu(gate))
-        y = want_fn(x)
-        gate, up = torch.chunk(y, 2, dim=-1)
+            extra = {"bias": b.grad, "weighted": w.grad}.get(name)
+            sides.append([output.detach(), y.grad] + ([extra] if extra is not None else []))
+        # what each element sums in absolute value, and over how many roundings: the
+        # forward's product; the gate's gradient g * up * s (1 + gate (1 - s)) term by term
+        # (the up half is g * silu(gate)); the bias's, the input's summed over the 48 rows;
+        # the weights', g * silu(gate) * up summed over the 16 outputs
+        gate, up = torch.chunk(x + bias if name == "bias" else x, 2, dim=-1)
         g = grad * (weights.view(TOKENS, 2, 1) if name == "weighted" else 1)
         s = torch.sigmoid(gate)
-        magnitude = (sides[1][0].abs(),
-                     torch.cat([(g * up).abs() * s * (1 + gate.abs()),
-                                (g * F.silu(gate)).abs()], dim=-1))
-        results[name] = (sides, magnitude)
+        y_grad = torch.cat([(g * up).abs() * s * (1 + gate.abs()), (g * F.silu(gate)).abs()],
+                           dim=-1)
+        bounds = [gap(9, 1.0) * sides[1][0].abs(), gap(9, 1.0) * y_grad]
+        if name == "bias":
+            bounds.append(gap(9 + 48, 1.0) * y_grad.reshape(-1, 32).sum(0))
+        if name == "weighted":
+            bounds.append(gap(9 + 16, 1.0) * (grad * F.silu(gate) * up).abs().reshape(-1, 16)
+                          .sum(-1, keepdim=True))
+        results[name] = (sides, bounds)
     torch.save(results, out)
 
 
@@ -75,11 +83,13 @@ def test_megatron_cores_swiglu_runs_uncompiled_and_equals_autograds(tmp_path):
     run_distributed(_swiglu_worker, 1, str(out))
     results = torch.load(out)
     assert results.pop("compiled") == []
-    for name, (sides, magnitude) in results.items():
+    for name, (sides, bounds) in results.items():
         # two computations of ~9 roundings each (the sigmoid's exp, add and divide, 1 - s,
-        # gate (1 - s), 1 + ..., three products), each relative to what it sums
-        for got, want, m in zip(sides[0], sides[1], magnitude, strict=True):
-            assert ((got - want).abs() <= gap(9, 1.0) * m).all(), name
+        # gate (1 - s), 1 + ..., three products), plus a sum's for the bias and the weights,
+        # each relative to what it sums
+        assert len(sides[0]) == len(bounds) == (2 if name == "plain" else 3)
+        for got, want, bound in zip(sides[0], sides[1], bounds, strict=True):
+            assert ((got - want).abs() <= bound).all(), name
 
 
 def _worker(rank, world, out):
@@ -143,17 +153,18 @@ def test_a_local_llama_layer_keeps_only_what_its_backward_needs(tmp_path):
 def test_the_fused_swiglu_is_on_only_where_it_computes_the_models_mlp():
     """megatron-core's fused SwiGLU has no clamp, linear offset or expert bias and is
     refused beside Transformer Engine's activation: those (and a SiLU MLP without a gate,
-    and GELU, whose fused forms need torch.compile on the CPU) keep the unfused MLP, and
-    model.bias_activation_fusion=false is kept; every config still builds."""
+    and GELU, whose fused forms need torch.compile on the CPU) keep the unfused MLP (asked
+    for explicitly, it is refused), and model.bias_activation_fusion=false is kept."""
     from adadpo_megatron.mcore.model import transformer_config
     from adadpo_megatron.mcore.model_config import ModelConfig, ParallelConfig
 
-    def fused(**keys) -> bool:
+    def fused(gpu: bool = False, **keys) -> bool:
         model = ModelConfig.from_section({"preset": "tiny", **keys})
         return transformer_config(model, ParallelConfig(), dtype=torch.float32,
-                                  gpu=False).bias_activation_fusion
+                                  gpu=gpu).bias_activation_fusion
 
-    assert fused()
+    assert fused() and fused(gpu=True)
+    assert not fused(gpu=True, activation="gelu")
     assert fused(add_bias_linear=True)  # a dense MLP's bias is fused too (bias_swiglu)
     for keys in ({"gated_linear_unit": False}, {"activation": "gelu"},
                  {"activation_func_clamp_value": 7.0}, {"glu_linear_offset": 1.0},
@@ -161,3 +172,8 @@ def test_the_fused_swiglu_is_on_only_where_it_computes_the_models_mlp():
                  {"bias_activation_fusion": False}):
         assert not fused(**keys), keys
     assert fused(num_moe_experts=2, add_bias_linear=False)
+    # asked for where it would compute another MLP: refused, naming the key
+    for key, value in (("activation_func_clamp_value", 7.0), ("gated_linear_unit", False),
+                       ("glu_linear_offset", 1.0)):
+        with pytest.raises(ValueError, match=f"model.{key}"):
+            fused(bias_activation_fusion=True, **{key: value})
