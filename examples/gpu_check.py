@@ -155,12 +155,11 @@ def step_overrides(fp8: bool):
 
 
 def check_step(rows, fp8: bool):
-    from adadpo_megatron.training.trainer import Trainer
-
-    overrides = step_overrides(fp8)
     from megatron.core.utils import get_attr_wrapped_model
 
-    trainer = Trainer(tiny_cpu_config(overrides)).setup()
+    from adadpo_megatron.training.trainer import Trainer
+
+    trainer = Trainer(tiny_cpu_config(step_overrides(fp8))).setup()
     # megatron-core's fused SwiGLU (torch.compile on the GPU), on by default as in Megatron-LM
     fused = get_attr_wrapped_model(trainer.model[0], "config").bias_activation_fusion
     torch.cuda.reset_peak_memory_stats()

@@ -61,18 +61,18 @@ def _unfused_swiglu_reason(activation: str, fields) -> Optional[str]:
     for, or None where it does: a gated SiLU without gpt-oss's clamp or linear offset, not
     Transformer Engine's activation (which megatron-core refuses beside it), and no expert
     bias (its weighted form, the experts', has none)."""
-    if activation != "swiglu" or not fields.get("gated_linear_unit"):
-        return (f"model.activation={activation!r}, "
-                f"model.gated_linear_unit={fields.get('gated_linear_unit')}")
-    for key, unfusable in (("glu_linear_offset", bool(fields.get("glu_linear_offset"))),
-                           ("activation_func_clamp_value",
-                            fields.get("activation_func_clamp_value") is not None),
-                           ("use_te_activation_func", bool(fields.get("use_te_activation_func"))),
-                           ("add_bias_linear", bool(fields.get("num_moe_experts")
-                                                    and fields.get("add_bias_linear", True)))):
-        if unfusable:
-            return f"model.{key}={fields.get(key, True)!r}" + (
-                " with experts" if key == "add_bias_linear" else "")
+    if activation != "swiglu":
+        return f"model.activation={activation!r}"
+    if not fields.get("gated_linear_unit"):
+        return "model.gated_linear_unit is not set"
+    if fields.get("glu_linear_offset"):
+        return f"model.glu_linear_offset={fields['glu_linear_offset']}"
+    if fields.get("activation_func_clamp_value") is not None:
+        return f"model.activation_func_clamp_value={fields['activation_func_clamp_value']}"
+    if fields.get("use_te_activation_func"):
+        return "model.use_te_activation_func=true"
+    if fields.get("num_moe_experts") and fields.get("add_bias_linear", True):
+        return "model.add_bias_linear=true (megatron-core's default) with experts"
     return None
 
 
